@@ -1,0 +1,27 @@
+# s2ft: `make demo` sets up and runs the quickstart; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install test demo lint
+
+install: $(VENV)/.installed
+
+# torch is pinned and installed first: the project's own range would otherwise let pip pull
+# a CUDA build with several GB of packages onto a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/s2ft select recipes/quickstart.yaml
+
+lint: install
+	$(VENV)/bin/ruff check s2ft_cli tests scripts
+	$(VENV)/bin/ruff format --check s2ft_cli tests scripts

@@ -1,0 +1,21 @@
+"""s2ft: Structured Sparse Fine-Tuning (Yang et al., NeurIPS 2024) for LLaMA-family models."""
+
+__version__ = "0.1.0"
+
+from .adapter import load_adapter, merge_adapter, save_adapter, unmerge_adapter  # noqa: E402
+from .config import S2FTConfig  # noqa: E402
+from .convert import get_s2ft_model  # noqa: E402
+from .errors import AdapterMismatchError, S2FTError  # noqa: E402
+from .selection import Selection  # noqa: E402
+
+__all__ = [
+    "AdapterMismatchError",
+    "S2FTConfig",
+    "S2FTError",
+    "Selection",
+    "get_s2ft_model",
+    "load_adapter",
+    "merge_adapter",
+    "save_adapter",
+    "unmerge_adapter",
+]

@@ -1,0 +1,134 @@
+"""The ``s2ft`` command line: parse, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import S2FTError
+
+app = typer.Typer(
+    name="s2ft",
+    help="Structured Sparse Fine-Tuning (S²FT) for LLaMA-family models, driven by YAML recipes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def user_errors(command):
+    """Print a user error as one paragraph and exit 1 (with the traceback under --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except S2FTError as err:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="key=value overrides of recipe keys, e.g. s2ft.seed=1", show_default=False),
+]
+
+
+def _ids(units: list[int], limit: int = 12) -> str:
+    shown = ", ".join(map(str, units[:limit]))
+    return shown + (f", … (+{len(units) - limit})" if len(units) > limit else "")
+
+
+@app.command()
+@user_errors
+def select(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe with model: and s2ft: sections.")],
+    overrides: Overrides = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the selection as JSON to this path.")
+    ] = None,
+) -> None:
+    """Show which heads and channels a recipe trains, without training."""
+    from .models import load_model
+    from .permute import plan_layout
+    from .recipe import load_recipe
+    from .selection import select_units
+
+    r = load_recipe(recipe, overrides)
+    model = load_model(
+        r.model.name_or_path,
+        r.model.dtype,
+        r.model.trust_remote_code,
+        weights=r.s2ft.strategy != "random",
+    )
+    _, selection = plan_layout(select_units(model, r.s2ft))
+    summary = selection.summary(sum(p.numel() for p in model.parameters()))
+
+    cfg = r.s2ft
+    table = Table(
+        title=f"S²FT selection — {r.model.name_or_path}",
+        title_justify="left",
+        caption=f"strategy {cfg.strategy}, allocation {cfg.allocation}, seed {cfg.seed}; "
+        "unit ids in the original layout",
+        caption_justify="left",
+    )
+    for col, justify in (
+        ("layer", "right"),
+        ("matrix", "left"),
+        ("units", "right"),
+        ("selected ids", "left"),
+        ("trainable", "right"),
+    ):
+        table.add_column(col, justify=justify)
+    for row in summary["rows"]:
+        table.add_row(
+            str(row["layer"]),
+            row["matrix"],
+            f"{len(row['units'])}/{row['of']}",
+            _ids(row["units"]),
+            f"{row['params']:,}",
+        )
+    table.add_section()
+    table.add_row("total", "", "", "", f"{summary['trainable_params']:,}")
+    console.print(table)
+    console.print(
+        f"trainable parameters: {summary['trainable_params']:,} of {summary['model_params']:,} "
+        f"({100 * summary['fraction']:.3f}% of the model)"
+    )
+    for note in selection.adjustments:
+        console.print(f"[yellow]adjusted:[/] {note}", highlight=False)
+    if json_path is not None:
+        selection.save(json_path)
+        console.print(f"selection written to {json_path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``S2FTConfig``: what to train — which matrices, how many of their units, chosen how."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .models import ATTENTION_MATRICES, FFN_MATRICES, TARGET_MATRICES
+
+STRATEGIES = ("random",)
+MAX_TARGETS_PER_STRUCTURE = 2
+
+
+class S2FTConfig(BaseModel):
+    """The ``s2ft:`` section of a recipe, and the library's configuration object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: dict[str, float] = Field(
+        description="Matrix name -> fraction of its units to train: query heads for q_proj "
+        "and o_proj, key/value heads for k_proj and v_proj, intermediate channels for "
+        "gate_proj, up_proj and down_proj (paper §3).",
+    )
+    strategy: str = Field("random", description="How units are chosen (paper §4: S²FT-R).")
+    allocation: Literal["global", "per_layer"] = Field(
+        "global",
+        description="global: int(ratio × layers × units) units drawn over all layers at once, "
+        "as the paper's code does; per_layer: int(ratio × units) units in every layer.",
+    )
+    layers: list[int] | None = Field(
+        None, description="Only these layer indices are trained (default: all)."
+    )
+    seed: int = Field(0, description="Seed of the selection.")
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, targets: dict[str, float]) -> dict[str, float]:
+        if not targets:
+            raise ValueError(
+                "no target matrices given; e.g. {o_proj: 0.05, down_proj: 0.02} (the paper's setup)"
+            )
+        for name, ratio in targets.items():
+            if name not in TARGET_MATRICES:
+                raise ValueError(
+                    f"unknown target matrix {name!r}; valid targets: {', '.join(TARGET_MATRICES)}"
+                )
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(
+                    f"the ratio of {name} is {ratio}; it must be in (0, 1] (the fraction of "
+                    "units to train; leave a matrix out to freeze it)"
+                )
+        for structure, members, example in (
+            ("attention", ATTENTION_MATRICES, "v_proj + o_proj"),
+            ("FFN", FFN_MATRICES, "up_proj + down_proj"),
+        ):
+            chosen = [m for m in members if m in targets]
+            if len(chosen) > MAX_TARGETS_PER_STRUCTURE:
+                raise ValueError(
+                    f"{' + '.join(chosen)} are all in the {structure} structure; with independent "
+                    f"selections at most {MAX_TARGETS_PER_STRUCTURE} trainable matrices per "
+                    "structure can be co-permuted into contiguous blocks (order only_A + both + "
+                    f"only_B + rest, paper §3.2). Keep two, e.g. {example}"
+                )
+        return {m: targets[m] for m in TARGET_MATRICES if m in targets}
+
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
+        return strategy
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> S2FTConfig:
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers is an empty list; leave it out to train all layers")
+            if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers {self.layers} must be distinct non-negative indices")
+            self.layers = sorted(self.layers)
+        return self

@@ -1,0 +1,68 @@
+"""``get_s2ft_model``: select, co-permute and convert a model in place (paper §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import S2FTConfig
+from .errors import S2FTError
+from .layers import S2Linear
+from .models import CONSUMERS, get_linear, model_shape, set_linear, structure_of
+from .permute import apply_layout, plan_layout
+from .selection import Selection, select_units
+
+
+def block_index(start: int, stop: int, width: int) -> torch.Tensor:
+    """Row/column ids of units ``start..stop-1`` that are ``width`` rows/columns wide."""
+    return torch.arange(start * width, stop * width)
+
+
+def unit_index(units: list[int], width: int) -> torch.Tensor:
+    """Row/column ids of the given units, in the given order."""
+    ids = torch.tensor(units, dtype=torch.long)
+    return (ids[:, None] * width + torch.arange(width)).flatten()
+
+
+def get_s2ft_model(
+    model: nn.Module, config: S2FTConfig | dict, selection: Selection | None = None
+) -> nn.Module:
+    """Convert ``model`` to S²FT in place and return it.
+
+    Selects units (or takes ``selection``), co-permutes every structure that has a
+    trainable matrix, freezes every parameter and replaces each target matrix with an
+    :class:`S2Linear` whose zero-initialised delta covers the selected block. The logits
+    are unchanged until training updates a delta. ``model.s2ft_selection`` holds the
+    selection used, in the original layout.
+    """
+    if not isinstance(config, S2FTConfig):
+        config = S2FTConfig(**config)
+    if getattr(model, "s2ft_layout", None) is not None:
+        raise S2FTError("This model is already converted to S²FT; convert a fresh base model.")
+    if any(isinstance(m, S2Linear) for m in model.modules()):
+        raise S2FTError(
+            "This model carries a loaded adapter; merge_adapter() or reload the base first."
+        )
+    shape = model_shape(model)
+    if selection is None:
+        selection = select_units(model, config)
+    layout, selection = plan_layout(selection)
+    apply_layout(model, layout, shape)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer, per_matrix in selection.units.items():
+        for matrix in per_matrix:
+            plan = layout[layer][structure_of(matrix)]
+            start, stop = plan.blocks[matrix]
+            width = shape.unit_width(matrix)
+            module = S2Linear(
+                get_linear(model, layer, matrix),
+                axis="cols" if matrix in CONSUMERS else "rows",
+                index=block_index(start, stop, width),
+                original_index=unit_index(plan.original_units(matrix), width),
+            )
+            set_linear(model, layer, matrix, module)
+    model.s2ft_config = config
+    model.s2ft_selection = selection
+    model.s2ft_layout = layout
+    return model

@@ -1,0 +1,15 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad recipe key, an unsupported architecture, an adapter
+for another base) raises :class:`S2FTError` with a one-paragraph message that names the
+offending thing and says how to fix it. The CLI prints the message and exits non-zero,
+without a traceback unless ``--debug`` is given.
+"""
+
+
+class S2FTError(Exception):
+    """An error caused by the user's input, with a message that says how to fix it."""
+
+
+class AdapterMismatchError(S2FTError):
+    """An adapter was loaded onto a base model it was not trained on."""

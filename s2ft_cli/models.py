@@ -1,0 +1,261 @@
+"""Model loading and the architecture registry.
+
+The registry says, for each supported ``model_type``, where the coupled structures of a
+Transformer block live (paper §3: the attention heads shared by q/k/v/o, the FFN channels
+shared by gate/up/down) and how their units are laid out in the weight matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import S2FTError
+
+ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
+TARGET_MATRICES = ATTENTION_MATRICES + FFN_MATRICES
+# Matrices that consume the structure's units through their input columns; the others
+# produce them as output rows.
+CONSUMERS = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a family keeps its blocks; all supported families share HF LLaMA's names."""
+
+    model_type: str
+    description: str
+    layers_path: str = "model.layers"
+    attention_name: str = "self_attn"
+    ffn_name: str = "mlp"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("llama", "LLaMA 1/2/3 (MHA or GQA)"),
+        Architecture("mistral", "Mistral (GQA, sliding window)"),
+        Architecture("qwen2", "Qwen2 / Qwen2.5 (GQA, q/k/v biases)"),
+        Architecture("qwen3", "Qwen3 (GQA, q/k norms, explicit head_dim)"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a supported model that S²FT's selection and layout need."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    def num_units(self, matrix: str) -> int:
+        """How many selectable units a target matrix has: query heads for q/o, key/value
+        heads for k/v, intermediate channels for gate/up/down."""
+        if matrix in ("q_proj", "o_proj"):
+            return self.num_heads
+        if matrix in ("k_proj", "v_proj"):
+            return self.num_kv_heads
+        return self.intermediate_size
+
+    def unit_width(self, matrix: str) -> int:
+        """Rows (producers) or columns (consumers) of the matrix per unit."""
+        return self.head_dim if matrix in ATTENTION_MATRICES else 1
+
+    def params_per_unit(self, matrix: str) -> int:
+        """Weights of one unit's rows or columns (biases stay frozen)."""
+        return self.unit_width(matrix) * self.hidden_size
+
+    def matrix_shape(self, matrix: str) -> tuple[int, int]:
+        """(out_features, in_features) of a target matrix."""
+        inner = self.num_units(matrix) * self.unit_width(matrix)
+        if matrix in CONSUMERS:
+            return (self.hidden_size, inner)
+        return (inner, self.hidden_size)
+
+
+def supported_types() -> str:
+    return ", ".join(f"{a.model_type} ({a.description})" for a in ARCHITECTURES.values())
+
+
+def get_architecture(model_or_config) -> Architecture:
+    """The registry entry for a model or config; refuses anything unsupported."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise S2FTError(
+            f"Model type {model_type!r} is not supported by s2ft. Supported model types: "
+            f"{supported_types()}. S²FT needs separate q/k/v/o and gate/up/down projections; "
+            "use a checkpoint of one of these families."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def model_shape(model_or_config) -> ModelShape:
+    """Read the dimensions from the config; ``head_dim`` is never assumed to be
+    hidden / heads when the config states it (Qwen3)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    arch = get_architecture(config)
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    if num_heads % num_kv_heads:
+        raise S2FTError(
+            f"The config has {num_heads} attention heads and {num_kv_heads} key/value heads; "
+            "the number of heads must be a multiple of the number of key/value heads."
+        )
+    return ModelShape(
+        model_type=arch.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of Transformer blocks."""
+    node = model
+    for name in get_architecture(model).layers_path.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def structure_of(matrix: str) -> str:
+    """``attention`` or ``ffn``: the coupled structure a target matrix belongs to."""
+    return "attention" if matrix in ATTENTION_MATRICES else "ffn"
+
+
+def module_path(model: nn.Module, layer: int, matrix: str) -> str:
+    """Full module path of a target matrix, e.g. ``model.layers.3.mlp.down_proj``."""
+    arch = get_architecture(model)
+    block = arch.attention_name if matrix in ATTENTION_MATRICES else arch.ffn_name
+    return f"{arch.layers_path}.{layer}.{block}.{matrix}"
+
+
+def get_linear(model: nn.Module, layer: int, matrix: str) -> nn.Module:
+    return model.get_submodule(module_path(model, layer, matrix))
+
+
+def set_linear(model: nn.Module, layer: int, matrix: str, module: nn.Module) -> None:
+    parent, _, name = module_path(model, layer, matrix).rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+PRESET_PREFIX = "preset:"
+
+
+def _preset_configs() -> dict:
+    from transformers import LlamaConfig
+
+    return {
+        # Two-layer GQA model: runs anywhere in seconds (quickstart, tests, demos).
+        "tiny-llama": LlamaConfig(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=512,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+        # The CPU benchmark shape of the efficiency issue.
+        "bench-llama": LlamaConfig(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+    }
+
+
+def preset_names() -> list[str]:
+    return [PRESET_PREFIX + name for name in _preset_configs()]
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    weights: bool = True,
+) -> nn.Module:
+    """Load a causal LM from a hub id, a local directory, or a built-in preset
+    (``preset:tiny-llama``: randomly initialised with ``seed``, no download).
+
+    ``weights=False`` builds the architecture on the meta device from the config alone,
+    for work that needs only shapes (random selection of an 8B model reads no weights).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise S2FTError(f"model.dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    if name_or_path.startswith(PRESET_PREFIX):
+        configs = _preset_configs()
+        name = name_or_path[len(PRESET_PREFIX) :]
+        if name not in configs:
+            raise S2FTError(
+                f"Unknown preset {name_or_path!r}. Built-in presets: {', '.join(preset_names())}."
+            )
+        if not weights:
+            return _meta_model(configs[name], dtype)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(configs[name], dtype=DTYPES[dtype])
+        model.config.name_or_path = name_or_path
+        return model
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise S2FTError(
+            f"Model directory {name_or_path!r} does not exist. Give model.name_or_path as a "
+            "local Hugging Face model directory, a hub id (e.g. meta-llama/Llama-3.2-1B), or "
+            f"one of the presets {', '.join(preset_names())}."
+        )
+    source = str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+    try:
+        if not weights:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            get_architecture(config)
+            return _meta_model(config, dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise S2FTError(
+            f"Could not load model {name_or_path!r}: {err}. Check the path or hub id; a hub id "
+            "needs network access (or a local copy in the Hugging Face cache)."
+        ) from err
+    get_architecture(model)
+    return model
+
+
+def _meta_model(config, dtype: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    get_architecture(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])

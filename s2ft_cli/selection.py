@@ -1,0 +1,161 @@
+"""Selection: which heads and channels of which layers are trained (paper §3.2, §4).
+
+A strategy scores every (layer, unit) of a target matrix; the allocation then takes the
+highest scores, either over all layers at once (``global``, as the paper's code does) or
+the same number in every layer (``per_layer``). Random selection (S²FT-R) scores with
+uniform noise, which draws a uniform random subset. Unit ids are always in the model's
+original layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import S2FTConfig
+from .errors import S2FTError
+from .models import ModelShape, model_shape
+
+SELECTION_FORMAT = "s2ft-selection"
+
+
+@dataclass
+class Selection:
+    """Selected unit ids per layer and target matrix, in the original layout."""
+
+    shape: ModelShape
+    config: S2FTConfig
+    units: dict[int, dict[str, list[int]]]
+    adjustments: list[str] = field(default_factory=list)
+
+    def matrices(self) -> list[str]:
+        return list(self.config.targets)
+
+    def trainable_params(self, layer: int | None = None, matrix: str | None = None) -> int:
+        """Weights in the selected rows/columns, optionally of one layer and/or matrix."""
+        total = 0
+        for i, per_matrix in self.units.items():
+            for m, ids in per_matrix.items():
+                if (layer is None or i == layer) and (matrix is None or m == matrix):
+                    total += len(ids) * self.shape.params_per_unit(m)
+        return total
+
+    def summary(self, model_params: int) -> dict:
+        """Per layer and matrix: selected units of how many, trainable parameters; and the
+        total with its fraction of the model's ``model_params`` parameters."""
+        rows = [
+            {
+                "layer": layer,
+                "matrix": m,
+                "units": ids,
+                "of": self.shape.num_units(m),
+                "params": len(ids) * self.shape.params_per_unit(m),
+            }
+            for layer, per_matrix in sorted(self.units.items())
+            for m, ids in per_matrix.items()
+        ]
+        total = self.trainable_params()
+        return {
+            "rows": rows,
+            "trainable_params": total,
+            "model_params": model_params,
+            "fraction": total / model_params,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "format": SELECTION_FORMAT,
+            "version": 1,
+            "shape": self.shape.__dict__,
+            "config": self.config.model_dump(),
+            "units": {str(i): per_matrix for i, per_matrix in sorted(self.units.items())},
+            "trainable_params": self.trainable_params(),
+            "adjustments": self.adjustments,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Selection:
+        if data.get("format") != SELECTION_FORMAT:
+            raise S2FTError(
+                f"This is not an s2ft selection (format {data.get('format')!r}); write one with "
+                "`s2ft select RECIPE --json PATH`."
+            )
+        return cls(
+            shape=ModelShape(**data["shape"]),
+            config=S2FTConfig(**data["config"]),
+            units={
+                int(i): {m: list(ids) for m, ids in pm.items()} for i, pm in data["units"].items()
+            },
+            adjustments=list(data.get("adjustments", [])),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Selection:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json())
+
+
+def _random_scores(
+    model: nn.Module, shape: ModelShape, config: S2FTConfig, layers: list[int]
+) -> dict[str, torch.Tensor]:
+    """S²FT-R: i.i.d. uniform scores, so the top-k is a uniform random subset."""
+    generator = torch.Generator().manual_seed(config.seed)
+    return {
+        m: torch.rand(len(layers), shape.num_units(m), generator=generator, dtype=torch.float64)
+        for m in config.targets
+    }
+
+
+# strategy name -> function scoring every (selected layer, unit) of every target matrix
+STRATEGIES = {"random": _random_scores}
+
+
+def _unit_count(config: S2FTConfig, matrix: str, units: int, layers: int) -> int:
+    ratio = config.targets[matrix]
+    pool = units * (layers if config.allocation == "global" else 1)
+    count = int(ratio * pool)
+    if count == 0:
+        where = "over all trained layers" if config.allocation == "global" else "per layer"
+        raise S2FTError(
+            f"s2ft.targets.{matrix}: ratio {ratio} selects no unit ({ratio} × {pool} units "
+            f"{where} < 1). Use at least {1 / pool:.4g}, or allocation: global to pool the "
+            "units of all layers."
+        )
+    return count
+
+
+def select_units(model: nn.Module, config: S2FTConfig) -> Selection:
+    """Choose the units to train, before any layout adjustment (see ``permute``)."""
+    shape = model_shape(model)
+    layers = config.layers or list(range(shape.num_layers))
+    if layers[-1] >= shape.num_layers:
+        raise S2FTError(
+            f"s2ft.layers names layer {layers[-1]}, but the model has {shape.num_layers} layers "
+            f"(0..{shape.num_layers - 1})."
+        )
+    scores = STRATEGIES[config.strategy](model, shape, config, layers)
+    units: dict[int, dict[str, list[int]]] = {i: {} for i in layers}
+    for matrix, score in scores.items():
+        n_units = shape.num_units(matrix)
+        count = _unit_count(config, matrix, n_units, len(layers))
+        if config.allocation == "global":
+            flat = torch.topk(score.flatten(), count).indices
+            chosen = [(int(f) // n_units, int(f) % n_units) for f in flat]
+        else:
+            top = torch.topk(score, count, dim=1).indices
+            chosen = [(row, int(u)) for row in range(len(layers)) for u in top[row]]
+        for row, unit in chosen:
+            units[layers[row]].setdefault(matrix, []).append(unit)
+    units = {i: {m: sorted(ids) for m, ids in pm.items()} for i, pm in units.items() if pm}
+    return Selection(shape=shape, config=config, units=units)

@@ -1,0 +1,76 @@
+"""Tiny models built from configs, and the shared reference checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES = SHARED / "models" / "stories260K"
+
+COMMON = dict(vocab_size=97, max_position_embeddings=64, num_hidden_layers=2)
+
+# name -> config; every family the registry supports, MHA and GQA, with and without biases
+TINY_CONFIGS = {
+    "llama-mha": lambda: LlamaConfig(
+        hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=6, **COMMON
+    ),
+    "llama-gqa-bias": lambda: LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        **COMMON,
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **COMMON
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, **COMMON
+    ),
+    "qwen3": lambda: Qwen3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        **COMMON,
+    ),
+}
+
+
+def tiny_model(name: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=dtype)
+    with torch.no_grad():  # non-zero biases, so that permuting them is tested
+        for module_name, p in model.named_parameters():
+            if module_name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def stories_model():
+    if not STORIES.is_dir():
+        pytest.skip(f"reference checkpoint {STORIES} not present (it sits beside the repo)")
+    return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+
+
+def batch(model, size: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (size, length), generator=g)
+
+
+def logit_tol(logits: torch.Tensor) -> float:
+    """GUIDE: unchanged within 1e-5 × max(1, max |logit|) in fp32."""
+    return 1e-5 * max(1.0, logits.abs().max().item())

@@ -1,0 +1,133 @@
+"""Adapter files: format, base fingerprint, safe replacement on disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from s2ft_cli import (
+    AdapterMismatchError,
+    S2FTError,
+    get_s2ft_model,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+)
+
+from .conftest import batch, tiny_model
+
+CFG = {"targets": {"v_proj": 0.5, "o_proj": 0.5, "down_proj": 0.1}, "seed": 4}
+
+
+def trained(arch="llama-gqa-bias", seed=0):
+    model = get_s2ft_model(tiny_model(arch, seed=seed), CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.01)
+    return model
+
+
+def test_format_on_disk(tmp_path):
+    model = trained()
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["format"] == "s2ft-adapter" and config["version"] == 1
+    assert config["targets"] == CFG["targets"] and config["seed"] == 4
+    assert config["strategy"] == "random" and config["dtype"] == "float32"
+    assert config["tool_version"].startswith("s2ft ")
+    fp = config["base_model"]["fingerprint"]
+    assert fp["model_type"] == "llama" and fp["shape"]["head_dim"] == 8
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    o = "model.layers.0.self_attn.o_proj"
+    v = "model.layers.0.self_attn.v_proj"
+    assert tensors[f"{o}.cols"].dtype == torch.int64
+    assert torch.equal(tensors[f"{o}.cols"], tensors[f"{o}.cols"].sort().values)
+    assert tensors[f"{o}.delta"].shape == (64, len(tensors[f"{o}.cols"]))
+    assert tensors[f"{v}.delta"].shape == (len(tensors[f"{v}.rows"]), 64)
+    # whole heads: the ids come in runs of head_dim
+    cols = tensors[f"{o}.cols"].view(-1, 8)
+    assert torch.equal(cols - cols[:, :1], torch.arange(8).expand_as(cols))
+    assert set(fp["matrices"]) == {k.rsplit(".", 1)[0] for k in tensors}
+
+
+def test_base_with_other_weights_is_refused_and_force_loads_it(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    other = tiny_model("llama-gqa-bias", seed=1)
+    with pytest.raises(AdapterMismatchError, match=r"checksum \(mean \|W\|\) of model\.layers"):
+        load_adapter(other, tmp_path / "a")
+    load_adapter(other, tmp_path / "a", force=True)
+
+
+def test_base_with_other_shapes_is_refused(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="its hidden_size is 64, this model's is 48"):
+        load_adapter(tiny_model("llama-mha"), tmp_path / "a", force=True)
+    with pytest.raises(
+        AdapterMismatchError, match="its model_type is llama, this model.s is qwen2"
+    ):
+        load_adapter(tiny_model("qwen2"), tmp_path / "a", force=True)
+
+
+def test_same_base_in_bfloat16_is_accepted(tmp_path):
+    model = trained()
+    save_adapter(model, tmp_path / "a")
+    base = tiny_model("llama-gqa-bias").to(torch.bfloat16)
+    load_adapter(base, tmp_path / "a")
+    ids = batch(base)
+    with torch.no_grad():
+        ref = merge_adapter(model)(ids).logits
+        got = base(ids).logits.float()
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_not_an_adapter_and_damaged_files(tmp_path):
+    with pytest.raises(S2FTError, match="is not an s2ft adapter directory"):
+        load_adapter(tiny_model("mistral"), tmp_path)
+    save_adapter(trained(), tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(S2FTError, match="not a readable safetensors file"):
+        load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"format": "lora"}')
+    with pytest.raises(S2FTError, match="is not an s2ft-adapter version 1 config"):
+        load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
+
+
+def test_saving_over_an_adapter_replaces_it_whole(tmp_path):
+    save_adapter(trained(seed=0), tmp_path / "a")
+    save_adapter(trained(seed=0), tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_double_conversion_and_loading_onto_a_converted_model_are_refused(tmp_path):
+    model = trained()
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(S2FTError, match="already converted"):
+        get_s2ft_model(model, CFG)
+    with pytest.raises(S2FTError, match="already carries"):
+        load_adapter(model, tmp_path / "a")
+    loaded = load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
+    with pytest.raises(S2FTError, match="loaded adapter"):
+        get_s2ft_model(loaded, CFG)
+    with pytest.raises(S2FTError, match="no S²FT adapter to save"):
+        save_adapter(tiny_model("mistral"), tmp_path / "b")
+
+
+def test_save_from_a_loaded_adapter_round_trips(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    loaded = load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
+    save_adapter(loaded, tmp_path / "b")
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config["targets"] == CFG["targets"]
+    assert copy.deepcopy(config)["base_model"]["fingerprint"]["model_type"] == "llama"

@@ -1,0 +1,90 @@
+"""The ``s2ft`` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from s2ft_cli import S2FTConfig, Selection
+from s2ft_cli.cli import app
+from s2ft_cli.models import load_model
+from s2ft_cli.permute import plan_layout
+from s2ft_cli.selection import select_units
+
+from .conftest import STORIES
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+runner = CliRunner()
+
+
+def s2ft(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "s2ft_cli.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_select_prints_the_table_and_writes_the_library_selection(tmp_path):
+    result = runner.invoke(
+        app, ["select", str(QUICKSTART), "s2ft.seed=5", "--json", str(tmp_path / "sel.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "down_proj" in result.output and "trainable parameters:" in result.output
+    written = Selection.from_json((tmp_path / "sel.json").read_text())
+    expected = plan_layout(
+        select_units(
+            load_model("preset:tiny-llama"),
+            S2FTConfig(targets={"o_proj": 0.25, "down_proj": 0.05}, seed=5),
+        )
+    )[1]
+    assert written.units == expected.units
+    total = json.loads((tmp_path / "sel.json").read_text())["trainable_params"]
+    assert f"{total:,}" in result.output
+
+
+def test_select_on_the_real_checkpoint(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{name_or_path: {STORIES}}}\n"
+        "s2ft: {targets: {v_proj: 0.25, o_proj: 0.2}, allocation: per_layer}\n"
+    )
+    result = runner.invoke(app, ["select", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("v_proj") == 5 and "of 260,032" in result.output
+
+
+def test_bad_recipe_key_names_it_without_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name_or_path: preset:tiny-llama}\n"
+        "s2ft: {targets: {o_proj: 0.2}, alocation: global}\n"
+    )
+    result = s2ft("select", recipe)
+    assert result.returncode == 1
+    assert "unknown key 's2ft.alocation'. Did you mean 's2ft.allocation'?" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = s2ft("--debug", "select", recipe)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_bad_value_and_missing_recipe(tmp_path):
+    result = s2ft("select", QUICKSTART, "s2ft.targets.o_proj=2")
+    assert result.returncode == 1 and "must be in (0, 1]" in result.stderr
+    result = s2ft("select", tmp_path / "nope.yaml")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = s2ft("select", QUICKSTART, "s2ft.seed")
+    assert result.returncode == 1 and "is not key=value" in result.stderr
+
+
+def test_unsupported_model_fails_cleanly(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: ./gpt2}\ns2ft: {targets: {o_proj: 0.5}}\n")
+    result = s2ft("select", recipe)
+    assert result.returncode == 1 and "'gpt2' is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
