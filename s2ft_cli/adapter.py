@@ -190,38 +190,40 @@ def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.
             "plain base model (merge_adapter() fuses the current one first)."
         )
     config, tensors = read_adapter(path)
-    _check_fingerprint(
-        {
-            **config["base_model"]["fingerprint"],
-            "name_or_path": config["base_model"].get("name_or_path"),
-        },
-        model,
-        path,
-        force,
-    )
+    try:
+        expected = {**config["base_model"]["fingerprint"]}
+        expected["name_or_path"] = config["base_model"].get("name_or_path")
+        _check_fingerprint(expected, model, path, force)
+    except (KeyError, TypeError) as err:
+        raise S2FTError(
+            f"{path / CONFIG_NAME} lacks the base model's fingerprint ({err}); the file is "
+            "damaged — re-export the adapter."
+        ) from None
+    layers = {}  # validate everything before touching the model
     for key in sorted(k for k in tensors if k.endswith(".delta")):
         name = key.removesuffix(".delta")
         axis = "rows" if f"{name}.rows" in tensors else "cols"
-        index = tensors.get(f"{name}.{axis}")
-        base = model.get_submodule(name)
-        limit = base.out_features if axis == "rows" else base.in_features
-        if (
-            index is None
-            or index.dtype != torch.long
-            or len(index) == 0
-            or int(index.max()) >= limit
-            or int(index.min()) < 0
-        ):
+        index, delta = tensors.get(f"{name}.{axis}"), tensors[key]
+        base = model.get_submodule(name) if name in expected["matrices"] else None
+        if base is None or index is None or index.dtype != torch.long or index.ndim != 1:
             raise S2FTError(
-                f"{path / WEIGHTS_NAME}: {name} needs int64 {axis} ids in [0, {limit}) beside "
-                "its delta; the file is damaged — re-export the adapter."
+                f"{path / WEIGHTS_NAME}: {name}.delta has no int64 {name}.rows or {name}.cols "
+                "for a matrix of the fingerprint; the file is damaged — re-export the adapter."
             )
-        delta = tensors[key].to(base.weight.device)
-        _replace_module(
-            model,
-            name,
-            S2Linear(base, axis, index, delta=delta, trainable=False, delta_dtype=delta.dtype),
+        limit = base.out_features if axis == "rows" else base.in_features
+        shape = (
+            (len(index), base.in_features) if axis == "rows" else (base.out_features, len(index))
         )
+        if len(index) == 0 or index.min() < 0 or index.max() >= limit or delta.shape != shape:
+            raise S2FTError(
+                f"{path / WEIGHTS_NAME}: {name} needs {axis} ids in [0, {limit}) and a delta of "
+                f"shape {shape}, got {len(index)} ids and {tuple(delta.shape)}; the file is "
+                "damaged — re-export the adapter."
+            )
+        layers[name] = (base, axis, index, delta)
+    for name, (base, axis, index, delta) in layers.items():
+        layer = S2Linear(base, axis, index, delta=delta, trainable=False, delta_dtype=delta.dtype)
+        _replace_module(model, name, layer)
     model.s2ft_adapter_config = config
     return model
 

@@ -96,13 +96,12 @@ def _order(n: int, group_size: int, first: set[int], second: set[int]) -> list[i
         return min(classes), max(classes)
 
     middle = sorted(spans, key=lambda g: (*span(g), g))
-    ends = (
-        [(mixed[0], mixed[1]), (mixed[1], mixed[0])]
-        if len(mixed) == 2
-        else [(mixed[0], None), (None, mixed[0])]
-        if mixed
-        else [(None, None)]
-    )
+    if len(mixed) == 2:
+        ends = [(mixed[0], mixed[1]), (mixed[1], mixed[0])]
+    elif mixed:
+        ends = [(mixed[0], None), (None, mixed[0])]
+    else:
+        ends = [(None, None)]
     for left, right in ends:
         seq = ([left] if left is not None else []) + middle + ([right] if right is not None else [])
         if all(span(a)[1] <= span(b)[0] for a, b in zip(seq, seq[1:], strict=False)):
@@ -182,14 +181,12 @@ def _plan_structure(
             avoid = _partial_group(trial[m], group_size)
         sets = [trial[m] for m in matrices] + [set()] * (2 - len(matrices))
         order = _order(n, group_size, sets[0], sets[1]) or _order(n, group_size, sets[1], sets[0])
-        if order is None:
+        blocks = {m: _contiguous(order, trial[m]) for m in matrices} if order else {}
+        if not blocks or None in blocks.values():  # no order, or (never expected) a gap
             continue
-        blocks = {}
-        for m in matrices:
-            start, stop = _contiguous(order, trial[m])
-            if m in GROUP_MATRICES:
-                start, stop = start // group_size, stop // group_size
-            blocks[m] = (start, stop)
+        for m in GROUP_MATRICES:
+            if m in blocks:
+                blocks[m] = (blocks[m][0] // group_size, blocks[m][1] // group_size)
         layout = StructureLayout(perm=order, group_size=group_size, blocks=blocks)
         return layout, {m: sorted(layout.original_units(m)) for m in matrices}
     raise AssertionError(f"no contiguous layout for {units} (n={n}, group={group_size})")

@@ -76,18 +76,23 @@ def main() -> None:
     for method in ("floor", "lora", "s2ft"):
         model = build(method, args.model, targets)
         vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+        )
         nbytes, count = saved_bytes(model, ids)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         results[method] = {"saved_bytes": nbytes, "saved_tensors": count, "trainable": trainable}
         del model
     print(f"model {args.model}, batch {args.batch} x {args.seq}, S²FT targets {targets}")
-    print(f"{'method':8} {'trainable':>12} {'saved MiB':>10} {'tensors':>8} {'/ floor':>8} {'/ lora':>7}")
+    header = ("method", "trainable", "saved MiB", "tensors", "/ floor", "/ lora")
+    print("{:8} {:>12} {:>10} {:>8} {:>8} {:>7}".format(*header))
     for method, r in results.items():
         mib = r["saved_bytes"] / 2**20
-        print(f"{method:8} {r['trainable']:>12,} {mib:>10.1f} {r['saved_tensors']:>8} "
-              f"{r['saved_bytes'] / results['floor']['saved_bytes']:>8.3f} "
-              f"{r['saved_bytes'] / results['lora']['saved_bytes']:>7.3f}")
+        print(
+            f"{method:8} {r['trainable']:>12,} {mib:>10.1f} {r['saved_tensors']:>8} "
+            f"{r['saved_bytes'] / results['floor']['saved_bytes']:>8.3f} "
+            f"{r['saved_bytes'] / results['lora']['saved_bytes']:>7.3f}"
+        )
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)

@@ -131,3 +131,21 @@ def test_save_from_a_loaded_adapter_round_trips(tmp_path):
     config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert config["targets"] == CFG["targets"]
     assert copy.deepcopy(config)["base_model"]["fingerprint"]["model_type"] == "llama"
+
+
+def test_damaged_tensors_are_refused_before_the_model_is_touched(tmp_path):
+    from safetensors.torch import save_file
+
+    from s2ft_cli.layers import S2Linear
+
+    save_adapter(trained(), tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "model.layers.1.mlp.down_proj.delta"
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    save_file(tensors, file)
+    base = tiny_model("llama-gqa-bias")
+    with pytest.raises(S2FTError, match="down_proj needs cols ids in .* damaged"):
+        load_adapter(base, tmp_path / "a")
+    assert not any(isinstance(m, S2Linear) for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())

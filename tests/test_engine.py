@@ -180,7 +180,7 @@ def test_gradient_checkpointing_same_gradients(arch):
     plain = get_s2ft_model(copy.deepcopy(base), cfg).train()
     loss_of(plain, ids).backward()
     ckpt = get_s2ft_model(copy.deepcopy(base), cfg).train()
-    ckpt.gradient_checkpointing_enable()
+    ckpt.gradient_checkpointing_enable()  # the API users call (activation_checkpointing in v6)
     loss_of(ckpt, ids).backward()
     for (name, a), b in zip(delta_grads(plain).items(), delta_grads(ckpt).values(), strict=True):
         assert rel_err(b, a) <= 1e-6, name
