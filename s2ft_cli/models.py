@@ -246,8 +246,8 @@ def load_model(
         )
     except OSError as err:
         raise S2FTError(
-            f"Could not load model {name_or_path!r}: {err}. Check the path or hub id; a hub id "
-            "needs network access (or a local copy in the Hugging Face cache)."
+            f"Could not load model {name_or_path!r}: {str(err).rstrip('.')}. Check the path or "
+            "hub id; a hub id needs network access (or a local copy in the Hugging Face cache)."
         ) from err
     get_architecture(model)
     return model
