@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .config import S2FTConfig
 from .errors import S2FTError
 from .layers import S2Linear
-from .models import CONSUMERS, get_linear, model_shape, set_linear, structure_of
+from .models import CONSUMERS, get_linear, model_shape, set_linear, structure_of, unit_index
 from .permute import apply_layout, plan_layout
 from .selection import Selection, select_units
-
-
-def block_index(start: int, stop: int, width: int) -> torch.Tensor:
-    """Row/column ids of units ``start..stop-1`` that are ``width`` rows/columns wide."""
-    return torch.arange(start * width, stop * width)
-
-
-def unit_index(units: list[int], width: int) -> torch.Tensor:
-    """Row/column ids of the given units, in the given order."""
-    ids = torch.tensor(units, dtype=torch.long)
-    return (ids[:, None] * width + torch.arange(width)).flatten()
 
 
 def get_s2ft_model(
@@ -46,6 +34,11 @@ def get_s2ft_model(
     shape = model_shape(model)
     if selection is None:
         selection = select_units(model, config)
+    elif selection.shape != shape:
+        raise S2FTError(
+            f"The selection was made for a model of shape {selection.shape}, not this one "
+            f"({shape}); select again for this model."
+        )
     layout, selection = plan_layout(selection)
     apply_layout(model, layout, shape)
     for p in model.parameters():
@@ -58,7 +51,7 @@ def get_s2ft_model(
             module = S2Linear(
                 get_linear(model, layer, matrix),
                 axis="cols" if matrix in CONSUMERS else "rows",
-                index=block_index(start, stop, width),
+                index=unit_index(range(start, stop), width),
                 original_index=unit_index(plan.original_units(matrix), width),
             )
             set_linear(model, layer, matrix, module)

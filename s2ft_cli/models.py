@@ -136,6 +136,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return node
 
 
+def unit_index(units, width: int, device=None) -> torch.Tensor:
+    """Row (producer) or column (consumer) ids of ``units``, each ``width`` wide, in order."""
+    ids = torch.as_tensor(list(units), dtype=torch.long, device=device)
+    return (ids[:, None] * width + torch.arange(width, device=device)).flatten()
+
+
 def structure_of(matrix: str) -> str:
     """``attention`` or ``ffn``: the coupled structure a target matrix belongs to."""
     return "attention" if matrix in ATTENTION_MATRICES else "ffn"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import CONSUMERS, ModelShape, get_linear, structure_of
+from .models import CONSUMERS, ModelShape, get_linear, structure_of, unit_index
 from .selection import Selection
 
 # Matrices whose units are key/value heads (groups of query heads).
@@ -226,8 +226,7 @@ def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
 
 def _permute_units(linear: nn.Module, perm: list[int], width: int, consumer: bool) -> None:
     """Reorder a linear layer's units (``width`` rows or columns each) in place."""
-    index = torch.tensor(perm, device=linear.weight.device)
-    index = (index[:, None] * width + torch.arange(width, device=index.device)).flatten()
+    index = unit_index(perm, width, device=linear.weight.device)
     with torch.no_grad():
         w = linear.weight
         w.copy_(w[:, index] if consumer else w[index])
