@@ -165,6 +165,8 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:
         raise S2FTError(f"{path / CONFIG_NAME} is not valid JSON ({err}).") from err
+    if not isinstance(config, dict):
+        config = {}
     if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
         raise S2FTError(
             f"{path / CONFIG_NAME} is not an {ADAPTER_FORMAT} version {ADAPTER_VERSION} config "
@@ -238,9 +240,13 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     if not modules:
         raise S2FTError("This model has no S²FT adapter to merge.")
     fused = dict(getattr(model, "s2ft_fused", {}))
+    twice = sorted(set(fused) & set(modules))
+    if twice:
+        raise S2FTError(
+            f"{twice[0]} already has a fused adapter; unmerge_adapter() it before merging "
+            "another one onto the same matrices."
+        )
     for name, m in modules.items():
-        if name in fused:
-            raise S2FTError(f"{name} already has a fused adapter; unmerge_adapter() it first.")
         fused[name] = (m.axis, m.original_index, m.delta.detach().clone())
         _replace_module(model, name, m.merge())
     layout = getattr(model, "s2ft_layout", None)

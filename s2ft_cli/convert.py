@@ -39,6 +39,8 @@ def get_s2ft_model(
             f"The selection was made for a model of shape {selection.shape}, not this one "
             f"({shape}); select again for this model."
         )
+    else:
+        selection.validate()
     layout, selection = plan_layout(selection)
     apply_layout(model, layout, shape)
     for p in model.parameters():

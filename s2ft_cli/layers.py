@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import S2FTError
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's when it is on, else the input's."""
@@ -120,9 +122,13 @@ class S2Linear(nn.Module):
             raise ValueError(f"axis must be 'rows' or 'cols', not {axis!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        # frozen while the delta is attached; merge() gives the flags back
+        self._base_requires_grad = [
+            p.requires_grad for p in (self.weight, self.bias) if p is not None
+        ]
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
         self.axis = axis
         index = index.to(device=base.weight.device, dtype=torch.long)
         self.register_buffer("index", index, persistent=False)
@@ -143,6 +149,12 @@ class S2Linear(nn.Module):
         self.span = (int(index[0]), int(index[0]) + n) if contiguous else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            raise S2FTError(
+                "The frozen weight or bias of an S² layer was set to require grad; S²FT trains "
+                "only the deltas (partial back-propagation computes no gradient for the base). "
+                "Unfreeze nothing but the parameters named *.delta."
+            )
         if self.span is not None:
             fn = _RowBlockLinear if self.axis == "rows" else _ColumnBlockLinear
             return fn.apply(x, self.weight, self.bias, self.delta, *self.span)
@@ -164,6 +176,8 @@ class S2Linear(nn.Module):
             self.in_features, self.out_features, bias=self.bias is not None, device="meta"
         )
         linear.weight, linear.bias = self.weight, self.bias
+        for p, flag in zip((self.weight, self.bias), self._base_requires_grad, strict=False):
+            p.requires_grad_(flag)
         return linear
 
     def extra_repr(self) -> str:

@@ -9,14 +9,15 @@ contiguous block. With two trainable matrices A and B in a structure the order i
 
 Grouped-query attention constrains the order: a key/value head serves a group of
 consecutive query heads, so a group moves as a whole and its query heads may only be
-reordered within it. A query-head selection that touches more partially selected groups
-than one layout can join (at most one at each end of the block) is *regrouped*: the same
-number of heads is kept, packed into the groups that held most of them (documented in
-the README and reported in ``Selection.adjustments``).
+reordered within it. An exact search finds an order whenever one exists. Only when none
+does (e.g. o_proj heads spread over three partially selected groups) is a query-head
+selection *regrouped*: the same number of heads is kept, packed into the groups that held
+most of them (documented in the README and reported in ``Selection.adjustments``).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -64,80 +65,135 @@ def _heads(matrix: str, units: list[int], group_size: int) -> set[int]:
     return set(units)
 
 
-def _order(n: int, group_size: int, first: set[int], second: set[int]) -> list[int] | None:
-    """A unit order in which ``first`` and ``second`` are contiguous, ``first`` leading,
-    groups kept whole; ``None`` when the group constraint makes that impossible.
+# Unit classes with respect to two selected sets.
+REST, FIRST, BOTH, SECOND = 0, 1, 2, 3
+# Every shape an order can take in which both sets are contiguous, as runs of one class
+# each (a run may be empty; mirror images are the same orders reversed).
+PATTERNS = (
+    (REST, FIRST, BOTH, SECOND, REST),  # the sets overlap
+    (REST, SECOND, BOTH, SECOND, REST),  # the first lies inside the second
+    (REST, FIRST, BOTH, FIRST, REST),  # the second lies inside the first
+    (REST, FIRST, REST, SECOND, REST),  # the sets are disjoint
+)
+# Above this many groups that mix classes the exact search is skipped (regrouping leaves
+# at most four such groups).
+MAX_MIXED_GROUPS = 16
 
-    Units are classed 1 (only first), 2 (both), 3 (only second) or rest. A group that mixes
-    selected and rest units can only stand at either end of the selected run, with its rest
-    units facing outwards; the other groups are ordered by their class range.
+
+def _spans(pattern: tuple, start: int, classes: frozenset) -> list[tuple[int, int]]:
+    """The shortest run ranges ``[s, e]``, ``s >= start``, holding every class of a group."""
+    spans = []
+    for s in range(start, len(pattern)):
+        if pattern[s] in classes:
+            seen = set()
+            for e in range(s, len(pattern)):
+                seen.add(pattern[e])
+                if classes <= seen:
+                    spans.append((s, e))
+                    break
+    return spans
+
+
+def _search(pattern: tuple, mixed: list[frozenset], singles: frozenset) -> list | None:
+    """Place the groups that mix classes, in some order, each on consecutive runs of
+    ``pattern``; between them the runs passed stay open for the single-class groups, which
+    need an open run of their class. Depth-first, failures memoised; ``None`` if impossible.
+    Returns ``[(mixed group index, first run, last run), ...]`` in placement order."""
+    full = (1 << len(mixed)) - 1
+    failed = set()
+
+    def dfs(placed: int, run: int, opened: frozenset) -> list | None:
+        if placed == full:
+            return [] if singles <= opened | set(pattern[run:]) else None
+        if (placed, run, opened) in failed:
+            return None
+        for i, classes in enumerate(mixed):
+            if placed >> i & 1:
+                continue
+            for s, e in _spans(pattern, run, classes):
+                rest = dfs(placed | 1 << i, e, opened | set(pattern[run : s + 1]))
+                if rest is not None:
+                    return [(i, s, e), *rest]
+        failed.add((placed, run, opened))
+        return None
+
+    return dfs(0, 0, frozenset())
+
+
+def _order(n: int, group_size: int, first: set[int], second: set[int]) -> list[int] | None:
+    """A unit order in which ``first`` and ``second`` are each contiguous and every GQA
+    group stays whole, or ``None`` when no such order exists (exact, see ``_search``).
+
+    Rest units go last where they can, so a single set gives ``selected + rest`` and two
+    sets ``only_first + both + only_second + rest``.
     """
 
-    def cls(u: int) -> int | None:
-        if u in first:
-            return 2 if u in second else 1
-        return 3 if u in second else None
+    def cls(u: int) -> int:
+        return (BOTH if u in second else FIRST) if u in first else (SECOND if u in second else REST)
 
-    spans, mixed, idle = [], [], []
-    for g in range(n // group_size):
-        members = range(g * group_size, (g + 1) * group_size)
-        classes = [c for c in map(cls, members) if c is not None]
-        if not classes:
-            idle.append(g)
-        elif len(classes) < group_size:
-            mixed.append(g)
-        else:
-            spans.append(g)
-    if len(mixed) > 2:
+    groups = [range(g * group_size, (g + 1) * group_size) for g in range(n // group_size)]
+    group_classes = [frozenset(map(cls, members)) for members in groups]
+    mixed = [g for g, c in enumerate(group_classes) if len(c) > 1]
+    if len(mixed) > MAX_MIXED_GROUPS:
         return None
-
-    def span(g: int) -> tuple[int, int]:
-        classes = [c for c in map(cls, range(g * group_size, (g + 1) * group_size)) if c]
-        return min(classes), max(classes)
-
-    middle = sorted(spans, key=lambda g: (*span(g), g))
-    if len(mixed) == 2:
-        ends = [(mixed[0], mixed[1]), (mixed[1], mixed[0])]
-    elif mixed:
-        ends = [(mixed[0], None), (None, mixed[0])]
-    else:
-        ends = [(None, None)]
-    for left, right in ends:
-        seq = ([left] if left is not None else []) + middle + ([right] if right is not None else [])
-        if all(span(a)[1] <= span(b)[0] for a, b in zip(seq, seq[1:], strict=False)):
-            break
-    else:
-        return None
-
-    def within(g: int, rest_first: bool) -> list[int]:
-        members = range(g * group_size, (g + 1) * group_size)
-        rest_key = 0 if rest_first else 4
-        return sorted(members, key=lambda u: (cls(u) or rest_key, u))
-
-    order = []
-    for g in seq:
-        order += within(g, rest_first=(g == left))
-    for g in idle:
-        order += range(g * group_size, (g + 1) * group_size)
-    return order
+    singles = frozenset(c for cs in group_classes if len(cs) == 1 for c in cs)
+    for pattern in PATTERNS:
+        plan = _search(pattern, [group_classes[g] for g in mixed], singles)
+        if plan is None:
+            continue
+        # the timeline: open runs between the placed groups, and the placed groups
+        timeline, run = [], 0
+        for i, s, e in plan:
+            timeline += [("open", k) for k in range(run, s + 1)]
+            timeline.append(("mixed", mixed[i], s, e))
+            run = e
+        timeline += [("open", k) for k in range(run, len(pattern))]
+        slots = {}
+        for c in singles:  # rest in the last open run of its class, the others in the first
+            fits = [
+                t for t, item in enumerate(timeline) if item[0] == "open" and pattern[item[1]] == c
+            ]
+            slots[c] = fits[-1] if c == REST else fits[0]
+        order: list[int] = []
+        for t, item in enumerate(timeline):
+            if item[0] == "open":
+                order += [
+                    u
+                    for g, cs in enumerate(group_classes)
+                    if len(cs) == 1 and slots[next(iter(cs))] == t
+                    for u in groups[g]
+                ]
+            else:
+                _, g, s, e = item
+                run_of = {}
+                for k in range(s, e + 1):
+                    run_of.setdefault(pattern[k], k)
+                order += sorted(groups[g], key=lambda u: (run_of[cls(u)], u))
+        if _contiguous(order, first) and _contiguous(order, second):
+            return order
+    return None
 
 
 def _contiguous(order: list[int], units: set[int]) -> tuple[int, int] | None:
-    pos = sorted(i for i, u in enumerate(order) if u in units)
+    """``[start, stop)`` of ``units`` in ``order`` if they are contiguous, else ``None``."""
+    pos = [i for i, u in enumerate(order) if u in units]
     if pos and pos[-1] - pos[0] + 1 != len(pos):
         return None
     return (pos[0], pos[-1] + 1) if pos else (0, 0)
 
 
-def _regroup(heads: set[int], n: int, group_size: int, avoid: int | None) -> set[int]:
+def _regroup(
+    heads: set[int], n: int, group_size: int, avoid: int | None, tiebreak: list[int]
+) -> set[int]:
     """Pack ``len(heads)`` query heads into as few GQA groups as possible.
 
-    Groups holding most of the selected heads are filled first (ties: lower id); at most
-    one group stays partial, and it is not ``avoid`` (the partial group of the other
-    query-head matrix of the same structure, which could not share it).
+    Groups holding most of the selected heads are filled first, ties broken by
+    ``tiebreak`` (a seeded random order of the units, so no group or head is favoured);
+    at most one group stays partial, and it is not ``avoid`` (the partial group of the
+    other query-head matrix of the same structure, which could not share it).
     """
     count = {g: sum(h // group_size == g for h in heads) for g in range(n // group_size)}
-    ranked = sorted(count, key=lambda g: (-count[g], g))
+    ranked = sorted(count, key=lambda g: (-count[g], tiebreak[g * group_size]))
     full, rest = divmod(len(heads), group_size)
     chosen = ranked[:full]
     partial = None
@@ -150,7 +206,7 @@ def _regroup(heads: set[int], n: int, group_size: int, avoid: int | None) -> set
     out = {g * group_size + j for g in chosen for j in range(group_size)}
     if partial is not None:
         members = range(partial * group_size, (partial + 1) * group_size)
-        out |= set(sorted(members, key=lambda h: (h not in heads, h))[:rest])
+        out |= set(sorted(members, key=lambda h: (h not in heads, tiebreak[h]))[:rest])
     return out
 
 
@@ -161,12 +217,11 @@ def _partial_group(heads: set[int], group_size: int) -> int | None:
 
 
 def _plan_structure(
-    units: dict[str, list[int]],
-    n: int,
-    group_size: int,
+    units: dict[str, list[int]], n: int, group_size: int, seed: int = 0
 ) -> tuple[StructureLayout, dict[str, list[int]]]:
     """Order one structure so every trainable matrix is contiguous, regrouping a
     query-head selection only when no order exists (see module docstring)."""
+    tiebreak = random.Random(seed).sample(range(n), n)
     matrices = list(units)
     heads = {m: _heads(m, ids, group_size) for m, ids in units.items()}
     regroupable = [m for m in matrices if m not in GROUP_MATRICES and group_size > 1]
@@ -177,13 +232,13 @@ def _plan_structure(
         trial = dict(heads)
         avoid = None
         for m in regroup:
-            trial[m] = _regroup(heads[m], n, group_size, avoid)
+            trial[m] = _regroup(heads[m], n, group_size, avoid, tiebreak)
             avoid = _partial_group(trial[m], group_size)
         sets = [trial[m] for m in matrices] + [set()] * (2 - len(matrices))
-        order = _order(n, group_size, sets[0], sets[1]) or _order(n, group_size, sets[1], sets[0])
-        blocks = {m: _contiguous(order, trial[m]) for m in matrices} if order else {}
-        if not blocks or None in blocks.values():  # no order, or (never expected) a gap
+        order = _order(n, group_size, sets[0], sets[1])
+        if order is None:
             continue
+        blocks = {m: _contiguous(order, trial[m]) for m in matrices}
         for m in GROUP_MATRICES:
             if m in blocks:
                 blocks[m] = (blocks[m][0] // group_size, blocks[m][1] // group_size)
@@ -207,14 +262,15 @@ def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
                 continue
             n = shape.num_heads if structure == "attention" else shape.intermediate_size
             group = shape.group_size if structure == "attention" else 1
-            layout[layer][structure], realised = _plan_structure(members, n, group)
+            seed = selection.config.seed * 100_003 + layer
+            layout[layer][structure], realised = _plan_structure(members, n, group, seed)
             units[layer].update(realised)
             for m, ids in realised.items():
                 if ids != members[m]:
                     adjustments.append(
-                        f"layer {layer} {m}: query heads {members[m]} touch more partially "
-                        f"selected GQA groups (of {group} heads) than one contiguous block can "
-                        f"join; regrouped to {ids}"
+                        f"layer {layer} {m}: query heads {members[m]} cannot form one contiguous "
+                        f"block (beside {', '.join(k for k in members if k != m) or 'nothing'}) "
+                        f"with every GQA group of {group} heads kept whole; regrouped to {ids}"
                     )
     adjusted = Selection(shape=shape, config=selection.config, units=units, adjustments=adjustments)
     return layout, adjusted

@@ -44,6 +44,29 @@ class Selection:
                     total += len(ids) * self.shape.params_per_unit(m)
         return total
 
+    def validate(self) -> Selection:
+        """Refuse unit ids out of range, repeated or unsorted, and matrices that are not
+        targets of the config (a hand-edited or foreign selection file)."""
+        for layer, per_matrix in self.units.items():
+            if not 0 <= layer < self.shape.num_layers:
+                raise S2FTError(
+                    f"The selection names layer {layer}; the model has "
+                    f"{self.shape.num_layers} layers."
+                )
+            for m, ids in per_matrix.items():
+                if m not in self.config.targets:
+                    raise S2FTError(
+                        f"The selection trains {m} in layer {layer}, which is not among its "
+                        f"targets {list(self.config.targets)}."
+                    )
+                limit = self.shape.num_units(m)
+                if ids != sorted(set(ids)) or (ids and not 0 <= ids[0] <= ids[-1] < limit):
+                    raise S2FTError(
+                        f"The selection's layer {layer} {m} units must be distinct sorted ids "
+                        f"in [0, {limit}); got {ids}."
+                    )
+        return self
+
     def summary(self, model_params: int) -> dict:
         """Per layer and matrix: selected units of how many, trainable parameters; and the
         total with its fraction of the model's ``model_params`` parameters."""
@@ -84,14 +107,22 @@ class Selection:
                 f"This is not an s2ft selection (format {data.get('format')!r}); write one with "
                 "`s2ft select RECIPE --json PATH`."
             )
-        return cls(
-            shape=ModelShape(**data["shape"]),
-            config=S2FTConfig(**data["config"]),
-            units={
-                int(i): {m: list(ids) for m, ids in pm.items()} for i, pm in data["units"].items()
-            },
-            adjustments=list(data.get("adjustments", [])),
-        )
+        try:
+            selection = cls(
+                shape=ModelShape(**data["shape"]),
+                config=S2FTConfig(**data["config"]),
+                units={
+                    int(i): {m: list(ids) for m, ids in pm.items()}
+                    for i, pm in data["units"].items()
+                },
+                adjustments=list(data.get("adjustments", [])),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise S2FTError(
+                f"The selection file is damaged ({err}); write it again with "
+                "`s2ft select RECIPE --json PATH`."
+            ) from None
+        return selection.validate()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

@@ -149,3 +149,41 @@ def test_damaged_tensors_are_refused_before_the_model_is_touched(tmp_path):
         load_adapter(base, tmp_path / "a")
     assert not any(isinstance(m, S2Linear) for m in base.modules())
     assert all(p.requires_grad for p in base.parameters())
+
+
+def test_merging_onto_matrices_with_a_fused_adapter_changes_nothing(tmp_path):
+    save_adapter(trained(seed=0), tmp_path / "a")
+    base = tiny_model("llama-gqa-bias")
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    merge_adapter(load_adapter(base, tmp_path / "a"))
+    merged = {k: v.clone() for k, v in base.state_dict().items()}
+    load_adapter(base, tmp_path / "a", force=True)  # the fused update moved the checksums
+    with pytest.raises(S2FTError, match="already has a fused adapter"):
+        merge_adapter(base)
+    from s2ft_cli.layers import S2Linear
+
+    assert all(isinstance(m, S2Linear) for n, m in base.named_modules() if n in base.s2ft_fused)
+    for k, v in merged.items():
+        assert torch.equal(base.state_dict()[k], v), k
+    # base weights keep their requires_grad flags through load and merge
+    for name, module in base.named_modules():
+        if isinstance(module, S2Linear):
+            base.get_submodule(name.rpartition(".")[0]).__setattr__(
+                name.rpartition(".")[2], module.merge()
+            )
+    del base.s2ft_fused
+    assert all(p.requires_grad for p in base.parameters())
+    assert original.keys() == base.state_dict().keys()
+
+
+def test_adapter_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_adapter(trained(), tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "adapter_config.json").stat().st_mode) == 0o644

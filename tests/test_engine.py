@@ -211,9 +211,14 @@ def test_bf16_autocast_runs_in_bf16_and_gives_fp32_grads():
     base = tiny_model("mistral")
     model = get_s2ft_model(copy.deepcopy(base), {"targets": {"o_proj": 0.5, "down_proj": 0.2}})
     ids = batch(base)
+    dtypes = []
+    for m in model.modules():
+        if isinstance(m, S2Linear):
+            m.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_of(model, ids)
     loss.backward()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
     grads = dense_grads(base, ids)
     for name, m in model.named_modules():
         if isinstance(m, S2Linear):
@@ -221,6 +226,15 @@ def test_bf16_autocast_runs_in_bf16_and_gives_fp32_grads():
             ref = grads[name][:, m.original_index]
             # the permuted block equals the original columns in original_index order
             assert rel_err(m.delta.grad, ref) <= 0.05, name
+
+
+def test_unfreezing_the_base_weight_is_refused():
+    from s2ft_cli import S2FTError
+
+    model = get_s2ft_model(tiny_model("mistral"), {"targets": {"o_proj": 0.5}})
+    model.requires_grad_(True)
+    with pytest.raises(S2FTError, match="only the deltas"):
+        model(batch(model))
 
 
 def test_consumer_saves_only_its_input_slice():

@@ -11,7 +11,14 @@ import torch
 
 from s2ft_cli import S2FTConfig
 from s2ft_cli.models import load_model
-from s2ft_cli.permute import GROUP_MATRICES, _plan_structure, apply_layout, plan_layout
+from s2ft_cli.permute import (
+    GROUP_MATRICES,
+    _contiguous,
+    _order,
+    _plan_structure,
+    apply_layout,
+    plan_layout,
+)
 from s2ft_cli.selection import select_units
 
 from .conftest import tiny_model
@@ -53,6 +60,46 @@ def test_random_attention_selections_always_lay_out(n_kv, group):
             assert realised == units
 
 
+def _exists_by_brute_force(n, group, first, second):
+    """Try every order of the groups and of the units inside each group."""
+    groups = [list(range(g * group, (g + 1) * group)) for g in range(n // group)]
+    inner = [list(itertools.permutations(m)) for m in groups]
+    for group_order in itertools.permutations(range(len(groups))):
+        for choice in itertools.product(*[inner[g] for g in group_order]):
+            order = [u for part in choice for u in part]
+            if all(_contiguous(order, s) is not None for s in (first, second)):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("n_kv,group", [(2, 3), (3, 2), (4, 2), (2, 4)])
+def test_regrouping_happens_exactly_when_no_order_exists(n_kv, group):
+    rng = random.Random(7 * n_kv + group)
+    n = n_kv * group
+    for _ in range(120):
+        first = set(rng.sample(range(n), rng.randint(1, n)))
+        second = set(rng.sample(range(n), rng.randint(0, n)))
+        found = _order(n, group, first, second)
+        assert (found is not None) == _exists_by_brute_force(n, group, first, second)
+        if found is not None:
+            assert _contiguous(found, first) is not None
+            assert _contiguous(found, second) is not None
+
+
+@pytest.mark.parametrize(
+    "units,n,group",
+    [
+        ({"q_proj": [1, 2], "o_proj": [5, 6]}, 8, 2),  # disjoint blocks with a gap
+        ({"v_proj": [0], "o_proj": [2, 4]}, 8, 2),  # o heads beside v's group
+        ({"v_proj": [0, 1], "o_proj": [0, 3]}, 4, 2),  # o inside v
+    ],
+)
+def test_selections_that_fit_are_never_regrouped(units, n, group):
+    layout, realised = _plan_structure(units, n, group)
+    assert realised == units
+    check_layout(layout, realised, units, n, group)
+
+
 def test_two_partial_groups_are_joined_without_regrouping():
     # o_proj heads 3 and 4 sit in groups 0 and 1 (group size 4): one block 3..4 exists
     layout, realised = _plan_structure({"o_proj": [3, 4]}, 16, 4)
@@ -65,11 +112,16 @@ def test_three_partial_groups_are_regrouped_and_reported():
     selection.units = {0: {"o_proj": [1, 3, 5]}, 1: {"o_proj": [1, 2]}}
     _, adjusted = plan_layout(selection)
     # layer 1: heads 1 and 2 sit at the ends of groups 0 and 1: one block, kept as is.
-    # layer 0: heads 1, 3, 5 touch three partial groups: packed into group 0 (full) + head 3
-    assert adjusted.units == {0: {"o_proj": [0, 1, 3]}, 1: {"o_proj": [1, 2]}}
+    assert adjusted.units[1] == {"o_proj": [1, 2]}
+    # layer 0: heads 1, 3, 5 touch three partial groups: packed into one full group and one
+    # more head, keeping two of the three heads (the most any packing can keep)
+    ids = adjusted.units[0]["o_proj"]
+    assert len(ids) == 3 and len({h // 2 for h in ids}) == 2 and len(set(ids) & {1, 3, 5}) == 2
     assert len(adjusted.adjustments) == 1
-    assert adjusted.adjustments[0].startswith("layer 0 o_proj")
-    assert "regrouped to [0, 1, 3]" in adjusted.adjustments[0]
+    assert adjusted.adjustments[0].startswith("layer 0 o_proj: query heads [1, 3, 5]")
+    assert f"regrouped to {ids}" in adjusted.adjustments[0]
+    # deterministic for a seed
+    assert plan_layout(selection)[1].units == adjusted.units
 
 
 def test_ffn_pairs_are_only_a_both_only_b_rest():

@@ -112,3 +112,17 @@ def test_too_small_ratio_says_the_smallest_that_works():
 def test_layer_out_of_range():
     with pytest.raises(S2FTError, match="the model has 2 layers"):
         select_units(tiny_model("mistral"), S2FTConfig(targets={"o_proj": 0.5}, layers=[0, 2]))
+
+
+def test_a_damaged_or_foreign_selection_is_refused(tmp_path):
+    model = tiny_model("mistral")
+    sel = select_units(model, S2FTConfig(targets={"o_proj": 0.5}))
+    data = sel.to_dict()
+    data["units"]["0"]["o_proj"] = [3, 99]
+    with pytest.raises(S2FTError, match=r"distinct sorted ids in \[0, 4\)"):
+        Selection.from_dict(data)
+    data["units"]["0"] = {"down_proj": [1]}
+    with pytest.raises(S2FTError, match="trains down_proj in layer 0, which is not among"):
+        Selection.from_dict(data)
+    with pytest.raises(S2FTError, match="damaged"):
+        Selection.from_dict({"format": "s2ft-selection", "units": {}})
