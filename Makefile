@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	$(VENV)/bin/s2ft select recipes/quickstart.yaml
+	$(VENV)/bin/s2ft train recipes/quickstart.yaml output_dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 lint: install
 	$(VENV)/bin/ruff check s2ft_cli tests scripts

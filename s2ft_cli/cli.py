@@ -122,6 +122,60 @@ def select(
         console.print(f"selection written to {json_path}")
 
 
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (model, data, s2ft, train).")],
+    overrides: Overrides = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")
+    ] = False,
+) -> None:
+    """Fine-tune a model with S²FT as the recipe says (also under torchrun)."""
+    from .recipe import load_recipe
+    from .train import train as run_training
+
+    r = load_recipe(recipe, overrides)
+    run_training(r, resume=resume, console=console)
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipe_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the bundled recipes."""
+    table = Table(title="bundled recipes (s2ft init NAME DEST to copy one)", title_justify="left")
+    table.add_column("name")
+    table.add_column("what it runs")
+    for name, path in _recipe_files().items():
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        table.add_row(name, first)
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def init(
+    name: Annotated[str, typer.Argument(help="A bundled recipe (see s2ft recipes).")],
+    dest: Annotated[Path, typer.Argument(help="File (or folder) to copy it to.")],
+) -> None:
+    """Copy a bundled recipe to edit."""
+    files = _recipe_files()
+    if name not in files:
+        raise S2FTError(f"No bundled recipe {name!r}; available: {', '.join(files)}.")
+    target = dest / f"{name}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise S2FTError(f"{target} already exists; choose another destination.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(files[name].read_text())
+    console.print(f"wrote {target}; paths in it are relative to its folder, edit them to fit.")
+
+
 def main() -> None:
     try:
         app()

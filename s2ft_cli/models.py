@@ -175,8 +175,11 @@ def _preset_configs() -> dict:
     from transformers import LlamaConfig
 
     return {
-        # Two-layer GQA model: runs anywhere in seconds (quickstart, tests, demos).
+        # Two-layer GQA model: runs anywhere in seconds (quickstart, tests, demos). Its
+        # larger initialisation gives the tied embeddings a logit range that fine-tuning
+        # a few heads and channels can use (at 0.02 the logits cannot leave ~uniform).
         "tiny-llama": LlamaConfig(
+            initializer_range=0.2,
             hidden_size=64,
             intermediate_size=172,
             num_hidden_layers=2,
@@ -265,3 +268,43 @@ def _meta_model(config, dtype: str) -> nn.Module:
     get_architecture(config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+
+
+def char_tokenizer():
+    """A character-level tokenizer for the presets: no download, covers printable ASCII."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chars = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model (presets use :func:`char_tokenizer`); a pad token is set
+    to EOS when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    if name_or_path.startswith(PRESET_PREFIX):
+        return char_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise S2FTError(
+            f"Could not load the tokenizer of {name_or_path!r}: {str(err).rstrip('.')}. The "
+            "model directory or hub repo needs its tokenizer files."
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,7 +1,7 @@
 """Recipes: YAML files that describe a run, validated with pydantic.
 
-A recipe reads top to bottom like the run it describes (``model:`` then ``s2ft:``; the
-training sections join them in later stages). Unknown keys are refused with the nearest
+A recipe reads top to bottom like the run it describes: ``model:``, ``data:``, ``s2ft:``,
+``train:``, ``output_dir``. Unknown keys are refused with the nearest
 valid name, ``key=value`` overrides from the command line are applied before validation,
 and relative paths resolve against the recipe file's folder.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import S2FTConfig
 from .errors import S2FTError
@@ -34,13 +34,86 @@ class ModelSection(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code.")
 
 
+class DataSource(BaseModel):
+    """One dataset: ``data.train`` or ``data.validation`` (a bare path is accepted too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        description="JSON/JSONL/TXT file, a Hugging Face dataset (format hf), or "
+        "builtin:arithmetic (generated word problems)."
+    )
+    format: Literal["llm-adapters", "alpaca", "chat", "text", "hf"] = "llm-adapters"
+    split: str = Field("train", description="Split of a Hugging Face dataset.")
+    subset: str | None = Field(None, description="Configuration name of a hub dataset.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N records.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+
+class DataSection(BaseModel):
+    """``data:``: what to train on and how it is turned into tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: DataSource
+    validation: DataSource | None = None
+    val_size: int = Field(0, ge=0, description="Carve this many validation records from train.")
+    prompt_template: Literal["alpaca", "chat"] = Field(
+        "alpaca", description="alpaca: the paper's prompt; chat: the tokenizer's chat template."
+    )
+    max_seq_len: int = Field(2048, ge=8, description="Longer examples are truncated.")
+    train_on_prompt: bool = Field(False, description="Also take the loss on prompt tokens.")
+
+
+class TrainSection(BaseModel):
+    """``train:``: the optimisation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1, description="Passes over the training set (unless max_steps).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: str = Field("linear", description="A transformers schedule name.")
+    warmup_steps: int = Field(100, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null: off.")
+    eval_every: int = Field(
+        80, ge=0, description="Validation loss every N steps (0: only at the end)."
+    )
+    save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    log_every: int = Field(10, ge=1, description="A metrics.jsonl line every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    seed: int = Field(0, description="Seed of data order and initialisation.")
+    autocast: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, none on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+
+    @model_validator(mode="after")
+    def _check_scheduler(self) -> TrainSection:
+        from transformers import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if self.scheduler not in names:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; one of {', '.join(names)}")
+        return self
+
+
 class Recipe(BaseModel):
     """A whole recipe."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelSection
+    data: DataSection | None = None
     s2ft: S2FTConfig
+    train: TrainSection = Field(default_factory=TrainSection)
     output_dir: str | None = Field(None, description="Where a run writes its files.")
 
 
@@ -52,6 +125,10 @@ def _fields_at(loc: tuple) -> list[str]:
         if field is None:
             break
         node = field.annotation
+        # unwrap Optional[Section]
+        for arg in getattr(node, "__args__", ()):
+            if hasattr(arg, "model_fields"):
+                node = arg
     return list(getattr(node, "model_fields", {}))
 
 
@@ -117,6 +194,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise S2FTError(_describe(err, str(path))) from None
     base = path.resolve().parent
     recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base)
-    if recipe.output_dir is not None:
-        recipe.output_dir = str((base / recipe.output_dir).resolve())
+    if recipe.data is not None:
+        for source in (recipe.data.train, recipe.data.validation):
+            if source is None or source.path.startswith("builtin:"):
+                continue
+            if source.format == "hf":
+                source.path = _resolve(source.path, base)
+            else:
+                source.path = str((base / source.path).resolve())
+    recipe.output_dir = str(
+        (base / recipe.output_dir).resolve()
+        if recipe.output_dir is not None
+        else (Path.cwd() / "runs" / path.stem).resolve()
+    )
     return recipe

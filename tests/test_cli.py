@@ -9,10 +9,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from s2ft_cli import S2FTConfig, Selection
+from s2ft_cli import Selection
 from s2ft_cli.cli import app
 from s2ft_cli.models import load_model
 from s2ft_cli.permute import plan_layout
+from s2ft_cli.recipe import load_recipe
 from s2ft_cli.selection import select_units
 
 from .conftest import STORIES
@@ -34,12 +35,9 @@ def test_select_prints_the_table_and_writes_the_library_selection(tmp_path):
     assert result.exit_code == 0, result.output
     assert "down_proj" in result.output and "trainable parameters:" in result.output
     written = Selection.from_json((tmp_path / "sel.json").read_text())
-    expected = plan_layout(
-        select_units(
-            load_model("preset:tiny-llama"),
-            S2FTConfig(targets={"o_proj": 0.25, "down_proj": 0.05}, seed=5),
-        )
-    )[1]
+    recipe = load_recipe(QUICKSTART, ["s2ft.seed=5"])
+    model = load_model(recipe.model.name_or_path)
+    expected = plan_layout(select_units(model, recipe.s2ft))[1]
     assert written.units == expected.units
     total = json.loads((tmp_path / "sel.json").read_text())["trainable_params"]
     assert f"{total:,}" in result.output

@@ -1,0 +1,470 @@
+"""The training loop: AdamW over the S² deltas only (paper §3.3, §4 set-up).
+
+One :class:`Trainer` with ``setup / train / save_checkpoint / cleanup``, readable top to
+bottom. It runs in one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where
+every process takes ``batch_size`` examples of each micro-batch and only rank 0 writes.
+
+Exactness: the data order of every epoch is a seeded permutation and each optimizer step
+takes the next ``batch_size × processes × grad_accum`` examples of it, the loss is the sum
+of token losses divided by the number of target tokens of the *whole* optimizer step, so
+the gradient is the same however the step is split into micro-batches and processes; and
+a checkpoint holds everything needed to continue exactly (deltas, optimizer, scheduler,
+RNG states, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from .adapter import save_adapter
+from .convert import get_s2ft_model
+from .data import IGNORE_INDEX, build_examples, collate, load_records, split_validation
+from .errors import S2FTError
+from .files import atomic_write_dir, atomic_write_text
+from .models import load_model, load_tokenizer
+from .recipe import Recipe
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over the target tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def token_loss_sums(
+    model,
+    examples: list,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast=None,
+) -> tuple[float, int]:
+    """Summed token loss and target-token count of ``model`` over ``examples``."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        with autocast or nullcontext():
+            loss, n = token_loss(model, batch)
+        total, count = total + loss.item(), count + n
+    return total, count
+
+
+def load_datasets(recipe: Recipe, tokenizer) -> tuple[list, list, list[str]]:
+    """The recipe's training and validation examples, tokenised and checked, and notes on
+    records dropped because ``max_seq_len`` cut off all their targets."""
+    d, seed = recipe.data, recipe.train.seed
+    notes = []
+
+    def examples(source):
+        name, records = load_records(source, seed)
+        kept = build_examples(
+            name,
+            records,
+            source.format,
+            tokenizer,
+            d.prompt_template,
+            d.max_seq_len,
+            d.train_on_prompt,
+        )
+        if len(kept) < len(records):
+            notes.append(
+                f"{name}: {len(records) - len(kept)} of {len(records)} records have no "
+                f"target token within max_seq_len {d.max_seq_len} and are skipped"
+            )
+        return kept
+
+    train = examples(d.train)
+    if d.validation is not None:
+        return train, examples(d.validation), notes
+    return *split_validation(train, d.val_size, seed), notes
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    """Fine-tune a model with S²FT as a recipe says."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None):
+        if recipe.data is None:
+            raise S2FTError("s2ft train needs a data: section in the recipe (data.train at least).")
+        self.recipe = recipe
+        self.resume = resume
+        self.out = Path(recipe.output_dir)
+        self.console = console or Console()
+
+    # -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        r, t = self.recipe, self.recipe.train
+        self._setup_distributed()
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        if self.resume and not self._latest_checkpoint():
+            raise S2FTError(
+                f"--resume: no checkpoint in {self.out / CHECKPOINTS}; start without --resume."
+            )
+        if not self.resume and self.is_main and (self.out / CHECKPOINTS).exists():
+            raise S2FTError(
+                f"{self.out} already holds checkpoints of a run. Continue it with --resume, or "
+                "choose another output_dir (output_dir=...)."
+            )
+
+        self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
+        self.train_set, self.val_set, self.data_notes = load_datasets(r, self.tokenizer)
+        model = load_model(
+            r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
+        )
+        model = get_s2ft_model(model, r.s2ft)
+        if r.model.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
+        model.to(self.device)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.engine = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.global_batch = t.batch_size * self.world * t.grad_accum
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise S2FTError(
+                f"The training set has {len(self.train_set)} examples, fewer than one optimizer "
+                f"step's {self.global_batch} (batch_size × processes × grad_accum); lower "
+                "train.batch_size or train.grad_accum."
+            )
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
+        )
+        self.step = 0
+        if self.resume:
+            self._load_checkpoint(self._latest_checkpoint())
+        elif self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                self.out / "recipe.yaml", yaml.safe_dump(r.model_dump(), sort_keys=False)
+            )
+            model.s2ft_selection.save(self.out / "selection.json")
+            (self.out / METRICS).unlink(missing_ok=True)
+        autocast = t.autocast
+        if autocast == "auto":
+            autocast = "bf16" if self.device.type == "cuda" else "no"
+        self.autocast = (
+            torch.autocast(
+                self.device.type, dtype=torch.bfloat16 if autocast == "bf16" else torch.float16
+            )
+            if autocast != "no"
+            else nullcontext()
+        )
+        self._log_setup()
+
+    def _setup_distributed(self) -> None:
+        want = self.recipe.train.device
+        cuda = torch.cuda.is_available() and want != "cpu"
+        if want == "cuda" and not torch.cuda.is_available():
+            raise S2FTError("train.device is cuda but no CUDA device is visible; use auto or cpu.")
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+
+    def _log_setup(self) -> None:
+        if not self.is_main:
+            return
+        sel = self.model.s2ft_selection
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sel.trainable_params()
+        self.console.print(
+            f"[bold]s2ft train[/] {self.recipe.model.name_or_path} on {self.device} "
+            f"({self.world} process{'es' if self.world > 1 else ''})\n"
+            f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%), "
+            f"targets {self.recipe.s2ft.targets}\n"
+            f"  {len(self.train_set)} training / {len(self.val_set)} validation examples, "
+            f"global batch {self.global_batch}, {self.total_steps} steps"
+            + (f", resuming at step {self.step}" if self.step else "")
+            + f"\n  output: {self.out}",
+            highlight=False,
+        )
+        for note in sel.adjustments:
+            self.console.print(f"  [yellow]adjusted:[/] {note}", highlight=False)
+        for note in self.data_notes:
+            self.console.print(f"  [yellow]data:[/] {note}", highlight=False)
+
+    # -----------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_set), generator=g).tolist()
+
+    def _micro_batches(self, step: int) -> list[dict]:
+        """This process's micro-batches of optimizer step ``step``."""
+        t = self.recipe.train
+        epoch, k = divmod(step, self.steps_per_epoch)
+        ids = self._epoch_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        batches = []
+        for m in range(t.grad_accum):
+            start = (m * self.world + self.rank) * t.batch_size
+            chunk = [self.train_set[i] for i in ids[start : start + t.batch_size]]
+            batch = collate(chunk, self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        return batches
+
+    def _all_sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns the mean token loss and the number of tokens."""
+        batches = self._micro_batches(step)
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        (targets,) = self._all_sum(local_targets)
+        scale = self.world / max(targets, 1)  # DDP averages over processes
+        loss_sum = 0.0
+        self.engine.train()
+        for m, batch in enumerate(batches):
+            last = m == len(batches) - 1
+            sync = self.engine.no_sync() if self.world > 1 and not last else nullcontext()
+            with sync, self.autocast:
+                loss, _ = token_loss(self.engine, batch)
+            with sync:
+                (loss * scale).backward()
+            loss_sum += loss.item()
+        if self.recipe.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_sum,) = self._all_sum(loss_sum)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        (tokens,) = self._all_sum(tokens)
+        return loss_sum / max(targets, 1), int(tokens)
+
+    def evaluate(self) -> float | None:
+        """Mean token loss over the validation set (shared out among processes)."""
+        if not self.val_set:
+            return None
+        self.engine.eval()
+        total, count = token_loss_sums(
+            self.model,
+            self.val_set[self.rank :: self.world],
+            self.tokenizer.pad_token_id,
+            self.recipe.train.batch_size,
+            self.device,
+            self.autocast,
+        )
+        total, count = self._all_sum(total, count)
+        return total / max(count, 1)
+
+    def train(self) -> dict:
+        """Run from the current step to the end; returns the last metrics."""
+        t = self.recipe.train
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            disable=not self.is_main,
+        )
+        last: dict = {}
+        window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+        if self.step == 0 and self.val_set:  # where the validation loss starts from
+            record = {"step": 0, "eval_loss": self.evaluate()}
+            last.update(record)
+            self._write_metrics(record)
+        with progress:
+            task = progress.add_task(
+                "train", total=self.total_steps, completed=self.step, status=""
+            )
+            while self.step < self.total_steps:
+                loss, tokens = self.train_step(self.step)
+                if not math.isfinite(loss):
+                    raise S2FTError(
+                        f"The loss became {loss} at step {self.step + 1}; lower train.lr or "
+                        "check the data. The last checkpoint is kept."
+                    )
+                self.step += 1
+                window_loss.append(loss)
+                window_tokens += tokens
+                final = self.step == self.total_steps
+                evaluate_now = bool(self.val_set) and (
+                    final or (t.eval_every and self.step % t.eval_every == 0)
+                )
+                record = None
+                if self.step % t.log_every == 0 or final or evaluate_now:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": self.step,
+                        "epoch": round(self.step / self.steps_per_epoch, 4),
+                        "loss": sum(window_loss) / len(window_loss),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "peak_mem_gb": peak_memory_gb(self.device),
+                    }
+                    if evaluate_now:
+                        record["eval_loss"] = self.evaluate()
+                    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+                if record is not None:
+                    last.update(record)
+                    self._write_metrics(record)
+                    if self.is_main and not self.console.is_terminal:  # logs of batch jobs
+                        self.console.print(
+                            f"step {self.step}/{self.total_steps}  " + self._status(record, loss),
+                            highlight=False,
+                        )
+                progress.update(task, advance=1, status=self._status(last, loss))
+                if final or (t.save_every and self.step % t.save_every == 0):
+                    self.save_checkpoint()
+        if self.is_main:
+            save_adapter(self.model, self.out / "adapter")
+            self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
+        self._barrier()
+        return last
+
+    @staticmethod
+    def _status(last: dict, loss: float) -> str:
+        """Loss, validation loss, learning rate, throughput and peak memory, compactly."""
+        parts = [f"loss {loss:.3f}"]
+        if "eval_loss" in last:
+            parts.append(f"eval {last['eval_loss']:.3f}")
+        if "lr" in last:
+            parts.append(f"lr {last['lr']:.1e}")
+        if "tokens_per_s" in last:
+            parts.append(f"{last['tokens_per_s'] / 1000:.1f}k tok/s")
+        if "peak_mem_gb" in last:
+            parts.append(f"{last['peak_mem_gb']:.2f} GB")
+        return " ".join(parts)
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # -----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoints/step-N/`` atomically (rank 0) and keep the newest few."""
+        if self.is_main:
+            trainable = {
+                n: p.detach().cpu().contiguous()
+                for n, p in self.model.named_parameters()
+                if p.requires_grad
+            }
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": random.getstate(),
+                },
+            }
+            meta = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "selection": self.model.s2ft_selection.to_dict()["units"],
+            }
+
+            def write(tmp: Path) -> None:
+                save_file(trainable, str(tmp / "trainable.safetensors"))
+                torch.save(state, tmp / "trainer_state.pt")
+                (tmp / "meta.json").write_text(json.dumps(meta))
+
+            folder = self.out / CHECKPOINTS
+            atomic_write_dir(folder / f"step-{self.step:07d}", write)
+            for old in self._checkpoints()[: -self.recipe.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a complete one has its meta.json)."""
+        folder = self.out / CHECKPOINTS
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _load_checkpoint(self, path: Path) -> None:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["selection"] != self.model.s2ft_selection.to_dict()["units"]:
+            raise S2FTError(
+                f"Checkpoint {path} was trained with another selection than this recipe makes; "
+                "resume with the recipe (and s2ft seed) of the run."
+            )
+        trainable = load_file(str(path / "trainable.safetensors"))
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(trainable[name])
+        state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+        if self.is_main and (self.out / METRICS).exists():  # drop lines after the checkpoint
+            lines = (self.out / METRICS).read_text().splitlines()
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+            atomic_write_text(self.out / METRICS, "".join(ln + "\n" for ln in kept))
+
+    def cleanup(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict:
+    """Set up, train and clean up; returns the last logged metrics."""
+    trainer = Trainer(recipe, resume=resume, console=console)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()

@@ -1,0 +1,202 @@
+"""`s2ft train`: the loss falls, runs resume exactly after SIGKILL, torchrun matches one
+process, and user errors are one clear paragraph."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from s2ft_cli import load_adapter
+from s2ft_cli.models import load_model, load_tokenizer
+from s2ft_cli.recipe import load_recipe
+from s2ft_cli.train import load_datasets, token_loss_sums, train
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = """\
+model: {name_or_path: "preset:tiny-llama"}
+data:
+  train: {path: "builtin:arithmetic", limit: 112}
+  val_size: 16
+  max_seq_len: 256
+s2ft: {targets: {o_proj: 0.25, down_proj: 0.1}, seed: 1}
+train:
+  max_steps: 12
+  batch_size: 8
+  lr: 3.0e-2
+  warmup_steps: 2
+  eval_every: 6
+  save_every: 4
+  log_every: 2
+output_dir: run
+"""
+
+
+def recipe_file(tmp_path: Path, text: str = RECIPE) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def s2ft(*args, timeout=240, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "s2ft_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_diff(a: Path, b: Path) -> float:
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys()
+    return max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta)
+
+
+def test_loss_falls_and_the_adapter_reproduces_the_trained_model(tmp_path):
+    recipe = load_recipe(recipe_file(tmp_path))
+    last = train(recipe)
+    run = tmp_path / "run"
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8, 10, 12]
+    assert rows[0].keys() == {"step", "eval_loss"}  # before the first step
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in rows[1:])
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 6, 12]
+    assert rows[-1]["eval_loss"] < 0.7 * rows[0]["eval_loss"]
+    assert rows[-1]["loss"] < 0.7 * rows[1]["loss"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-0000008",
+        "step-0000012",
+    ]
+    assert (run / "recipe.yaml").is_file() and (run / "selection.json").is_file()
+
+    # the adapter on a fresh base gives the trained model's validation loss
+    tokenizer = load_tokenizer("preset:tiny-llama")
+    _, val, _ = load_datasets(recipe, tokenizer)
+    base = load_adapter(load_model("preset:tiny-llama", seed=recipe.train.seed), run / "adapter")
+    total, count = token_loss_sums(base, val, tokenizer.pad_token_id, 8)
+    assert abs(total / count - last["eval_loss"]) <= 1e-5 * last["eval_loss"]
+
+
+def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
+    text = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
+    path = recipe_file(tmp_path, text)
+    train(load_recipe(path, ["output_dir=straight"]))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "s2ft_cli", "train", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    marker = tmp_path / "run" / "checkpoints" / "step-0000008" / "meta.json"
+    deadline = time.monotonic() + 180
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(marker.read_text())["step"]
+    assert done == 8 and not (tmp_path / "run" / "adapter").exists()
+
+    result = s2ft("train", path, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert max_diff(tmp_path / "run" / "adapter", tmp_path / "straight" / "adapter") <= 1e-5
+    steps = [r["step"] for r in metrics(tmp_path / "run")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
+
+
+def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    path = recipe_file(tmp_path, RECIPE.replace("max_steps: 12", "max_steps: 6"))
+    train(load_recipe(path, ["output_dir=single", "train.batch_size=8"]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "s2ft_cli",
+        "train",
+        str(path),
+        "output_dir=ddp",
+        "train.batch_size=4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(tmp_path / "ddp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1e-3", "unknown key 'train.lrr'. Did you mean 'train.lr'?"),
+        ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
+        ("s2ft.targets.o_proj=1.5", "must be in (0, 1]"),
+        ("data.train.path=missing.json", "missing.json does not exist"),
+    ],
+)
+def test_user_errors_are_one_paragraph_without_traceback(tmp_path, override, message):
+    result = s2ft("train", recipe_file(tmp_path), override)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_malformed_record_stops_before_training(tmp_path):
+    records = [{"instruction": "q", "output": "a"}] * 5 + [{"instruction": "q"}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    result = s2ft("train", recipe_file(tmp_path), "data.train.path=data.json", "data.val_size=0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "data.json: record 6 is malformed: it has no 'output' field" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_checkpoint_and_rerun_into_a_run_are_refused(tmp_path):
+    path = recipe_file(tmp_path)
+    result = s2ft("train", path, "--resume")
+    assert result.returncode == 1 and "no checkpoint" in result.stderr
+    train(load_recipe(path, ["train.max_steps=4"]))
+    result = s2ft("train", path)
+    assert result.returncode == 1 and "already holds checkpoints" in result.stderr
+
+
+def test_bundled_recipes_are_valid_and_init_copies_them(tmp_path):
+    from s2ft_cli.cli import _recipe_files
+
+    names = set(_recipe_files())
+    assert {
+        "quickstart",
+        "llama2-7b-commonsense",
+        "llama2-7b-math",
+        "llama3-8b-commonsense",
+        "llama3-8b-math",
+        "stories260k-math",
+    } <= names
+    for path in _recipe_files().values():
+        recipe = load_recipe(path)
+        assert recipe.data is not None
+    paper = load_recipe(REPO / "recipes" / "llama3-8b-math.yaml")
+    assert paper.s2ft.targets == {"o_proj": 0.052, "down_proj": 0.03}
+    assert (paper.train.lr, paper.train.epochs, paper.train.batch_size) == (1e-3, 3, 16)
+    assert paper.model.gradient_checkpointing and paper.model.dtype == "bfloat16"
+    listing = s2ft("recipes")
+    assert listing.returncode == 0 and "stories260k-math" in listing.stdout
+    assert s2ft("init", "quickstart", tmp_path / "mine.yaml").returncode == 0
+    assert (tmp_path / "mine.yaml").read_text() == (
+        REPO / "recipes" / "quickstart.yaml"
+    ).read_text()
+    again = s2ft("init", "quickstart", tmp_path / "mine.yaml")
+    assert again.returncode == 1 and "already exists" in again.stderr
