@@ -90,7 +90,7 @@ class TrainSection(BaseModel):
     log_every: int = Field(10, ge=1, description="A metrics.jsonl line every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
     seed: int = Field(0, description="Seed of data order and initialisation.")
-    autocast: Literal["auto", "bf16", "fp16", "no"] = Field(
+    autocast: Literal["auto", "bf16", "no"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, none on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")

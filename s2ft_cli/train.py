@@ -64,13 +64,14 @@ def token_loss_sums(
     pad_id: int,
     batch_size: int,
     device: torch.device | str = "cpu",
-    autocast=None,
+    autocast=nullcontext,
 ) -> tuple[float, int]:
-    """Summed token loss and target-token count of ``model`` over ``examples``."""
+    """Summed token loss and target-token count of ``model`` over ``examples``;
+    ``autocast`` makes the context each forward runs in."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        with autocast or nullcontext():
+        with autocast():
             loss, n = token_loss(model, batch)
         total, count = total + loss.item(), count + n
     return total, count
@@ -177,17 +178,15 @@ class Trainer:
             )
             model.s2ft_selection.save(self.out / "selection.json")
             (self.out / METRICS).unlink(missing_ok=True)
-        autocast = t.autocast
-        if autocast == "auto":
-            autocast = "bf16" if self.device.type == "cuda" else "no"
-        self.autocast = (
-            torch.autocast(
-                self.device.type, dtype=torch.bfloat16 if autocast == "bf16" else torch.float16
-            )
-            if autocast != "no"
-            else nullcontext()
-        )
+        use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self._log_setup()
+
+    def autocast(self):
+        """A fresh autocast context (bf16 on CUDA by default), or a no-op."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _setup_distributed(self) -> None:
         want = self.recipe.train.device
@@ -262,7 +261,7 @@ class Trainer:
         for m, batch in enumerate(batches):
             last = m == len(batches) - 1
             sync = self.engine.no_sync() if self.world > 1 and not last else nullcontext()
-            with sync, self.autocast:
+            with sync, self.autocast():
                 loss, _ = token_loss(self.engine, batch)
             with sync:
                 (loss * scale).backward()
