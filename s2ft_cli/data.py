@@ -197,8 +197,9 @@ def load_records(source, seed: int = 0) -> tuple[str, list]:
         file = Path(path)
         if not file.is_file():
             raise S2FTError(
-                f"Data file {file} does not exist. Check data.*.path in the recipe (relative "
-                "paths resolve against the recipe's folder)."
+                f"Data file {file} does not exist. Check data.*.path (relative paths in a recipe "
+                "resolve against its folder, those given on the command line against the "
+                "current folder)."
             )
         records = _read_file(file)
     if source.limit is not None:

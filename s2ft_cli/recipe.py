@@ -1,9 +1,10 @@
 """Recipes: YAML files that describe a run, validated with pydantic.
 
 A recipe reads top to bottom like the run it describes: ``model:``, ``data:``, ``s2ft:``,
-``train:``, ``output_dir``. Unknown keys are refused with the nearest
-valid name, ``key=value`` overrides from the command line are applied before validation,
-and relative paths resolve against the recipe file's folder.
+``train:``, ``output_dir``. Unknown keys are refused with the nearest valid name and
+``key=value`` overrides from the command line are applied before validation. Relative
+paths in the file resolve against its folder; paths given as overrides against the
+current folder.
 """
 
 from __future__ import annotations
@@ -186,24 +187,35 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise S2FTError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise S2FTError(f"Recipe {path} must be a mapping of sections (model:, s2ft:, ...).")
-    for item in overrides or []:
-        _apply_override(data, *_parse_override(item))
+    parsed = [_parse_override(item) for item in overrides or []]
+    for keys, value in parsed:
+        _apply_override(data, keys, value)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise S2FTError(_describe(err, str(path))) from None
-    base = path.resolve().parent
-    recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base)
+
+    given = {".".join(keys) for keys, _ in parsed}
+
+    def base(key: str) -> Path:
+        """Paths typed on the command line are relative to the current folder, the
+        recipe's own to the recipe's folder."""
+        on_command_line = key in given or key.rpartition(".")[0] in given
+        return Path.cwd() if on_command_line else path.resolve().parent
+
+    recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base("model.name_or_path"))
     if recipe.data is not None:
-        for source in (recipe.data.train, recipe.data.validation):
+        for name in ("train", "validation"):
+            source = getattr(recipe.data, name)
             if source is None or source.path.startswith("builtin:"):
                 continue
+            folder = base(f"data.{name}.path")
             if source.format == "hf":
-                source.path = _resolve(source.path, base)
+                source.path = _resolve(source.path, folder)
             else:
-                source.path = str((base / source.path).resolve())
+                source.path = str((folder / source.path).resolve())
     recipe.output_dir = str(
-        (base / recipe.output_dir).resolve()
+        (base("output_dir") / recipe.output_dir).resolve()
         if recipe.output_dir is not None
         else (Path.cwd() / "runs" / path.stem).resolve()
     )

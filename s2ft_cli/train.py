@@ -108,6 +108,7 @@ def load_datasets(recipe: Recipe, tokenizer) -> tuple[list, list, list[str]]:
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -233,14 +234,15 @@ class Trainer:
     def _micro_batches(self, step: int) -> list[dict]:
         """This process's micro-batches of optimizer step ``step``."""
         t = self.recipe.train
-        epoch, k = divmod(step, self.steps_per_epoch)
-        ids = self._epoch_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        ids = self._epoch_order(epoch)[start : start + self.global_batch]
         batches = []
         for m in range(t.grad_accum):
-            start = (m * self.world + self.rank) * t.batch_size
-            chunk = [self.train_set[i] for i in ids[start : start + t.batch_size]]
+            offset = (m * self.world + self.rank) * t.batch_size
+            chunk = [self.train_set[i] for i in ids[offset : offset + t.batch_size]]
             batch = collate(chunk, self.tokenizer.pad_token_id)
-            batches.append({k: v.to(self.device) for k, v in batch.items()})
+            batches.append({name: v.to(self.device) for name, v in batch.items()})
         return batches
 
     def _all_sum(self, *values: float) -> list[float]:

@@ -93,7 +93,7 @@ def test_loss_falls_and_the_adapter_reproduces_the_trained_model(tmp_path):
 def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
     text = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
     path = recipe_file(tmp_path, text)
-    train(load_recipe(path, ["output_dir=straight"]))
+    train(load_recipe(path, [f"output_dir={tmp_path / 'straight'}"]))
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "s2ft_cli", "train", str(path)],
@@ -119,7 +119,7 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
 
 def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     path = recipe_file(tmp_path, RECIPE.replace("max_steps: 12", "max_steps: 6"))
-    train(load_recipe(path, ["output_dir=single", "train.batch_size=8"]))
+    train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
     cmd = [
         sys.executable,
         "-m",
@@ -131,7 +131,7 @@ def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tmp_path)
         "s2ft_cli",
         "train",
         str(path),
-        "output_dir=ddp",
+        f"output_dir={tmp_path / 'ddp'}",
         "train.batch_size=4",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -158,7 +158,12 @@ def test_user_errors_are_one_paragraph_without_traceback(tmp_path, override, mes
 def test_malformed_record_stops_before_training(tmp_path):
     records = [{"instruction": "q", "output": "a"}] * 5 + [{"instruction": "q"}]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    result = s2ft("train", recipe_file(tmp_path), "data.train.path=data.json", "data.val_size=0")
+    result = s2ft(
+        "train",
+        recipe_file(tmp_path),
+        f"data.train.path={tmp_path / 'data.json'}",
+        "data.val_size=0",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "data.json: record 6 is malformed: it has no 'output' field" in result.stderr
     assert not (tmp_path / "run").exists()
@@ -200,3 +205,16 @@ def test_bundled_recipes_are_valid_and_init_copies_them(tmp_path):
     ).read_text()
     again = s2ft("init", "quickstart", tmp_path / "mine.yaml")
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_paths_resolve_against_the_recipe_or_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = recipe_file(tmp_path / "sub", RECIPE.replace('"builtin:arithmetic"', "d.json"))
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(path)
+    assert recipe.output_dir == str(tmp_path / "sub" / "run")
+    assert recipe.data.train.path == str(tmp_path / "sub" / "d.json")
+    recipe = load_recipe(path, ["output_dir=out", "data.train.path=e.json"])
+    assert recipe.output_dir == str(tmp_path / "out")
+    assert recipe.data.train.path == str(tmp_path / "e.json")
+    assert load_recipe(path, ["data.train=f.json"]).data.train.path == str(tmp_path / "f.json")
