@@ -32,9 +32,6 @@ class Selection:
     units: dict[int, dict[str, list[int]]]
     adjustments: list[str] = field(default_factory=list)
 
-    def matrices(self) -> list[str]:
-        return list(self.config.targets)
-
     def trainable_params(self, layer: int | None = None, matrix: str | None = None) -> int:
         """Weights in the selected rows/columns, optionally of one layer and/or matrix."""
         total = 0
