@@ -26,7 +26,7 @@ from . import __version__
 from .errors import AdapterMismatchError, S2FTError
 from .files import atomic_write_dir
 from .layers import S2Linear
-from .models import get_architecture, model_shape
+from .models import get_architecture, model_shape, replace_module
 from .permute import apply_layout
 
 ADAPTER_FORMAT = "s2ft-adapter"
@@ -40,11 +40,6 @@ CHECKSUM_RTOL = 1e-4
 
 def _adapter_modules(model: nn.Module) -> dict[str, S2Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, S2Linear)}
-
-
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()
@@ -225,7 +220,7 @@ def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.
         layers[name] = (base, axis, index, delta)
     for name, (base, axis, index, delta) in layers.items():
         layer = S2Linear(base, axis, index, delta=delta, trainable=False, delta_dtype=delta.dtype)
-        _replace_module(model, name, layer)
+        replace_module(model, name, layer)
     model.s2ft_adapter_config = config
     return model
 
@@ -248,7 +243,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         )
     for name, m in modules.items():
         fused[name] = (m.axis, m.original_index, m.delta.detach().clone())
-        _replace_module(model, name, m.merge())
+        replace_module(model, name, m.merge())
     layout = getattr(model, "s2ft_layout", None)
     if layout is not None:
         apply_layout(model, layout, model_shape(model), inverse=True)

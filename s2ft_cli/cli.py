@@ -54,6 +54,9 @@ Overrides = Annotated[
 ]
 
 
+RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe file.", show_default=False)]
+
+
 def _ids(units: list[int], limit: int = 12) -> str:
     shown = ", ".join(map(str, units[:limit]))
     return shown + (f", … (+{len(units) - limit})" if len(units) > limit else "")
@@ -62,7 +65,7 @@ def _ids(units: list[int], limit: int = 12) -> str:
 @app.command()
 @user_errors
 def select(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe with model: and s2ft: sections.")],
+    recipe: RecipeArg,
     overrides: Overrides = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the selection as JSON to this path.")
@@ -125,7 +128,7 @@ def select(
 @app.command()
 @user_errors
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe (model, data, s2ft, train).")],
+    recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")

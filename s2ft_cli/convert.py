@@ -7,7 +7,15 @@ from torch import nn
 from .config import S2FTConfig
 from .errors import S2FTError
 from .layers import S2Linear
-from .models import CONSUMERS, get_linear, model_shape, set_linear, structure_of, unit_index
+from .models import (
+    CONSUMERS,
+    get_linear,
+    model_shape,
+    module_path,
+    replace_module,
+    structure_of,
+    unit_index,
+)
 from .permute import apply_layout, plan_layout
 from .selection import Selection, select_units
 
@@ -56,7 +64,7 @@ def get_s2ft_model(
                 index=unit_index(range(start, stop), width),
                 original_index=unit_index(plan.original_units(matrix), width),
             )
-            set_linear(model, layer, matrix, module)
+            replace_module(model, module_path(model, layer, matrix), module)
     model.s2ft_config = config
     model.s2ft_selection = selection
     model.s2ft_layout = layout

@@ -152,17 +152,20 @@ def _str_field(record: dict, key: str, required: bool = True) -> str:
     return value
 
 
-def _segments(record, fmt: str) -> list[Segment] | list[dict]:
-    """An instruction or text record as segments; a chat record as its message list."""
+def _segments(record, fmt: str, prompt_template: str) -> list[Segment] | list[dict]:
+    """An instruction or text record as segments; a chat record, or an instruction record
+    under ``prompt_template: chat``, as a message list."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be an object, got {type(record).__name__}")
     if fmt == "hf":
         fmt = "chat" if "messages" in record else "text" if "text" in record else "alpaca"
     if fmt in ("llm-adapters", "alpaca"):
-        prompt = alpaca_prompt(
-            _str_field(record, "instruction"), _str_field(record, "input", required=False)
-        )
-        return [Segment(prompt, False), Segment(_str_field(record, "output"), True)]
+        instruction = _str_field(record, "instruction")
+        extra, output = _str_field(record, "input", required=False), _str_field(record, "output")
+        if prompt_template == "chat":
+            user = f"{instruction}\n\n{extra}" if extra else instruction
+            return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return [Segment(alpaca_prompt(instruction, extra), False), Segment(output, True)]
     if fmt == "text":
         return [Segment(_str_field(record, "text"), True)]
     messages = record.get("messages")
@@ -233,17 +236,6 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[Segment]:
         segments.append(Segment(text[len(done) :], message["role"] == "assistant"))
         done = text
     return segments
-
-
-def _instruction_as_chat(segments: list[Segment]) -> list[dict]:
-    """An Alpaca-style record (prompt, response) as a two-message conversation."""
-    prompt = (
-        segments[0]
-        .text.split("### Instruction:\n", 1)[-1]
-        .removesuffix("\n\n### Response:\n")
-        .replace("\n\n### Input:\n", "\n\n")
-    )
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": segments[1].text}]
 
 
 def _assemble(
@@ -324,7 +316,7 @@ def build_examples(
     all_segments = []
     for n, record in enumerate(records, 1):
         try:
-            parts = _segments(record, fmt)
+            parts = _segments(record, fmt, prompt_template)
         except ValueError as err:
             raise S2FTError(
                 f"{name}: record {n} is malformed: {err}. Fix or remove it; the {fmt} format "
@@ -332,8 +324,6 @@ def build_examples(
             ) from None
         if isinstance(parts[0], dict):
             parts = _chat_segments(parts, tokenizer)
-        elif prompt_template == "chat" and len(parts) == 2:
-            parts = _chat_segments(_instruction_as_chat(parts), tokenizer)
         all_segments.append(parts)
     examples = tokenize(all_segments, tokenizer, max_seq_len, train_on_prompt)
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]

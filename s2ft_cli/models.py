@@ -158,9 +158,10 @@ def get_linear(model: nn.Module, layer: int, matrix: str) -> nn.Module:
     return model.get_submodule(module_path(model, layer, matrix))
 
 
-def set_linear(model: nn.Module, layer: int, matrix: str, module: nn.Module) -> None:
-    parent, _, name = module_path(model, layer, matrix).rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of the model."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ---------------------------------------------------------------------------------------

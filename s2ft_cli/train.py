@@ -31,6 +31,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
 
 from .adapter import save_adapter
 from .convert import get_s2ft_model
@@ -164,12 +165,11 @@ class Trainer:
                 "train.batch_size or train.grad_accum."
             )
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        from transformers import get_scheduler
-
         self.scheduler = get_scheduler(
             t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
         )
         self.step = 0
+        self._order: tuple[int, list[int]] = (-1, [])
         if self.resume:
             self._load_checkpoint(self._latest_checkpoint())
         elif self.is_main:
@@ -228,8 +228,11 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_set), generator=g).tolist()
+        """The seeded data order of an epoch (computed once per epoch)."""
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_set), generator=g).tolist())
+        return self._order[1]
 
     def _micro_batches(self, step: int) -> list[dict]:
         """This process's micro-batches of optimizer step ``step``."""
@@ -273,9 +276,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (loss_sum,) = self._all_sum(loss_sum)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        (tokens,) = self._all_sum(tokens)
+        loss_sum, tokens = self._all_sum(loss_sum, tokens)
         return loss_sum / max(targets, 1), int(tokens)
 
     def evaluate(self) -> float | None:
@@ -330,7 +332,6 @@ class Trainer:
                 evaluate_now = bool(self.val_set) and (
                     final or (t.eval_every and self.step % t.eval_every == 0)
                 )
-                record = None
                 if self.step % t.log_every == 0 or final or evaluate_now:
                     elapsed = time.perf_counter() - window_start
                     record = {
@@ -344,7 +345,6 @@ class Trainer:
                     if evaluate_now:
                         record["eval_loss"] = self.evaluate()
                     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
-                if record is not None:
                     last.update(record)
                     self._write_metrics(record)
                     if self.is_main and not self.console.is_terminal:  # logs of batch jobs

@@ -97,6 +97,16 @@ def test_chat_records_learn_the_assistant_turns_only():
         examples([record], fmt="chat")  # no chat template
 
 
+def test_instruction_records_under_the_chat_template():
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    (ex,) = examples(
+        [{"instruction": "Sum.", "input": "2 3", "output": "5"}], template="chat", tokenizer=tok
+    )
+    assert tok.decode(ex.input_ids) == "<s><user>Sum.\n\n2 3\n<assistant>5\n</s>"
+    assert target_text(ex, tok) == "<assistant>5\n</s>"
+
+
 def test_text_records_and_txt_files(tmp_path):
     (tmp_path / "t.txt").write_text("first doc\nline two\n\n\nsecond doc\n")
     name, records = load_records(DataSource(path=str(tmp_path / "t.txt"), format="text"))
