@@ -2,7 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .adapter import load_adapter, merge_adapter, save_adapter, unmerge_adapter  # noqa: E402
+from .adapter import (  # noqa: E402
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    unload_adapter,
+    unmerge_adapter,
+)
 from .config import S2FTConfig  # noqa: E402
 from .convert import get_s2ft_model  # noqa: E402
 from .errors import AdapterMismatchError, S2FTError  # noqa: E402
@@ -17,5 +23,6 @@ __all__ = [
     "load_adapter",
     "merge_adapter",
     "save_adapter",
+    "unload_adapter",
     "unmerge_adapter",
 ]

@@ -254,6 +254,23 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+def unload_adapter(model: nn.Module) -> nn.Module:
+    """Remove an unfused adapter (from :func:`load_adapter`): the S² layers give way to
+    plain linear layers on the untouched base weights."""
+    modules = _adapter_modules(model)
+    if not modules:
+        raise S2FTError("This model has no S²FT adapter to unload.")
+    if getattr(model, "s2ft_layout", None) is not None:
+        raise S2FTError(
+            "This model was converted for training (co-permuted); merge_adapter() it, or "
+            "reload the base model, instead of unloading."
+        )
+    for name, m in modules.items():
+        replace_module(model, name, m.unload())
+    del model.s2ft_adapter_config
+    return model
+
+
 @torch.no_grad()
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Subtract a fused adapter again: the plain base model with its weights restored."""

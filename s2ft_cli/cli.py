@@ -142,6 +142,136 @@ def train(
     run_training(r, resume=resume, console=console)
 
 
+def _option(help: str, *names: str):
+    return typer.Option(*names, help=help, show_default=False)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    source: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A recipe (its model: and eval: sections; the run's adapter when trained) or "
+            "a training run's directory. Optional with --model.",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: Overrides = None,
+    model: Annotated[str | None, _option("Base model: hub id, local directory or preset.")] = None,
+    adapter: Annotated[
+        list[Path] | None, _option("Adapter directory; repeat to evaluate several in turn.")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        _option("Tasks or groups (commonsense, math), comma-separated or repeated."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, _option("Folder of <task>/test.json sets, or one test file.")
+    ] = None,
+    mode: Annotated[str | None, _option("generate (the paper's protocol) or loglik.")] = None,
+    batch_size: Annotated[int | None, _option("Prompts per forward pass (16).")] = None,
+    limit: Annotated[int | None, _option("Only the first N examples of each task.")] = None,
+    max_new_tokens: Annotated[int | None, _option("Longest generated answer (256).")] = None,
+    num_beams: Annotated[int | None, _option("Beam search with this many beams (1).")] = None,
+    do_sample: Annotated[
+        bool | None, _option("Sample instead of greedy decoding.", "--do-sample/--greedy")
+    ] = None,
+    temperature: Annotated[float | None, _option("Sampling temperature (1.0).")] = None,
+    top_p: Annotated[float | None, _option("Nucleus sampling mass (1.0).")] = None,
+    top_k: Annotated[int | None, _option("Sample among the k likeliest tokens (50).")] = None,
+    seed: Annotated[int | None, _option("Seed of sampling (0).")] = None,
+    stop_at_answer: Annotated[
+        bool | None,
+        _option(
+            "Stop a commonsense answer once it holds a label word (on by default).",
+            "--stop-at-answer/--no-stop-at-answer",
+        ),
+    ] = None,
+    prompt_template: Annotated[str | None, _option("alpaca or chat.")] = None,
+    merge: Annotated[
+        bool | None, _option("Fuse each adapter into the weights while it is evaluated.")
+    ] = None,
+    dtype: Annotated[str | None, _option("float32, bfloat16 or float16.")] = None,
+    device: Annotated[str | None, _option("auto, cpu or cuda.")] = None,
+    out: Annotated[Path | None, _option("Folder for results.json and predictions.jsonl.")] = None,
+    score_only: Annotated[
+        Path | None,
+        _option("Re-score a predictions.jsonl without a model (lines need task, output, answer)."),
+    ] = None,
+) -> None:
+    """Evaluate on the paper's commonsense and arithmetic sets; or re-score saved outputs."""
+    from .evaluation.report import results_table, score_file
+    from .evaluation.runner import evaluate
+    from .recipe import eval_settings, load_recipe, run_directory
+
+    if score_only is not None:
+        folder = out or score_only.parent / "rescored"
+        results = score_file(score_only, folder)
+        console.print(results_table(f"re-scored {score_only}", results))
+        console.print(f"results written to {folder}", highlight=False)
+        return
+    options = {
+        "tasks": tasks,
+        "data_dir": data_dir,
+        "mode": mode,
+        "batch_size": batch_size,
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop_at_answer": stop_at_answer,
+        "prompt_template": prompt_template,
+        "adapters": adapter,
+        "merge": merge,
+        "dtype": dtype,
+        "device": device,
+        "out": out,
+    }
+    recipe, run_dir = None, None
+    if source is not None:
+        recipe_path, run_dir = run_directory(source)
+        recipe = load_recipe(recipe_path, overrides)
+        run_dir = run_dir or Path(recipe.output_dir)
+    elif overrides:
+        raise S2FTError(
+            f"key=value overrides ({overrides[0]}) need a recipe; give one, or use the options."
+        )
+    settings = eval_settings(recipe.eval if recipe else None, options)
+    model_name = model or (recipe.model.name_or_path if recipe else None)
+    if model_name is None:
+        raise S2FTError(
+            "Which model? Give --model (hub id, local directory or preset), a recipe, or a "
+            "training run's directory."
+        )
+    adapters = [Path(a) for a in settings.adapters or []]
+    if settings.adapters is None and run_dir is not None and (run_dir / "adapter").is_dir():
+        adapters = [run_dir / "adapter"]
+    default_out = run_dir / "eval" if run_dir else Path("runs") / f"eval-{_timestamp()}"
+    evaluate(
+        model_name,
+        settings,
+        adapters,
+        Path(settings.out) if settings.out else default_out,
+        dtype=settings.dtype or (recipe.model.dtype if recipe else "float32"),
+        prompt_template=settings.prompt_template
+        or (recipe.data.prompt_template if recipe and recipe.data else "alpaca"),
+        trust_remote_code=recipe.model.trust_remote_code if recipe else False,
+        model_seed=recipe.train.seed if recipe else 0,
+        console=console,
+    )
+
+
+def _timestamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 

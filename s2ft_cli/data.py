@@ -37,6 +37,11 @@ BUILTIN_PREFIX = "builtin:"
 IGNORE_INDEX = -100
 
 
+def user_message(instruction: str, input: str = "") -> str:
+    """An instruction record's user turn under ``prompt_template: chat``."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
 def alpaca_prompt(instruction: str, input: str = "") -> str:
     """The prompt of an instruction record, up to and including ``### Response:``."""
     if input:
@@ -80,7 +85,8 @@ def arithmetic_problems(count: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def _read_file(path: Path) -> list:
+def read_record_file(path: Path) -> list:
+    """The records of a JSON list, a JSONL file or a ``.txt`` file of documents."""
     if path.suffix == ".txt":
         docs = [d.strip() for d in path.read_text().split("\n\n")]
         return [{"text": d} for d in docs if d]
@@ -163,8 +169,10 @@ def _segments(record, fmt: str, prompt_template: str) -> list[Segment] | list[di
         instruction = _str_field(record, "instruction")
         extra, output = _str_field(record, "input", required=False), _str_field(record, "output")
         if prompt_template == "chat":
-            user = f"{instruction}\n\n{extra}" if extra else instruction
-            return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+            return [
+                {"role": "user", "content": user_message(instruction, extra)},
+                {"role": "assistant", "content": output},
+            ]
         return [Segment(alpaca_prompt(instruction, extra), False), Segment(output, True)]
     if fmt == "text":
         return [Segment(_str_field(record, "text"), True)]
@@ -204,7 +212,7 @@ def load_records(source, seed: int = 0) -> tuple[str, list]:
                 "resolve against its folder, those given on the command line against the "
                 "current folder)."
             )
-        records = _read_file(file)
+        records = read_record_file(file)
     if source.limit is not None:
         records = records[: source.limit]
     if not records:
@@ -236,6 +244,12 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[Segment]:
         segments.append(Segment(text[len(done) :], message["role"] == "assistant"))
         done = text
     return segments
+
+
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer itself puts one in front of a text, else None."""
+    probe = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id if probe[:1] == [tokenizer.bos_token_id] else None
 
 
 def _assemble(
@@ -283,9 +297,7 @@ def tokenize(
         ids += tokenizer(prefixes[i : i + chunk], add_special_tokens=False, verbose=False)[
             "input_ids"
         ]
-    # BOS exactly when the tokenizer itself puts one in front of a text
-    probe = tokenizer("a")["input_ids"]
-    bos = tokenizer.bos_token_id if probe[:1] == [tokenizer.bos_token_id] else None
+    bos = bos_token_id(tokenizer)
     examples, at = [], 0
     for segments in all_segments:
         examples.append(

@@ -172,6 +172,10 @@ class S2Linear(nn.Module):
             self.weight.index_add_(0, self.index, self.delta.to(self.weight.dtype))
         else:
             self.weight.index_add_(1, self.index, self.delta.to(self.weight.dtype))
+        return self.unload()
+
+    def unload(self) -> nn.Linear:
+        """Drop the delta: a plain ``nn.Linear`` on the same, untouched parameters."""
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device="meta"
         )

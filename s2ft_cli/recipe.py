@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .config import S2FTConfig
 from .errors import S2FTError
@@ -106,6 +113,72 @@ class TrainSection(BaseModel):
         return self
 
 
+class EvalSection(BaseModel):
+    """``eval:``: how ``s2ft eval`` scores the model (the paper's protocol by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] | None = Field(
+        None,
+        description="Task names and groups (commonsense, math); default: every task whose "
+        "test file is in data_dir.",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Folder of LLM-Adapters test sets (<task>/test.json, or dataset/<task>/"
+        "test.json), or one JSON/JSONL test file.",
+    )
+    mode: Literal["generate", "loglik"] = Field(
+        "generate",
+        description="generate: decode and extract the answer (the paper); loglik: pick the "
+        "label whose answer sentence is most likely (commonsense only).",
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    limit: int | None = Field(None, ge=1, description="Only the first N examples of each task.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest generated answer (paper: 256).")
+    num_beams: int = Field(1, ge=1, description="1: greedy or sampling; more: beam search.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Sample among the k likeliest tokens (0: all).")
+    seed: int = Field(0, description="Seed of sampling.")
+    stop_at_answer: bool = Field(
+        True,
+        description="Commonsense, greedy or sampling: stop a sequence once its output holds a "
+        "label word (the extracted answer cannot change after that).",
+    )
+    prompt_template: Literal["alpaca", "chat"] | None = Field(
+        None, description="Default: the recipe's data.prompt_template, else alpaca."
+    )
+    adapters: list[str] | None = Field(
+        None, description="Adapters to evaluate one after another; default: the run's adapter."
+    )
+    merge: bool = Field(False, description="Fuse each adapter into the weights while it is used.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights' dtype; default: model.dtype."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+    out: str | None = Field(None, description="Results folder; default: <output_dir>/eval.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
+        from .evaluation.tasks import resolve_tasks
+
+        if tasks is not None:
+            try:
+                resolve_tasks(tasks)
+            except S2FTError as err:
+                raise ValueError(str(err)) from None
+        return tasks
+
+    @model_validator(mode="after")
+    def _sampling_or_beams(self) -> EvalSection:
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("choose sampling (do_sample) or beam search (num_beams > 1), not both")
+        return self
+
+
 class Recipe(BaseModel):
     """A whole recipe."""
 
@@ -115,6 +188,7 @@ class Recipe(BaseModel):
     data: DataSection | None = None
     s2ft: S2FTConfig
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output_dir: str | None = Field(None, description="Where a run writes its files.")
 
 
@@ -133,11 +207,13 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(getattr(node, "model_fields", {}))
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def _describe(err: ValidationError, source: str, flags: bool = False) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if isinstance(p, str | int))
         key = ".".join(map(str, loc))
+        if flags:  # command-line options: --max-new-tokens, not max_new_tokens
+            key = "--" + str(loc[0]).replace("_", "-") if loc else "options"
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc[:-1])
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -148,7 +224,7 @@ def _describe(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {msg} (got {e.get('input')!r}).")
-    return f"Invalid recipe {source}: " + " ".join(lines)
+    return f"Invalid {source}: " + " ".join(lines)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -193,7 +269,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise S2FTError(_describe(err, str(path))) from None
+        raise S2FTError(_describe(err, f"recipe {path}")) from None
 
     given = {".".join(keys) for keys, _ in parsed}
 
@@ -214,9 +290,45 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                 source.path = _resolve(source.path, folder)
             else:
                 source.path = str((folder / source.path).resolve())
+    ev = recipe.eval
+    if ev.data_dir is not None:
+        ev.data_dir = str((base("eval.data_dir") / ev.data_dir).resolve())
+    if ev.out is not None:
+        ev.out = str((base("eval.out") / ev.out).resolve())
+    if ev.adapters is not None:
+        folder = base("eval.adapters")
+        ev.adapters = [str((folder / a).resolve()) for a in ev.adapters]
     recipe.output_dir = str(
         (base("output_dir") / recipe.output_dir).resolve()
         if recipe.output_dir is not None
         else (Path.cwd() / "runs" / path.stem).resolve()
     )
     return recipe
+
+
+def eval_settings(section: EvalSection | None, options: dict[str, Any]) -> EvalSection:
+    """A recipe's ``eval:`` section (or the defaults) with the command line's options on
+    top; options given as None are left as they are. Paths are made absolute."""
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+    if given.get("adapters") is not None:
+        given["adapters"] = [str(Path(a).resolve()) for a in given["adapters"]]
+    for key in ("data_dir", "out"):
+        if key in given:
+            given[key] = str(Path(given[key]).expanduser().resolve())
+    try:
+        return EvalSection.model_validate({**(section or EvalSection()).model_dump(), **given})
+    except ValidationError as err:
+        raise S2FTError(_describe(err, "s2ft eval options", flags=True)) from None
+
+
+def run_directory(source: Path) -> tuple[Path, Path | None]:
+    """The recipe of a source given to ``s2ft eval``: a recipe file (run folder from its
+    output_dir), or a training run's directory (its saved recipe.yaml)."""
+    if source.is_dir():
+        if not (source / "recipe.yaml").is_file():
+            raise S2FTError(
+                f"{source} is not a training run's directory (it has no recipe.yaml). Give a "
+                "run directory written by s2ft train, a recipe file, or --model/--adapter."
+            )
+        return source / "recipe.yaml", source.resolve()
+    return source, None

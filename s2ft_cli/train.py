@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -25,7 +24,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
@@ -36,6 +34,7 @@ from transformers import get_scheduler
 from .adapter import save_adapter
 from .convert import get_s2ft_model
 from .data import IGNORE_INDEX, build_examples, collate, load_records, split_validation
+from .distributed import setup_processes
 from .errors import S2FTError
 from .files import atomic_write_dir, atomic_write_text
 from .models import load_model, load_tokenizer
@@ -45,17 +44,22 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 
-def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over the target tokens, and their count."""
+def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the sum of next-token cross-entropies over its target tokens, and
+    their count. Only target positions' logits are taken to float32."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    targets = labels != IGNORE_INDEX
+    losses = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="none")
+    rows = targets.nonzero()[:, 0]
+    per_example = torch.zeros(labels.shape[0], dtype=losses.dtype, device=losses.device)
+    return per_example.index_add(0, rows, losses), targets.sum(1)
+
+
+def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over the target tokens, and their count."""
+    losses, counts = example_losses(model, batch)
+    return losses.sum(), int(counts.sum())
 
 
 @torch.no_grad()
@@ -129,7 +133,9 @@ class Trainer:
     # -----------------------------------------------------------------------------------
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
-        self._setup_distributed()
+        self.procs = setup_processes(t.device, key="train.device")
+        self.world, self.rank, self.device = self.procs.world, self.procs.rank, self.procs.device
+        self.is_main = self.procs.is_main
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         if self.resume and not self._latest_checkpoint():
@@ -189,21 +195,6 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _setup_distributed(self) -> None:
-        want = self.recipe.train.device
-        cuda = torch.cuda.is_available() and want != "cpu"
-        if want == "cuda" and not torch.cuda.is_available():
-            raise S2FTError("train.device is cuda but no CUDA device is visible; use auto or cpu.")
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        self.is_main = self.rank == 0
-
     def _log_setup(self) -> None:
         if not self.is_main:
             return
@@ -248,18 +239,11 @@ class Trainer:
             batches.append({name: v.to(self.device) for name, v in batch.items()})
         return batches
 
-    def _all_sum(self, *values: float) -> list[float]:
-        if self.world == 1:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step; returns the mean token loss and the number of tokens."""
         batches = self._micro_batches(step)
         local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        (targets,) = self._all_sum(local_targets)
+        (targets,) = self.procs.all_sum(local_targets)
         scale = self.world / max(targets, 1)  # DDP averages over processes
         loss_sum = 0.0
         self.engine.train()
@@ -277,7 +261,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        loss_sum, tokens = self._all_sum(loss_sum, tokens)
+        loss_sum, tokens = self.procs.all_sum(loss_sum, tokens)
         return loss_sum / max(targets, 1), int(tokens)
 
     def evaluate(self) -> float | None:
@@ -293,7 +277,7 @@ class Trainer:
             self.device,
             self.autocast,
         )
-        total, count = self._all_sum(total, count)
+        total, count = self.procs.all_sum(total, count)
         return total / max(count, 1)
 
     def train(self) -> dict:
@@ -358,7 +342,7 @@ class Trainer:
         if self.is_main:
             save_adapter(self.model, self.out / "adapter")
             self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
-        self._barrier()
+        self.procs.barrier()
         return last
 
     @staticmethod
@@ -379,10 +363,6 @@ class Trainer:
         if self.is_main:
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
     # -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -418,7 +398,7 @@ class Trainer:
             atomic_write_dir(folder / f"step-{self.step:07d}", write)
             for old in self._checkpoints()[: -self.recipe.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
+        self.procs.barrier()
 
     def _checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (a complete one has its meta.json)."""
@@ -457,8 +437,8 @@ class Trainer:
             atomic_write_text(self.out / METRICS, "".join(ln + "\n" for ln in kept))
 
     def cleanup(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if hasattr(self, "procs"):
+            self.procs.close()
 
 
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict:

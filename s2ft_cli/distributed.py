@@ -1,0 +1,70 @@
+"""Processes: one, or several started by ``torchrun`` / ``accelerate launch``.
+
+Both launchers set ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (and the rendezvous address),
+so one set-up serves training and evaluation: nccl on GPUs, gloo on CPUs, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import S2FTError
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes of a run, and its device."""
+
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Each value summed over the processes."""
+        if self.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, obj) -> list | None:
+        """Every process's ``obj`` in rank order on rank 0; None elsewhere."""
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_processes(device: str = "auto", key: str = "device") -> Processes:
+    """Join the process group a launcher started (if any) and pick this process's device:
+    ``auto`` takes the GPU of the local rank when CUDA is present, else the CPU. ``key``
+    names the setting in messages."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise S2FTError(f"{key} is cuda but no CUDA device is visible; use auto or cpu.")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    chosen = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(chosen)
+    return Processes(world, rank, chosen)

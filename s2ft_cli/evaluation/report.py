@@ -1,0 +1,152 @@
+"""Scoring outputs and reporting results: ``results.json``, ``predictions.jsonl``, tables.
+
+``results.json`` holds ``{"tasks": {name: {"accuracy", "correct", "n"}}, "groups": {group:
+{"accuracy", "n", "tasks"}}}``; a group's accuracy is the mean of its tasks' accuracies
+(the paper's "Avg."). ``predictions.jsonl`` holds one object per example with ``task``,
+``prompt``, ``output``, ``prediction``, ``answer`` and ``correct``; re-scoring it needs only
+``task``, ``output`` and ``answer`` of each line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+from ..errors import S2FTError
+from ..files import atomic_write_text
+from .tasks import GROUPS, TASKS, task_named
+
+RESULTS = "results.json"
+PREDICTIONS = "predictions.jsonl"
+
+
+def score(rows: list[dict], source: str) -> list[dict]:
+    """Each row (``task``, ``output``, ``answer``, anything else) with its extracted
+    ``prediction`` and whether it is ``correct``; a malformed row stops with its number."""
+    scored = []
+    for n, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"it must be an object, got {type(row).__name__}")
+            missing = [k for k in ("task", "output", "answer") if k not in row]
+            if missing:
+                raise ValueError(f"it has no {', '.join(map(repr, missing))}")
+            if not isinstance(row["output"], str):
+                raise ValueError("'output' must be a string")
+            task = task_named(row["task"])
+            gold = task.gold(row["answer"])
+        except (ValueError, S2FTError) as err:
+            raise S2FTError(
+                f"{source}: line {n} cannot be scored: {err}. Each line needs 'task' (one of "
+                f"{', '.join(TASKS)}), 'output' (the model's text) and 'answer' (the gold answer)."
+            ) from None
+        prediction = task.extract(row["output"])
+        correct = task.is_correct(prediction, gold)
+        if isinstance(prediction, float) and not math.isfinite(prediction):
+            prediction = None  # a number too long for a float: never correct, not JSON
+        scored.append({**row, "task": task.name, "prediction": prediction, "correct": correct})
+    return scored
+
+
+def summarize(scored: list[dict]) -> dict:
+    """Per-task accuracy and per-group averages of scored rows, tasks in canonical order."""
+    counts: dict[str, list[int]] = {}
+    for row in scored:
+        tally = counts.setdefault(row["task"], [0, 0])
+        tally[0] += bool(row["correct"])
+        tally[1] += 1
+    tasks = {
+        name: {
+            "accuracy": counts[name][0] / counts[name][1],
+            "correct": counts[name][0],
+            "n": counts[name][1],
+        }
+        for name in TASKS
+        if name in counts
+    }
+    groups = {}
+    for group, members in GROUPS.items():
+        present = [m for m in members if m in tasks]
+        if present:
+            groups[group] = {
+                "accuracy": sum(tasks[m]["accuracy"] for m in present) / len(present),
+                "n": sum(tasks[m]["n"] for m in present),
+                "tasks": present,
+            }
+    return {"tasks": tasks, "groups": groups}
+
+
+def write_results(out: Path, results: dict, predictions: list[dict]) -> None:
+    """``results.json`` and ``predictions.jsonl`` in ``out``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    atomic_write_text(out / PREDICTIONS, lines)
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The lines of a ``predictions.jsonl`` file (blank lines skipped)."""
+    if not path.is_file():
+        raise S2FTError(
+            f"{path} does not exist; give a predictions.jsonl written by s2ft eval (or any "
+            "JSONL file whose lines hold task, output and answer)."
+        )
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise S2FTError(f"{path}: line {n} is not valid JSON ({err}).") from None
+    if not rows:
+        raise S2FTError(f"{path} holds no predictions.")
+    return rows
+
+
+def score_file(path: Path, out: Path) -> dict:
+    """Re-score saved outputs without a model; writes both files to ``out``."""
+    scored = score(read_predictions(path), str(path))
+    results = {**summarize(scored), "settings": {"score_only": str(path)}}
+    write_results(out, results, scored)
+    return results
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def results_table(title: str, results: dict) -> Table:
+    """One model's accuracy per task, then each group's average (and speed when timed)."""
+    timing = results.get("timing", {})
+    table = Table(title=title, title_justify="left")
+    for col in ("task", "n", "correct", "accuracy %") + (("examples/s",) if timing else ()):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, r in results["tasks"].items():
+        speed = (f"{timing[name]['examples_per_s']:.1f}",) if name in timing else ()
+        table.add_row(name, str(r["n"]), str(r["correct"]), _percent(r["accuracy"]), *speed)
+    if results["groups"]:
+        table.add_section()
+    for group, g in results["groups"].items():
+        blank = ("",) if timing else ()
+        table.add_row(f"{group} (avg)", str(g["n"]), "", _percent(g["accuracy"]), *blank)
+    return table
+
+
+def comparison_table(named: dict[str, dict]) -> Table:
+    """Accuracy per task (rows) for several models or adapters (columns)."""
+    table = Table(title="accuracy % by adapter", title_justify="left")
+    table.add_column("task")
+    for name in named:
+        table.add_column(name, justify="right")
+    first = next(iter(named.values()))
+    for task in first["tasks"]:
+        table.add_row(task, *(_percent(r["tasks"][task]["accuracy"]) for r in named.values()))
+    table.add_section()
+    for group in first["groups"]:
+        table.add_row(
+            f"{group} (avg)", *(_percent(r["groups"][group]["accuracy"]) for r in named.values())
+        )
+    return table
