@@ -192,7 +192,9 @@ def eval_command(
     merge: Annotated[
         bool | None, _option("Fuse each adapter into the weights while it is evaluated.")
     ] = None,
-    dtype: Annotated[str | None, _option("float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[
+        str | None, _option("float32, bfloat16 or float16 (bfloat16 on CUDA, else float32).")
+    ] = None,
     device: Annotated[str | None, _option("auto, cpu or cuda.")] = None,
     out: Annotated[Path | None, _option("Folder for results.json and predictions.jsonl.")] = None,
     score_only: Annotated[
@@ -257,7 +259,7 @@ def eval_command(
         settings,
         adapters,
         Path(settings.out) if settings.out else default_out,
-        dtype=settings.dtype or (recipe.model.dtype if recipe else "float32"),
+        dtype=settings.dtype or (recipe.model.dtype if recipe else None),
         prompt_template=settings.prompt_template
         or (recipe.data.prompt_template if recipe and recipe.data else "alpaca"),
         trust_remote_code=recipe.model.trust_remote_code if recipe else False,

@@ -155,7 +155,8 @@ class EvalSection(BaseModel):
     )
     merge: bool = Field(False, description="Fuse each adapter into the weights while it is used.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="Weights' dtype; default: model.dtype."
+        None,
+        description="Weights' dtype; default: model.dtype.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     out: str | None = Field(None, description="Results folder; default: <output_dir>/eval.")

@@ -155,16 +155,18 @@ class Evaluator:
         self,
         model_name: str,
         settings: EvalSection,
-        dtype: str,
+        dtype: str | None,
         prompt_template: str,
         trust_remote_code: bool = False,
         model_seed: int = 0,
         console: Console | None = None,
     ):
         self.settings, self.template = settings, prompt_template
-        self.model_name, self.dtype = model_name, dtype
         self.console = console or Console()
         self.procs: Processes = setup_processes(settings.device, key="eval.device")
+        # unless told: bf16 on a GPU, as the paper evaluates; float32 on a CPU
+        dtype = dtype or ("bfloat16" if self.procs.device.type == "cuda" else "float32")
+        self.model_name, self.dtype = model_name, dtype
         self.tokenizer = load_tokenizer(model_name, trust_remote_code)
         model = load_model(model_name, dtype, trust_remote_code, seed=model_seed)
         self.model = model.to(self.procs.device).eval()
@@ -272,7 +274,7 @@ def evaluate(
     settings: EvalSection,
     adapters: list[Path],
     out: Path,
-    dtype: str = "float32",
+    dtype: str | None = None,
     prompt_template: str = "alpaca",
     trust_remote_code: bool = False,
     model_seed: int = 0,
@@ -280,7 +282,8 @@ def evaluate(
 ) -> dict[str, dict]:
     """Evaluate the base model (no adapters) or each adapter on it; write the results and
     print tables on rank 0. Returns ``{name: results}`` on rank 0, ``{}`` elsewhere.
-    ``model_seed`` initialises a preset model as its training run did."""
+    ``dtype`` None: bfloat16 on CUDA, float32 on a CPU. ``model_seed`` initialises a
+    preset model as its training run did."""
     console = console or Console()
     sets, notes = load_test_sets(settings)
     for adapter in adapters:
