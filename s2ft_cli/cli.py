@@ -199,17 +199,22 @@ def eval_command(
     out: Annotated[Path | None, _option("Folder for results.json and predictions.jsonl.")] = None,
     score_only: Annotated[
         Path | None,
-        _option("Re-score a predictions.jsonl without a model (lines need task, output, answer)."),
+        _option(
+            "Re-score a predictions.jsonl without a model: lines need output and answer, and "
+            "task unless --tasks names one."
+        ),
     ] = None,
 ) -> None:
     """Evaluate on the paper's commonsense and arithmetic sets; or re-score saved outputs."""
     from .evaluation.report import results_table, score_file
     from .evaluation.runner import evaluate
+    from .evaluation.tasks import resolve_tasks
     from .recipe import eval_settings, load_recipe, run_directory
 
     if score_only is not None:
         folder = out or score_only.parent / "rescored"
-        results = score_file(score_only, folder)
+        named = resolve_tasks(tasks) if tasks else []
+        results = score_file(score_only, folder, named[0] if len(named) == 1 else None)
         console.print(results_table(f"re-scored {score_only}", results))
         console.print(f"results written to {folder}", highlight=False)
         return

@@ -66,6 +66,12 @@ def test_groups_and_names():
         "gsm8k",
     ]
     assert task_named("Social-I-QA").name == "social_i_qa"
+    assert [task_named(n).name for n in ("siqa", "OBQA", "arc_c", "arc-e")] == [
+        "social_i_qa",
+        "openbookqa",
+        "ARC-Challenge",
+        "ARC-Easy",
+    ]
     with pytest.raises(S2FTError, match="Unknown task 'boolx'.*groups: commonsense, math"):
         resolve_tasks("boolx")
     assert task_in_path(Path("/x/dataset/SVAMP/test.json")).name == "SVAMP"
@@ -130,3 +136,19 @@ def test_score_only_names_a_bad_line(tmp_path, line, message):
     assert result.exit_code == 1
     assert message in result.output and str(path) in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_score_only_lines_without_a_task_take_the_one_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"output": "so 12", "answer": "12"}, {"output": "x", "answer": "3", "task": "SVAMP"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "--score-only", str(path), "--tasks", "gsm8k"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "rescored" / "results.json").read_text())
+    assert results["tasks"] == {
+        "gsm8k": {"accuracy": 1.0, "correct": 1, "n": 1},
+        "SVAMP": {"accuracy": 0.0, "correct": 0, "n": 1},
+    }
+    result = runner.invoke(app, ["eval", "--score-only", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "line 1 cannot be scored: it has no 'task'" in result.output

@@ -17,37 +17,40 @@ from rich.table import Table
 
 from ..errors import S2FTError
 from ..files import atomic_write_text
-from .tasks import GROUPS, TASKS, task_named
+from .tasks import GROUPS, TASKS, Task, task_named
 
 RESULTS = "results.json"
 PREDICTIONS = "predictions.jsonl"
 
 
-def score(rows: list[dict], source: str) -> list[dict]:
+def score(rows: list[dict], source: str, task: Task | None = None) -> list[dict]:
     """Each row (``task``, ``output``, ``answer``, anything else) with its extracted
-    ``prediction`` and whether it is ``correct``; a malformed row stops with its number."""
+    ``prediction`` and whether it is ``correct``; a malformed row stops with its number.
+    Rows without ``task`` are of ``task`` when one is given."""
     scored = []
     for n, row in enumerate(rows, 1):
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"it must be an object, got {type(row).__name__}")
+            if task is not None:
+                row = {"task": task.name} | row
             missing = [k for k in ("task", "output", "answer") if k not in row]
             if missing:
                 raise ValueError(f"it has no {', '.join(map(repr, missing))}")
             if not isinstance(row["output"], str):
                 raise ValueError("'output' must be a string")
-            task = task_named(row["task"])
-            gold = task.gold(row["answer"])
+            row_task = task_named(row["task"])
+            gold = row_task.gold(row["answer"])
         except (ValueError, S2FTError) as err:
             raise S2FTError(
                 f"{source}: line {n} cannot be scored: {err}. Each line needs 'task' (one of "
                 f"{', '.join(TASKS)}), 'output' (the model's text) and 'answer' (the gold answer)."
             ) from None
-        prediction = task.extract(row["output"])
-        correct = task.is_correct(prediction, gold)
+        prediction = row_task.extract(row["output"])
+        correct = row_task.is_correct(prediction, gold)
         if isinstance(prediction, float) and not math.isfinite(prediction):
             prediction = None  # a number too long for a float: never correct, not JSON
-        scored.append({**row, "task": task.name, "prediction": prediction, "correct": correct})
+        scored.append(row | {"task": row_task.name, "prediction": prediction, "correct": correct})
     return scored
 
 
@@ -106,9 +109,10 @@ def read_predictions(path: Path) -> list[dict]:
     return rows
 
 
-def score_file(path: Path, out: Path) -> dict:
-    """Re-score saved outputs without a model; writes both files to ``out``."""
-    scored = score(read_predictions(path), str(path))
+def score_file(path: Path, out: Path, task: Task | None = None) -> dict:
+    """Re-score saved outputs without a model (lines without ``task`` are of ``task``);
+    writes both files to ``out``."""
+    scored = score(read_predictions(path), str(path), task)
     results = {**summarize(scored), "settings": {"score_only": str(path)}}
     write_results(out, results, scored)
     return results

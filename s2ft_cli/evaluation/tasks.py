@@ -121,11 +121,14 @@ def _key(name: str) -> str:
     return re.sub(r"[-_\s]", "", name.lower())
 
 
-_BY_KEY = {_key(name): name for name in TASKS}
+# short names other evaluation code uses
+ALIASES = {"siqa": "social_i_qa", "obqa": "openbookqa", "arcc": "ARC-Challenge", "arce": "ARC-Easy"}
+_BY_KEY = {_key(name): name for name in TASKS} | ALIASES
 
 
 def task_named(name: str) -> Task:
-    """A task by name, ignoring case, ``-`` and ``_`` (``arc_easy`` is ``ARC-Easy``)."""
+    """A task by name, ignoring case, ``-`` and ``_`` (``arc_easy`` is ``ARC-Easy``), or
+    by a short name (``siqa``, ``obqa``, ``arc_c``, ``arc_e``)."""
     found = _BY_KEY.get(_key(str(name)))
     if found is None:
         raise S2FTError(
