@@ -229,8 +229,8 @@ def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fuse the adapter into the weights and drop the S² layers (like PEFT's
     ``merge_and_unload``). A co-permuted model is returned to the original layout, so the
-    result is a plain model of the base's architecture; ``unmerge_adapter`` can subtract the
-    update again."""
+    result is a plain model of the base's architecture; ``unmerge_adapter`` can take the
+    update out again."""
     modules = _adapter_modules(model)
     if not modules:
         raise S2FTError("This model has no S²FT adapter to merge.")
@@ -242,7 +242,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
             "another one onto the same matrices."
         )
     for name, m in modules.items():
-        fused[name] = (m.axis, m.original_index, m.delta.detach().clone())
+        # the rows/columns as they were, for unmerge_adapter to put back exactly
+        before = m.weight.index_select(0 if m.axis == "rows" else 1, m.index).clone()
+        fused[name] = (m.axis, m.original_index, m.delta.detach().clone(), before)
         replace_module(model, name, m.merge())
     layout = getattr(model, "s2ft_layout", None)
     if layout is not None:
@@ -273,13 +275,14 @@ def unload_adapter(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def unmerge_adapter(model: nn.Module) -> nn.Module:
-    """Subtract a fused adapter again: the plain base model with its weights restored."""
+    """Take a fused adapter out again: the rows/columns it changed get back the values they
+    had before :func:`merge_adapter`, exactly in any dtype (subtracting the delta would
+    round in bf16). The plain base model, with its weights restored."""
     fused = getattr(model, "s2ft_fused", None)
     if not fused:
         raise S2FTError("This model has no fused S²FT adapter to unmerge.")
-    for name, (axis, index, delta) in fused.items():
+    for name, (axis, index, _, before) in fused.items():
         weight = model.get_submodule(name).weight
-        index = index.to(weight.device)
-        weight.index_add_(0 if axis == "rows" else 1, index, -delta.to(weight))
+        weight.index_copy_(0 if axis == "rows" else 1, index.to(weight.device), before)
     del model.s2ft_fused
     return model

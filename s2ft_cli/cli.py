@@ -192,6 +192,10 @@ def eval_command(
     merge: Annotated[
         bool | None, _option("Fuse each adapter into the weights while it is evaluated.")
     ] = None,
+    force: Annotated[
+        bool | None,
+        _option("Load adapters whose base weights' checksums differ (shapes must match)."),
+    ] = None,
     dtype: Annotated[
         str | None, _option("float32, bfloat16 or float16 (bfloat16 on CUDA, else float32).")
     ] = None,
@@ -235,6 +239,7 @@ def eval_command(
         "prompt_template": prompt_template,
         "adapters": adapter,
         "merge": merge,
+        "force": force,
         "dtype": dtype,
         "device": device,
         "out": out,

@@ -230,14 +230,19 @@ class Example:
     labels: list[int]
 
 
-def _chat_segments(messages: list[dict], tokenizer) -> list[Segment]:
-    """Split a rendered chat into segments at message boundaries: assistant turns are
-    targets. Each boundary is where the template renders the conversation so far."""
+def require_chat_template(tokenizer) -> None:
+    """Refuse the chat prompt template for a tokenizer that has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise S2FTError(
             "prompt_template: chat (or chat records) needs a tokenizer with a chat template; "
             "this tokenizer has none. Use prompt_template: alpaca or a chat model's tokenizer."
         )
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> list[Segment]:
+    """Split a rendered chat into segments at message boundaries: assistant turns are
+    targets. Each boundary is where the template renders the conversation so far."""
+    require_chat_template(tokenizer)
     segments, done = [], ""
     for i, message in enumerate(messages):
         text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)

@@ -154,6 +154,9 @@ class EvalSection(BaseModel):
         None, description="Adapters to evaluate one after another; default: the run's adapter."
     )
     merge: bool = Field(False, description="Fuse each adapter into the weights while it is used.")
+    force: bool = Field(
+        False, description="Load adapters whose base weights' checksums differ (shapes must match)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None,
         description="Weights' dtype; default: model.dtype.",
@@ -176,7 +179,10 @@ class EvalSection(BaseModel):
     @model_validator(mode="after")
     def _sampling_or_beams(self) -> EvalSection:
         if self.do_sample and self.num_beams > 1:
-            raise ValueError("choose sampling (do_sample) or beam search (num_beams > 1), not both")
+            raise ValueError(
+                "choose sampling (do_sample, --do-sample) or beam search (num_beams > 1, "
+                "--num-beams), not both"
+            )
         return self
 
 
@@ -214,7 +220,7 @@ def _describe(err: ValidationError, source: str, flags: bool = False) -> str:
         loc = tuple(p for p in e["loc"] if isinstance(p, str | int))
         key = ".".join(map(str, loc))
         if flags:  # command-line options: --max-new-tokens, not max_new_tokens
-            key = "--" + str(loc[0]).replace("_", "-") if loc else "options"
+            key = "--" + str(loc[0]).replace("_", "-") if loc else ""
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc[:-1])
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -224,7 +230,11 @@ def _describe(err: ValidationError, source: str, flags: bool = False) -> str:
             lines.append(f"missing key {key!r}.")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {e.get('input')!r}).")
+            prefix = f"{key}: " if key else ""
+            if isinstance(e.get("input"), dict):  # a check across the keys of a section
+                lines.append(f"{prefix}{msg}.")
+            else:
+                lines.append(f"{prefix}{msg} (got {e.get('input')!r}).")
     return f"Invalid {source}: " + " ".join(lines)
 
 

@@ -16,7 +16,10 @@ from s2ft_cli import (
     load_adapter,
     merge_adapter,
     save_adapter,
+    unload_adapter,
+    unmerge_adapter,
 )
+from s2ft_cli.layers import S2Linear
 
 from .conftest import batch, tiny_model
 
@@ -187,3 +190,20 @@ def test_adapter_files_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "a" / "adapter_config.json").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmerge_restores_the_base_exactly_and_unload_leaves_it_untouched(tmp_path, dtype):
+    save_adapter(trained(), tmp_path / "a")
+    base = tiny_model("llama-gqa-bias").to(dtype)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    merge_adapter(load_adapter(base, tmp_path / "a"))
+    assert any(not torch.equal(v, original[k]) for k, v in base.state_dict().items())
+    unmerge_adapter(base)  # bf16: W + Δ - Δ would round; the saved slices come back
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    unload_adapter(load_adapter(base, tmp_path / "a"))
+    assert base.state_dict().keys() == original.keys()
+    assert not any(isinstance(m, S2Linear) for m in base.modules())
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, original[k]), k

@@ -121,6 +121,20 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
     assert batched == alone and all(batched)
 
 
+def test_generation_ignores_the_models_own_generation_settings():
+    model, tok = stories_model(), load_tokenizer(str(STORIES))
+    ids = decoding.prompt_ids(tok, [alpaca_prompt("Once upon a time")])
+    settings, cpu = EvalSection(max_new_tokens=30), torch.device("cpu")
+    greedy = decoding.generate(model, tok, ids, settings, TASKS["gsm8k"], cpu)
+    config = model.generation_config
+    config.repetition_penalty, config.do_sample, config.temperature = 3.0, True, 1.5
+    with torch.no_grad():  # the model's own settings do change what generate() writes
+        own = model.generate(torch.tensor(ids), max_new_tokens=30)
+    assert tok.decode(own[0, len(ids[0]) :], skip_special_tokens=True).strip() != greedy[0]
+    assert decoding.generate(model, tok, ids, settings, TASKS["gsm8k"], cpu) == greedy
+    assert model.generation_config.repetition_penalty == 3.0  # given back afterwards
+
+
 def test_stopping_at_the_answer_keeps_every_prediction():
     model, tok = stories_model(), load_tokenizer(str(STORIES))
     # label words the story model writes (one only capitalised: "Okay")
@@ -298,6 +312,52 @@ def test_user_errors_are_one_paragraph(tmp_path, monkeypatch, args, message):
     result = runner.invoke(app, ["eval", *args])
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_torchrun_with_fewer_examples_than_processes(tmp_path):
+    data = _math_file(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "s2ft_cli", "eval", "--model", "preset:tiny-llama", "--data-dir",
+           str(data), "--limit", "1", "--max-new-tokens", "4",
+           "--out", str(tmp_path / "o")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(predictions(tmp_path / "o")) == 1
+
+
+def test_problems_found_before_the_model_runs(tmp_path):
+    data = _math_file(tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "test.json").write_text("[]")
+    base = ["eval", "--model", str(STORIES), "--data-dir", str(data)]
+    for args, message in [
+        (["--out", str(tmp_path / "file")], "Cannot use"),
+        (["--prompt-template", "chat", "--out", str(tmp_path / "o")], "needs a tokenizer with"),
+        (["--adapter", str(tmp_path), "--out", str(tmp_path / "o")], "not an s2ft adapter"),
+    ]:
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 1, result.output
+        assert message in " ".join(result.output.split()), result.output
+        assert "examples/s" not in result.output  # nothing was evaluated
+    result = runner.invoke(app, [*base[:-1], str(tmp_path), "--tasks", "boolq"])
+    assert result.exit_code == 1 and "holds no test records" in result.output
+
+
+def test_a_wrong_second_adapter_stops_the_run_before_the_first_is_evaluated(tmp_path):
+    data = _math_file(tmp_path)
+    save_adapter(get_s2ft_model(load_model("preset:tiny-llama"), {"targets": {"v_proj": 0.5}}),
+                 tmp_path / "good")  # fmt: skip
+    save_adapter(get_s2ft_model(load_model("preset:tiny-llama", seed=9),
+                                {"targets": {"v_proj": 0.5}}), tmp_path / "other")  # fmt: skip
+    args = ["eval", "--model", "preset:tiny-llama", "--data-dir", str(data), "--adapter",
+            str(tmp_path / "good"), "--adapter", str(tmp_path / "other"),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "was trained on other weights" in " ".join(result.output.split())
+    assert not (tmp_path / "o" / "good" / "results.json").exists()
 
 
 def test_a_malformed_test_record_is_named(tmp_path):

@@ -35,6 +35,8 @@ def prompt_text(record: dict, tokenizer, template: str) -> str:
 
 def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of prompts, with BOS in front exactly as training puts it."""
+    if not prompts:
+        return []
     bos = bos_token_id(tokenizer)
     ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
     return [[bos] + x if bos is not None and x[:1] != [bos] else x for x in ids]
@@ -110,23 +112,32 @@ def generate(
     """The decoded continuation of every prompt (token ids), in the order given."""
     from transformers import StoppingCriteriaList
 
-    config = _generation_config(model, tokenizer, settings)
+    if not prompts:
+        return []
     stop_early = settings.stop_at_answer and task.kind == "label" and settings.num_beams == 1
     outputs: list[str] = [""] * len(prompts)
     torch.manual_seed(settings.seed)
-    for chunk in _batches([len(p) for p in prompts], settings.batch_size):
-        ids, mask = _left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
-        stops = [_AnswerSeen(task, tokenizer, ids.shape[1])] if stop_early else []
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList(stops),
-        )
-        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        for i, text in zip(chunk, texts, strict=True):
-            outputs[i] = text.strip()
-        advance(len(chunk))
+    # The evaluation's settings replace the model's generation config for the duration:
+    # generate() fills unset values (repetition_penalty, sampling, ...) from the model's.
+    own, model.generation_config = (
+        model.generation_config,
+        _generation_config(model, tokenizer, settings),
+    )
+    try:
+        for chunk in _batches([len(p) for p in prompts], settings.batch_size):
+            ids, mask = _left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
+            stops = [_AnswerSeen(task, tokenizer, ids.shape[1])] if stop_early else []
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                stopping_criteria=StoppingCriteriaList(stops),
+            )
+            texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+            for i, text in zip(chunk, texts, strict=True):
+                outputs[i] = text.strip()
+            advance(len(chunk))
+    finally:
+        model.generation_config = own
     return outputs
 
 
@@ -143,12 +154,14 @@ def answer_logliks(
 ) -> list[dict[str, float]]:
     """For every record, the log-likelihood of each offered label's answer sentence (and
     EOS) after the record's prompt: ``{label: log p}``."""
+    if not records:
+        return []
     offered = [task.candidates(r["instruction"]) for r in records]
     flat = [
         {
             "instruction": r["instruction"],
             "input": r.get("input") or "",
-            "output": ANSWER_SENTENCE.format(label=label),
+            "output": answer_output(label),
         }
         for r, labels in zip(records, offered, strict=True)
         for label in labels
@@ -156,6 +169,7 @@ def answer_logliks(
     examples = build_examples(  # no length limit: every answer sentence is scored whole
         task.name, flat, "llm-adapters", tokenizer, template, 1 << 30, train_on_prompt=False
     )
+    assert len(examples) == len(flat), "every answer sentence has target tokens"
     # each sequence is 1/k of its record's progress, k the number of labels it offers
     share = [1 / len(labels) for labels in offered for _ in labels]
     scores = [0.0] * len(examples)

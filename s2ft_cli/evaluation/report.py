@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from rich.table import Table
@@ -82,9 +83,22 @@ def summarize(scored: list[dict]) -> dict:
     return {"tasks": tasks, "groups": groups}
 
 
+def writable_folder(out: Path) -> None:
+    """Make ``out`` (with its parents) or refuse it, naming the reason."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise S2FTError(
+            f"Cannot use {out} for results ({err.strerror or err}); give --out a folder that "
+            "can be created and written."
+        ) from None
+    if not os.access(out, os.W_OK):
+        raise S2FTError(f"Cannot write to {out}; give --out a folder you can write to.")
+
+
 def write_results(out: Path, results: dict, predictions: list[dict]) -> None:
     """``results.json`` and ``predictions.jsonl`` in ``out``, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     atomic_write_text(out / PREDICTIONS, lines)
     atomic_write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")

@@ -26,13 +26,20 @@ from rich.progress import (
 
 from .. import __version__
 from ..adapter import load_adapter, merge_adapter, unload_adapter, unmerge_adapter
-from ..data import read_record_file
+from ..data import read_record_file, require_chat_template
 from ..distributed import Processes, setup_processes
 from ..errors import S2FTError
 from ..models import load_model, load_tokenizer
 from ..recipe import EvalSection
 from . import decoding
-from .report import comparison_table, results_table, score, summarize, write_results
+from .report import (
+    comparison_table,
+    results_table,
+    score,
+    summarize,
+    writable_folder,
+    write_results,
+)
 from .tasks import Task, resolve_tasks, task_in_path, test_file
 
 
@@ -106,6 +113,8 @@ def load_test_sets(settings: EvalSection) -> tuple[list[TestSet], list[str]]:
     sets = []
     for task, path in found:
         records = read_record_file(path)
+        if not records:
+            raise S2FTError(f"{path} holds no test records; give a non-empty test file.")
         _check_records(records, task, path)
         sets.append(TestSet(task, path, records[: settings.limit]))
     if settings.mode == "loglik":
@@ -133,13 +142,15 @@ def adapter_names(adapters: list[Path]) -> list[str]:
 
 
 @contextmanager
-def adapter_applied(model, adapter: Path | None, merge: bool) -> Iterator[None]:
+def adapter_applied(
+    model, adapter: Path | None, merge: bool = False, force: bool = False
+) -> Iterator[None]:
     """The model with ``adapter`` attached (unfused) or fused while the block runs; the
-    base again afterwards. ``None``: the base model itself."""
+    base again afterwards, exactly. ``None``: the base model itself."""
     if adapter is None:
         yield
         return
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, force=force)
     if merge:
         merge_adapter(model)
     try:
@@ -168,6 +179,8 @@ class Evaluator:
         dtype = dtype or ("bfloat16" if self.procs.device.type == "cuda" else "float32")
         self.model_name, self.dtype = model_name, dtype
         self.tokenizer = load_tokenizer(model_name, trust_remote_code)
+        if prompt_template == "chat":
+            require_chat_template(self.tokenizer)
         model = load_model(model_name, dtype, trust_remote_code, seed=model_seed)
         self.model = model.to(self.procs.device).eval()
 
@@ -289,6 +302,10 @@ def evaluate(
     for adapter in adapters:
         if not adapter.is_dir():
             raise S2FTError(f"Adapter {adapter} does not exist; give an adapter directory.")
+    names = adapter_names(adapters)
+    folders = [out / name for name in names] if len(adapters) > 1 else [out]
+    for folder in folders:  # before hours of generation, not after
+        writable_folder(folder)
     evaluator = Evaluator(
         model_name,
         settings,
@@ -310,17 +327,19 @@ def evaluate(
             )
             for note in notes:
                 console.print(f"  [yellow]note:[/] {note}", highlight=False)
-        targets = list(zip(adapter_names(adapters), adapters, strict=True)) or [("base", None)]
+        for adapter in adapters:  # a wrong adapter fails now, not after the others ran
+            with adapter_applied(evaluator.model, adapter, force=settings.force):
+                pass
+        targets = list(zip(names, adapters, strict=True)) or [("base", None)]
         named: dict[str, dict] = {}
-        for name, adapter in targets:
+        for (name, adapter), folder in zip(targets, folders, strict=True):
             if procs.is_main and adapter is not None:
                 console.print(f"adapter {name}: {adapter}", highlight=False)
-            with adapter_applied(evaluator.model, adapter, settings.merge):
+            with adapter_applied(evaluator.model, adapter, settings.merge, settings.force):
                 done = evaluator.run(sets, str(adapter) if adapter else "none")
             if done is None:
                 continue
             results, scored = done
-            folder = out / name if len(targets) > 1 else out
             write_results(folder, results, scored)
             console.print(results_table(f"{name} — {model_name}", results))
             console.print(f"results written to {folder}", highlight=False)
