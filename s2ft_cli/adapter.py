@@ -1,4 +1,5 @@
-"""S²FT adapters on disk and in a model: save, load (unfused), merge and unmerge (paper §5).
+"""S²FT adapters on disk and in a model (paper §5): save, load (unfused), merge and unmerge;
+fuse, unfuse and switch at run time.
 
 An adapter is the trained update as rows or columns of the original (un-permuted)
 matrices. Directory format, version 1:
@@ -15,6 +16,7 @@ matrices. Directory format, version 1:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +65,7 @@ def fingerprint(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _check_fingerprint(expected: dict, model: nn.Module, path: Path, force: bool) -> None:
+def _check_fingerprint(expected: dict, model: nn.Module, path, force: bool) -> None:
     """Refuse a base that is not the adapter's, naming what differs."""
     fix = (
         "Load the adapter onto the base model it was trained on"
@@ -100,6 +102,117 @@ def _check_fingerprint(expected: dict, model: nn.Module, path: Path, force: bool
             )
 
 
+@dataclass
+class Update:
+    """The rows (``axis="rows"``) or columns (``"cols"``) of one matrix an adapter changes,
+    in the original layout: ``W[index] += delta`` or ``W[:, index] += delta``."""
+
+    axis: str
+    index: torch.Tensor
+    delta: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return 0 if self.axis == "rows" else 1
+
+
+@dataclass(eq=False)
+class Adapter:
+    """An adapter in memory: its config (with the base's fingerprint) and, per adapted
+    matrix (full module path), its :class:`Update`. ``source`` names it in messages."""
+
+    config: dict
+    updates: dict[str, Update]
+    source: str = "adapter"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Adapter:
+        """Read and validate an adapter directory (every tensor against the fingerprint's
+        matrix shapes) without a model."""
+        path = Path(path)
+        config, tensors = read_adapter(path)
+        try:
+            matrices = dict(config["base_model"]["fingerprint"]["matrices"])
+        except (KeyError, TypeError) as err:
+            raise S2FTError(
+                f"{path / CONFIG_NAME} lacks the base model's fingerprint ({err}); the file is "
+                "damaged — re-export the adapter."
+            ) from None
+        adapter = cls(config, {}, str(path))
+        for key in sorted(k for k in tensors if k.endswith(".delta")):
+            name = key.removesuffix(".delta")
+            axis = "rows" if f"{name}.rows" in tensors else "cols"
+            index, delta = tensors.get(f"{name}.{axis}"), tensors[key]
+            shape = matrices.get(name)
+            if shape is None or index is None or index.dtype != torch.long or index.ndim != 1:
+                raise S2FTError(
+                    f"{path / WEIGHTS_NAME}: {name}.delta has no int64 {name}.rows or "
+                    f"{name}.cols for a matrix of the fingerprint; the file is damaged — "
+                    "re-export the adapter."
+                )
+            out, inp = shape
+            limit = out if axis == "rows" else inp
+            want = (len(index), inp) if axis == "rows" else (out, len(index))
+            if len(index) == 0 or index.min() < 0 or index.max() >= limit or delta.shape != want:
+                raise S2FTError(
+                    f"{path / WEIGHTS_NAME}: {name} needs {axis} ids in [0, {limit}) and a delta "
+                    f"of shape {want}, got {len(index)} ids and {tuple(delta.shape)}; the file "
+                    "is damaged — re-export the adapter."
+                )
+            adapter.updates[name] = Update(axis, index, delta)
+        return adapter
+
+    def check_base(self, model: nn.Module, force: bool = False) -> None:
+        """Refuse a base model this adapter was not trained on, naming what differs
+        (``force`` skips the weight checksums, never the shapes)."""
+        expected = {**self.config["base_model"]["fingerprint"]}
+        expected["name_or_path"] = self.config["base_model"].get("name_or_path")
+        try:
+            _check_fingerprint(expected, model, self.source, force)
+        except (KeyError, TypeError) as err:
+            raise S2FTError(
+                f"{self.source}: its config lacks part of the base model's fingerprint ({err}); "
+                "the file is damaged — re-export the adapter."
+            ) from None
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Adapter:
+        """The same adapter with its tensors on ``device`` and deltas in ``dtype``: do it
+        once, so that fusing and switching copy nothing."""
+        updates = {
+            name: Update(u.axis, u.index.to(device), u.delta.to(device=device, dtype=dtype))
+            for name, u in self.updates.items()
+        }
+        return Adapter(self.config, updates, self.source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adapter directory under a temporary name, then rename it."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, u in sorted(self.updates.items()):
+            tensors[f"{name}.{u.axis}"] = u.index.cpu().contiguous()
+            tensors[f"{name}.delta"] = u.delta.detach().cpu().contiguous()
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=1))
+
+        path = Path(path)
+        atomic_write_dir(path, write)
+        return path
+
+
+def _updates_of(modules: dict[str, S2Linear]) -> dict[str, Update]:
+    """The S² layers' deltas in the original layout, rows/columns in ascending order."""
+    updates = {}
+    for name, m in modules.items():
+        order = torch.argsort(m.original_index)
+        delta = m.delta.detach()
+        delta = (
+            delta[order.to(delta.device)] if m.axis == "rows" else delta[:, order.to(delta.device)]
+        )
+        updates[name] = Update(m.axis, m.original_index[order].contiguous(), delta)
+    return updates
+
+
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """Write the model's S²FT update as an adapter directory in the original layout.
 
@@ -111,14 +224,6 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
             "This model has no S²FT adapter to save: convert it with get_s2ft_model() (and "
             "train it) or load an adapter first."
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, m in modules.items():
-        order = torch.argsort(m.original_index)
-        key = "rows" if m.axis == "rows" else "cols"
-        delta = m.delta.detach().cpu()
-        delta = delta[order] if m.axis == "rows" else delta[:, order]
-        tensors[f"{name}.{key}"] = m.original_index[order].contiguous()
-        tensors[f"{name}.delta"] = delta.contiguous()
     if getattr(model, "s2ft_config", None) is not None:
         settings = model.s2ft_config.model_dump()
     else:  # an adapter loaded onto a base: keep what it was trained with
@@ -138,14 +243,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         "dtype": str(next(iter(modules.values())).delta.dtype).removeprefix("torch."),
         "tool_version": f"s2ft {__version__}",
     }
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-
-    path = Path(path)
-    atomic_write_dir(path, write)
-    return path
+    return Adapter(config, _updates_of(modules)).save(path)
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -180,49 +278,72 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.Module:
     """Attach an adapter to a plain base model, unfused: the base weights stay untouched
     and the update is applied on the fly by :class:`S2Linear` layers."""
-    path = Path(path)
     if getattr(model, "s2ft_layout", None) is not None or _adapter_modules(model):
         raise S2FTError(
             "This model already carries an S²FT adapter or conversion; load adapters onto a "
             "plain base model (merge_adapter() fuses the current one first)."
         )
-    config, tensors = read_adapter(path)
-    try:
-        expected = {**config["base_model"]["fingerprint"]}
-        expected["name_or_path"] = config["base_model"].get("name_or_path")
-        _check_fingerprint(expected, model, path, force)
-    except (KeyError, TypeError) as err:
-        raise S2FTError(
-            f"{path / CONFIG_NAME} lacks the base model's fingerprint ({err}); the file is "
-            "damaged — re-export the adapter."
-        ) from None
-    layers = {}  # validate everything before touching the model
-    for key in sorted(k for k in tensors if k.endswith(".delta")):
-        name = key.removesuffix(".delta")
-        axis = "rows" if f"{name}.rows" in tensors else "cols"
-        index, delta = tensors.get(f"{name}.{axis}"), tensors[key]
-        base = model.get_submodule(name) if name in expected["matrices"] else None
-        if base is None or index is None or index.dtype != torch.long or index.ndim != 1:
-            raise S2FTError(
-                f"{path / WEIGHTS_NAME}: {name}.delta has no int64 {name}.rows or {name}.cols "
-                "for a matrix of the fingerprint; the file is damaged — re-export the adapter."
-            )
-        limit = base.out_features if axis == "rows" else base.in_features
-        shape = (
-            (len(index), base.in_features) if axis == "rows" else (base.out_features, len(index))
-        )
-        if len(index) == 0 or index.min() < 0 or index.max() >= limit or delta.shape != shape:
-            raise S2FTError(
-                f"{path / WEIGHTS_NAME}: {name} needs {axis} ids in [0, {limit}) and a delta of "
-                f"shape {shape}, got {len(index)} ids and {tuple(delta.shape)}; the file is "
-                "damaged — re-export the adapter."
-            )
-        layers[name] = (base, axis, index, delta)
-    for name, (base, axis, index, delta) in layers.items():
-        layer = S2Linear(base, axis, index, delta=delta, trainable=False, delta_dtype=delta.dtype)
+    adapter = Adapter.load(path)
+    adapter.check_base(model, force)
+    for name, u in adapter.updates.items():
+        base = model.get_submodule(name)
+        layer = S2Linear(base, u.axis, u.index, u.delta, False, delta_dtype=u.delta.dtype)
         replace_module(model, name, layer)
-    model.s2ft_adapter_config = config
+    model.s2ft_adapter_config = adapter.config
     return model
+
+
+def _fused(model: nn.Module) -> list[tuple[Adapter, dict[str, torch.Tensor]]]:
+    """The adapters fused into the model, oldest first, each with the rows/columns its
+    matrices had before."""
+    return model.__dict__.setdefault("s2ft_fused", [])
+
+
+@torch.no_grad()
+def fuse(model: nn.Module, adapter: Adapter) -> None:
+    """Add the adapter's update into the weights, touching only its rows/columns; the
+    values they had are kept so that :func:`unfuse` restores them exactly (paper §5).
+    Check the adapter against the base once (``adapter.check_base``) and move it to the
+    weights' device and dtype (``adapter.to``) before fusing and switching often."""
+    fused = _fused(model)
+    if any(a is adapter for a, _ in fused):
+        raise S2FTError(f"{adapter.source} is already fused into this model.")
+    before = {}
+    for name, u in adapter.updates.items():
+        weight = model.get_submodule(name).weight
+        index = u.index.to(weight.device)
+        before[name] = weight.index_select(u.dim, index)
+        weight.index_add_(u.dim, index, u.delta.to(weight))
+    fused.append((adapter, before))
+
+
+@torch.no_grad()
+def unfuse(model: nn.Module, adapter: Adapter) -> None:
+    """Take a fused adapter out: its rows/columns get back exactly the values they had
+    before :func:`fuse` (in any dtype). Adapters fused later onto the same matrices must
+    be unfused first."""
+    fused = _fused(model)
+    at = next((k for k, (a, _) in enumerate(fused) if a is adapter), None)
+    if at is None:
+        raise S2FTError(f"{adapter.source} is not fused into this model.")
+    later = {n for a, _ in fused[at + 1 :] for n in a.updates} & set(adapter.updates)
+    if later:
+        raise S2FTError(
+            f"{sorted(later)[0]} holds an adapter fused after {adapter.source}; unfuse that "
+            "one first."
+        )
+    for name, values in fused.pop(at)[1].items():
+        u = adapter.updates[name]
+        weight = model.get_submodule(name).weight
+        weight.index_copy_(u.dim, u.index.to(weight.device), values)
+
+
+def switch(model: nn.Module, current: Adapter | None, new: Adapter | None) -> None:
+    """Serve ``new`` instead of ``current`` (either may be None: the base model)."""
+    if current is not None:
+        unfuse(model, current)
+    if new is not None:
+        fuse(model, new)
 
 
 @torch.no_grad()
@@ -234,25 +355,22 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     modules = _adapter_modules(model)
     if not modules:
         raise S2FTError("This model has no S²FT adapter to merge.")
-    fused = dict(getattr(model, "s2ft_fused", {}))
-    twice = sorted(set(fused) & set(modules))
+    twice = sorted({n for a, _ in _fused(model) for n in a.updates} & set(modules))
     if twice:
         raise S2FTError(
             f"{twice[0]} already has a fused adapter; unmerge_adapter() it before merging "
             "another one onto the same matrices."
         )
+    adapter = Adapter({}, _updates_of(modules), "the merged adapter")
     for name, m in modules.items():
-        # the rows/columns as they were, for unmerge_adapter to put back exactly
-        before = m.weight.index_select(0 if m.axis == "rows" else 1, m.index).clone()
-        fused[name] = (m.axis, m.original_index, m.delta.detach().clone(), before)
-        replace_module(model, name, m.merge())
+        replace_module(model, name, m.unload())
     layout = getattr(model, "s2ft_layout", None)
     if layout is not None:
         apply_layout(model, layout, model_shape(model), inverse=True)
     for attr in ("s2ft_layout", "s2ft_config", "s2ft_selection", "s2ft_adapter_config"):
         if hasattr(model, attr):
             delattr(model, attr)
-    model.s2ft_fused = fused
+    fuse(model, adapter)
     return model
 
 
@@ -273,16 +391,12 @@ def unload_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def unmerge_adapter(model: nn.Module) -> nn.Module:
-    """Take a fused adapter out again: the rows/columns it changed get back the values they
-    had before :func:`merge_adapter`, exactly in any dtype (subtracting the delta would
-    round in bf16). The plain base model, with its weights restored."""
-    fused = getattr(model, "s2ft_fused", None)
+    """Take every fused adapter out again, newest first: the rows/columns they changed get
+    back the values they had (exactly, in any dtype). The plain base model."""
+    fused = _fused(model)
     if not fused:
         raise S2FTError("This model has no fused S²FT adapter to unmerge.")
-    for name, (axis, index, _, before) in fused.items():
-        weight = model.get_submodule(name).weight
-        weight.index_copy_(0 if axis == "rows" else 1, index.to(weight.device), before)
-    del model.s2ft_fused
+    while fused:
+        unfuse(model, fused[-1][0])
     return model
