@@ -278,6 +278,76 @@ def eval_command(
     )
 
 
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="A training run's directory.", show_default=False)],
+    out: Annotated[Path, _option("Where to write the adapter or model directory.", "--out")],
+    checkpoint: Annotated[
+        str | None, _option("Export this checkpoint (step number or step-N folder name).")
+    ] = None,
+    merged: Annotated[
+        bool,
+        typer.Option(
+            "--merged",
+            help="Write a complete Hugging Face model with the update fused in (loads with "
+            "plain transformers).",
+        ),
+    ] = False,
+) -> None:
+    """Export a run's adapter (of its end or of a checkpoint), or a merged model."""
+    from .export import export_run
+
+    _refuse_existing(out)
+    path = export_run(run, out, checkpoint, merged)
+    what = "merged model" if merged else "adapter"
+    console.print(f"{what} written to {path}", highlight=False)
+
+
+@app.command("merge")
+@user_errors
+def merge_command(
+    adapters: Annotated[
+        list[Path], typer.Argument(help="Adapter directories (two or more).", show_default=False)
+    ],
+    out: Annotated[Path, _option("Where to write the combined adapter.", "--out")],
+    weights: Annotated[
+        str | None, _option("One weight per adapter, comma-separated (default 1 each).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Combine adapters whose bases' checksums differ.")
+    ] = False,
+) -> None:
+    """Combine adapters trained separately into one (weighted sum of their updates)."""
+    from .adapter import Adapter
+    from .combine import combine
+
+    try:
+        factors = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise S2FTError(f"--weights {weights!r}: give numbers separated by commas.") from None
+    _refuse_existing(out)
+    combined, overlaps = combine([Adapter.load(a) for a in adapters], factors, force)
+    combined.save(out)
+    table = Table(title=f"combined {len(adapters)} adapters", title_justify="left")
+    for col in ("matrix", "units", "overlapping"):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    for o in overlaps:
+        table.add_row(o.matrix, str(o.units), str(o.overlapping))
+    console.print(table)
+    total = sum(o.overlapping for o in overlaps)
+    console.print(
+        f"{total} overlapping units summed with weights {factors or [1.0] * len(adapters)}; "
+        f"adapter written to {out}",
+        highlight=False,
+    )
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise S2FTError(f"{out} already exists; choose another --out or remove it first.")
+
+
 def _timestamp() -> str:
     import time
 

@@ -112,6 +112,14 @@ def load_datasets(recipe: Recipe, tokenizer) -> tuple[list, list, list[str]]:
     return *split_validation(train, d.val_size, seed), notes
 
 
+def checkpoints_of(run: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first (a complete one has its meta.json)."""
+    folder = run / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
@@ -401,11 +409,7 @@ class Trainer:
         self.procs.barrier()
 
     def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a complete one has its meta.json)."""
-        folder = self.out / CHECKPOINTS
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
+        return checkpoints_of(self.out)
 
     def _latest_checkpoint(self) -> Path | None:
         found = self._checkpoints()

@@ -1,0 +1,95 @@
+"""Exports of a training run: its adapter (of the end, or of any checkpoint), or a complete
+Hugging Face model with the update fused in, for tools that know nothing about s2ft."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import __version__
+from .adapter import load_adapter, merge_adapter, save_adapter
+from .convert import get_s2ft_model
+from .errors import S2FTError
+from .files import atomic_write_dir
+from .models import load_model, load_tokenizer
+from .recipe import Recipe, load_recipe
+from .selection import Selection
+from .train import checkpoints_of
+
+
+def find_checkpoint(run: Path, name: str) -> Path:
+    """A checkpoint of a run by its folder name (``step-0000200``) or step (``200``)."""
+    found = checkpoints_of(run)
+    for path in found:
+        if name in (path.name, str(int(path.name.removeprefix("step-")))):
+            return path
+    listed = ", ".join(p.name for p in found) or "none"
+    raise S2FTError(
+        f"{run} has no checkpoint {name!r}; its checkpoints: {listed} (give a step number or "
+        "a folder name)."
+    )
+
+
+def _run_recipe(run: Path) -> Recipe:
+    if not (run / "recipe.yaml").is_file():
+        raise S2FTError(
+            f"{run} is not a training run's directory (it has no recipe.yaml); give the "
+            "output_dir of an s2ft train run."
+        )
+    return load_recipe(run / "recipe.yaml")
+
+
+def _base(recipe: Recipe) -> nn.Module:
+    m = recipe.model
+    return load_model(m.name_or_path, m.dtype, m.trust_remote_code, seed=recipe.train.seed)
+
+
+def _trained_model(run: Path, recipe: Recipe, checkpoint: Path) -> nn.Module:
+    """The base model converted with the run's selection and the checkpoint's deltas."""
+    selection = Selection.from_json((run / "selection.json").read_text())
+    model = get_s2ft_model(_base(recipe), recipe.s2ft, selection=selection)
+    deltas = load_file(str(checkpoint / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(deltas[name])
+    return model
+
+
+def export_run(
+    run: str | Path, out: str | Path, checkpoint: str | None = None, merged: bool = False
+) -> Path:
+    """Write the run's adapter (GUIDE format), of its end or of ``checkpoint``; with
+    ``merged``, a Hugging Face model directory with the update fused into the weights in the
+    original layout (config, safetensors, tokenizer, generation config)."""
+    run, out = Path(run), Path(out)
+    recipe = _run_recipe(run)
+    if checkpoint is not None:
+        model = _trained_model(run, recipe, find_checkpoint(run, checkpoint))
+        source = f"{run} {checkpoint}"
+    elif (run / "adapter").is_dir():
+        model = load_adapter(_base(recipe), run / "adapter")
+        source = str(run / "adapter")
+    else:
+        names = ", ".join(p.name for p in checkpoints_of(run)) or "none"
+        raise S2FTError(
+            f"{run} has no adapter/ yet (the run has not finished); export a checkpoint with "
+            f"--checkpoint (its checkpoints: {names}), or resume the run."
+        )
+    if not merged:
+        return save_adapter(model, out)
+    model = merge_adapter(model)
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    provenance = {"merged_from": source, "tool_version": f"s2ft {__version__}"}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "s2ft_export.json").write_text(json.dumps(provenance, indent=1))
+
+    atomic_write_dir(out, write)
+    return out
