@@ -218,6 +218,12 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 
     The directory is written under a temporary name and renamed when complete.
     """
+    return adapter_of(model).save(path)
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    """The model's S²FT update (trained or loaded) as an :class:`Adapter` in the original
+    layout, with its config and the base's fingerprint."""
     modules = _adapter_modules(model)
     if not modules:
         raise S2FTError(
@@ -243,7 +249,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         "dtype": str(next(iter(modules.values())).delta.dtype).removeprefix("torch."),
         "tool_version": f"s2ft {__version__}",
     }
-    return Adapter(config, _updates_of(modules)).save(path)
+    return Adapter(config, _updates_of(modules), "the model's adapter")
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
