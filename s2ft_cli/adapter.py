@@ -65,8 +65,9 @@ def fingerprint(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _check_fingerprint(expected: dict, model: nn.Module, path, force: bool) -> None:
-    """Refuse a base that is not the adapter's, naming what differs."""
+def _check_fingerprint(expected: dict, model: nn.Module, path: str, force: bool) -> None:
+    """Refuse a base that is not the adapter's, naming what differs (``path`` names the
+    adapter, e.g. "Adapter runs/x/adapter")."""
     fix = (
         "Load the adapter onto the base model it was trained on"
         f" ({expected.get('name_or_path') or 'see its adapter_config.json'})."
@@ -76,7 +77,7 @@ def _check_fingerprint(expected: dict, model: nn.Module, path, force: bool) -> N
     for key, want in expected["shape"].items():
         if shape.get(key) != want:
             raise AdapterMismatchError(
-                f"Adapter {path} was trained on a different base model: its {key} is {want}, "
+                f"{path} was trained on a different base model: its {key} is {want}, "
                 f"this model's is {shape.get(key)}. {fix}"
             )
     for name, want in expected["matrices"].items():
@@ -84,18 +85,18 @@ def _check_fingerprint(expected: dict, model: nn.Module, path, force: bool) -> N
             weight = model.get_submodule(name).weight
         except AttributeError:
             raise AdapterMismatchError(
-                f"Adapter {path} adapts {name}, which this model does not have. {fix}"
+                f"{path} adapts {name}, which this model does not have. {fix}"
             ) from None
         if list(weight.shape) != want:
             raise AdapterMismatchError(
-                f"Adapter {path} expects {name} of shape {want}, this model's is "
+                f"{path} expects {name} of shape {want}, this model's is "
                 f"{list(weight.shape)}. {fix}"
             )
         want_sum = expected["checksum"]["values"][name]
         got = _checksum(weight)
         if not force and abs(got - want_sum) > CHECKSUM_RTOL * abs(want_sum):
             raise AdapterMismatchError(
-                f"Adapter {path} was trained on other weights: the checksum (mean |W|) of "
+                f"{path} was trained on other weights: the checksum (mean |W|) of "
                 f"{name} is {want_sum:.6g} in the adapter's base and {got:.6g} here. {fix} "
                 "If you are sure the weights are compatible (e.g. a re-saved copy), pass "
                 "force=True (--force); shapes are still checked."
@@ -132,13 +133,15 @@ class Adapter:
         path = Path(path)
         config, tensors = read_adapter(path)
         try:
-            matrices = dict(config["base_model"]["fingerprint"]["matrices"])
-        except (KeyError, TypeError) as err:
+            fingerprint = config["base_model"]["fingerprint"]
+            matrices = dict(fingerprint["matrices"])
+            dict(fingerprint["shape"]), dict(fingerprint["checksum"]["values"])
+        except (KeyError, TypeError, ValueError) as err:
             raise S2FTError(
                 f"{path / CONFIG_NAME} lacks the base model's fingerprint ({err}); the file is "
                 "damaged — re-export the adapter."
             ) from None
-        adapter = cls(config, {}, str(path))
+        adapter = cls(config, {}, f"Adapter {path}")
         for key in sorted(k for k in tensors if k.endswith(".delta")):
             name = key.removesuffix(".delta")
             axis = "rows" if f"{name}.rows" in tensors else "cols"
@@ -238,18 +241,26 @@ def adapter_of(model: nn.Module) -> Adapter:
             for k, v in getattr(model, "s2ft_adapter_config", {}).items()
             if k in ("targets", "strategy", "allocation", "layers", "seed")
         }
-    config = {
+    config = adapter_config(
+        getattr(model.config, "_name_or_path", "") or "",
+        fingerprint(model, {n: m.weight for n, m in modules.items()}),
+        settings,
+        next(iter(modules.values())).delta.dtype,
+    )
+    return Adapter(config, _updates_of(modules), "The model's adapter")
+
+
+def adapter_config(base: str, base_fingerprint: dict, settings: dict, dtype) -> dict:
+    """``adapter_config.json`` of the format: the base and its fingerprint, what the
+    adapter was made with (``settings``), the deltas' dtype and the tool version."""
+    return {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
-        "base_model": {
-            "name_or_path": getattr(model.config, "_name_or_path", "") or "",
-            "fingerprint": fingerprint(model, {n: m.weight for n, m in modules.items()}),
-        },
+        "base_model": {"name_or_path": base, "fingerprint": base_fingerprint},
         **settings,
-        "dtype": str(next(iter(modules.values())).delta.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "tool_version": f"s2ft {__version__}",
     }
-    return Adapter(config, _updates_of(modules), "the model's adapter")
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -284,7 +295,11 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.Module:
     """Attach an adapter to a plain base model, unfused: the base weights stay untouched
     and the update is applied on the fly by :class:`S2Linear` layers."""
-    if getattr(model, "s2ft_layout", None) is not None or _adapter_modules(model):
+    if (
+        getattr(model, "s2ft_layout", None) is not None
+        or _adapter_modules(model)
+        or getattr(model, "s2ft_served", None)
+    ):
         raise S2FTError(
             "This model already carries an S²FT adapter or conversion; load adapters onto a "
             "plain base model (merge_adapter() fuses the current one first)."
@@ -314,9 +329,23 @@ def fuse(model: nn.Module, adapter: Adapter) -> None:
     fused = _fused(model)
     if any(a is adapter for a, _ in fused):
         raise S2FTError(f"{adapter.source} is already fused into this model.")
+    weights = {}
+    for name, u in adapter.updates.items():  # check all before changing any
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise S2FTError(f"{adapter.source} adapts {name}, which this model lacks.") from None
+        size = list(weight.shape)
+        size[u.dim] = len(u.index)
+        if list(u.delta.shape) != size:
+            raise S2FTError(
+                f"{adapter.source}: {name} needs a delta of shape {size}, it has "
+                f"{list(u.delta.shape)}; check it against this base (check_base)."
+            )
+        weights[name] = weight
     before = {}
     for name, u in adapter.updates.items():
-        weight = model.get_submodule(name).weight
+        weight = weights[name]
         index = u.index.to(weight.device)
         before[name] = weight.index_select(u.dim, index)
         weight.index_add_(u.dim, index, u.delta.to(weight))
@@ -341,7 +370,7 @@ def unfuse(model: nn.Module, adapter: Adapter) -> None:
     for name, values in fused.pop(at)[1].items():
         u = adapter.updates[name]
         weight = model.get_submodule(name).weight
-        weight.index_copy_(u.dim, u.index.to(weight.device), values)
+        weight.index_copy_(u.dim, u.index.to(weight.device), values.to(weight))
 
 
 def switch(model: nn.Module, current: Adapter | None, new: Adapter | None) -> None:
@@ -367,7 +396,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
             f"{twice[0]} already has a fused adapter; unmerge_adapter() it before merging "
             "another one onto the same matrices."
         )
-    adapter = Adapter({}, _updates_of(modules), "the merged adapter")
+    adapter = Adapter({}, _updates_of(modules), "The merged adapter")
     for name, m in modules.items():
         replace_module(model, name, m.unload())
     layout = getattr(model, "s2ft_layout", None)

@@ -294,12 +294,16 @@ def export(
             "plain transformers).",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="--merged: accept a base whose weight checksums moved."),
+    ] = False,
 ) -> None:
     """Export a run's adapter (of its end or of a checkpoint), or a merged model."""
     from .export import export_run
 
     _refuse_existing(out)
-    path = export_run(run, out, checkpoint, merged)
+    path = export_run(run, out, checkpoint, merged, force)
     what = "merged model" if merged else "adapter"
     console.print(f"{what} written to {path}", highlight=False)
 
@@ -324,7 +328,7 @@ def merge_command(
 
     try:
         factors = [float(w) for w in weights.split(",")] if weights else None
-    except ValueError:
+    except ValueError:  # combine() refuses nan and inf
         raise S2FTError(f"--weights {weights!r}: give numbers separated by commas.") from None
     _refuse_existing(out)
     combined, overlaps = combine([Adapter.load(a) for a in adapters], factors, force)

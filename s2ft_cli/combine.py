@@ -7,12 +7,12 @@ summed. All adapters must belong to the same base model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .adapter import ADAPTER_FORMAT, ADAPTER_VERSION, CHECKSUM_RTOL, Adapter, Update
+from .adapter import CHECKSUM_RTOL, Adapter, Update, adapter_config
 from .errors import AdapterMismatchError, S2FTError
 from .models import ATTENTION_MATRICES
 
@@ -27,15 +27,28 @@ class Overlap:
 
 
 def _check_same_base(adapters: list[Adapter], force: bool) -> None:
+    """Same architecture and shapes always; same weights (checksums of the matrices both
+    adapt, else the base's name) unless ``force``."""
     first = adapters[0].config["base_model"]["fingerprint"]
+    first_name = adapters[0].config["base_model"].get("name_or_path")
     for other in adapters[1:]:
         theirs = other.config["base_model"]["fingerprint"]
-        if theirs["shape"] != first["shape"]:
+        for key in ("model_type", "architectures", "shape"):
+            if theirs.get(key) != first.get(key):
+                raise AdapterMismatchError(
+                    f"{other.source} and {adapters[0].source} belong to different base models "
+                    f"({key} {theirs.get(key)} and {first.get(key)}); combine adapters of one "
+                    "base."
+                )
+        shared = set(theirs["matrices"]) & set(first["matrices"])
+        name = other.config["base_model"].get("name_or_path")
+        if not shared and not force and name != first_name:
             raise AdapterMismatchError(
-                f"{other.source} and {adapters[0].source} belong to different base models "
-                f"(shapes {theirs['shape']} and {first['shape']}); combine adapters of one base."
+                f"{other.source} and {adapters[0].source} adapt no matrix in common, so their "
+                f"bases' weights cannot be compared, and name different bases ({name!r} and "
+                f"{first_name!r}); pass --force if they are the same model."
             )
-        for name in set(theirs["matrices"]) & set(first["matrices"]):
+        for name in shared:
             a, b = first["checksum"]["values"][name], theirs["checksum"]["values"][name]
             if not force and abs(a - b) > CHECKSUM_RTOL * abs(a):
                 raise AdapterMismatchError(
@@ -57,12 +70,15 @@ def combine(
     if len(adapters) < 2:
         raise S2FTError("Combining needs at least two adapters.")
     weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if not all(math.isfinite(w) for w in weights):
+        raise S2FTError(f"The weights {weights} must be finite numbers.")
     if len(weights) != len(adapters):
         raise S2FTError(
             f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter "
             "(e.g. --weights 0.5,0.5)."
         )
     _check_same_base(adapters, force)
+    adapters = [a.to("cpu") for a in adapters]  # combined on the CPU, wherever they were
     shape = adapters[0].config["base_model"]["fingerprint"]["shape"]
     matrices: dict[str, list[int]] = {}
     checksums: dict[str, float] = {}
@@ -97,27 +113,20 @@ def combine(
         units, counts = torch.cat([u.index // width for u, _ in parts]).unique(return_counts=True)
         # each unit's ids appear once per adapter that changes it: width times per adapter
         overlaps.append(Overlap(name, len(units), int((counts > width).sum())))
-    first = adapters[0].config
-    config = {
-        "format": ADAPTER_FORMAT,
-        "version": ADAPTER_VERSION,
-        "base_model": {
-            "name_or_path": first["base_model"].get("name_or_path", ""),
-            "fingerprint": {
-                **first["base_model"]["fingerprint"],
-                "matrices": dict(sorted(matrices.items())),
-                "checksum": {
-                    "method": first["base_model"]["fingerprint"]["checksum"]["method"],
-                    "values": dict(sorted(checksums.items())),
-                },
-            },
-        },
-        "strategy": "combined",
-        "combined_from": [
-            {"adapter": a.source, "weight": w, "targets": a.config.get("targets")}
-            for a, w in zip(adapters, weights, strict=True)
-        ],
-        "dtype": "float32",
-        "tool_version": f"s2ft {__version__}",
+    first = adapters[0].config["base_model"]
+    merged_fingerprint = {
+        **first["fingerprint"],
+        "matrices": dict(sorted(matrices.items())),
+        "checksum": {**first["fingerprint"]["checksum"], "values": dict(sorted(checksums.items()))},
     }
-    return Adapter(config, updates, "the combined adapter"), overlaps
+    combined_from = [
+        {"adapter": a.source, "weight": w, "targets": a.config.get("targets")}
+        for a, w in zip(adapters, weights, strict=True)
+    ]
+    config = adapter_config(
+        first.get("name_or_path", ""),
+        merged_fingerprint,
+        {"strategy": "combined", "combined_from": combined_from},
+        torch.float32,
+    )
+    return Adapter(config, updates, "The combined adapter"), overlaps

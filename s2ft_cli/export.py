@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
-from .adapter import load_adapter, merge_adapter, save_adapter
+from .adapter import Adapter, load_adapter, merge_adapter, save_adapter
 from .convert import get_s2ft_model
 from .errors import S2FTError
 from .files import atomic_write_dir
@@ -50,29 +50,49 @@ def _base(recipe: Recipe) -> nn.Module:
 
 def _trained_model(run: Path, recipe: Recipe, checkpoint: Path) -> nn.Module:
     """The base model converted with the run's selection and the checkpoint's deltas."""
+    if not (run / "selection.json").is_file():
+        raise S2FTError(f"{run} has no selection.json; it is not a complete s2ft train run.")
     selection = Selection.from_json((run / "selection.json").read_text())
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    if meta.get("selection") != selection.to_dict()["units"]:
+        raise S2FTError(
+            f"{checkpoint} was trained with another selection than {run / 'selection.json'}; "
+            "the run directory is inconsistent."
+        )
     model = get_s2ft_model(_base(recipe), recipe.s2ft, selection=selection)
     deltas = load_file(str(checkpoint / "trainable.safetensors"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
+                if name not in deltas or deltas[name].shape != p.shape:
+                    raise S2FTError(
+                        f"{checkpoint} holds no {name} of shape {list(p.shape)}; the checkpoint "
+                        "does not belong to this run's recipe."
+                    )
                 p.copy_(deltas[name])
     return model
 
 
 def export_run(
-    run: str | Path, out: str | Path, checkpoint: str | None = None, merged: bool = False
+    run: str | Path,
+    out: str | Path,
+    checkpoint: str | None = None,
+    merged: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write the run's adapter (GUIDE format), of its end or of ``checkpoint``; with
     ``merged``, a Hugging Face model directory with the update fused into the weights in the
-    original layout (config, safetensors, tokenizer, generation config)."""
+    original layout (config, safetensors, tokenizer, generation config). ``force`` accepts
+    a base whose weights' checksums moved since training (shapes must match)."""
     run, out = Path(run), Path(out)
     recipe = _run_recipe(run)
     if checkpoint is not None:
         model = _trained_model(run, recipe, find_checkpoint(run, checkpoint))
         source = f"{run} {checkpoint}"
     elif (run / "adapter").is_dir():
-        model = load_adapter(_base(recipe), run / "adapter")
+        if not merged:  # the adapter as it is: no base model needed
+            return Adapter.load(run / "adapter").save(out)
+        model = load_adapter(_base(recipe), run / "adapter", force=force)
         source = str(run / "adapter")
     else:
         names = ", ".join(p.name for p in checkpoints_of(run)) or "none"

@@ -98,6 +98,14 @@ class _RowBlockLinear(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None, None
 
 
+def linear_on(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """A plain ``nn.Linear`` whose parameters are these (no copy)."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight, linear.bias = weight, bias
+    return linear
+
+
 class S2Linear(nn.Module):
     """A linear layer whose rows (``axis="rows"``) or columns (``axis="cols"``) at ``index``
     carry a delta: the effective weight is ``W`` with ``W[index] += Δ`` (rows) or
@@ -176,13 +184,9 @@ class S2Linear(nn.Module):
 
     def unload(self) -> nn.Linear:
         """Drop the delta: a plain ``nn.Linear`` on the same, untouched parameters."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
-        )
-        linear.weight, linear.bias = self.weight, self.bias
         for p, flag in zip((self.weight, self.bias), self._base_requires_grad, strict=False):
             p.requires_grad_(flag)
-        return linear
+        return linear_on(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         where = f"{self.span[0]}:{self.span[1]}" if self.span else f"{len(self.index)} indices"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapter import Adapter, Update
 from .errors import S2FTError
+from .layers import S2Linear, linear_on
 from .models import replace_module
 
 
@@ -35,22 +36,24 @@ class Routing:
 
     size: int
     rows: dict[str, torch.Tensor]
+    _expanded: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def for_batch(self, batch: int) -> dict[str, torch.Tensor]:
-        """The positions in a batch that holds each sequence ``batch // size`` times in a
-        row (beam search, ``num_return_sequences``)."""
-        if batch == self.size:
-            return self.rows
-        if batch % self.size:
-            raise S2FTError(
-                f"A batch of {batch} rows does not fit the {self.size} sequences given to "
-                "adapters_per_sequence(); name one adapter (or None) per sequence."
-            )
-        k = batch // self.size
-        return {
-            name: (rows[:, None] * k + torch.arange(k, device=rows.device)).flatten()
-            for name, rows in self.rows.items()
-        }
+    def for_batch(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The positions, on ``device``, in a batch that holds each sequence
+        ``batch // size`` times in a row (beam search, ``num_return_sequences``)."""
+        key = (batch, device)
+        if key not in self._expanded:
+            if batch % self.size:
+                raise S2FTError(
+                    f"A batch of {batch} rows does not fit the {self.size} sequences given to "
+                    "adapters_per_sequence(); name one adapter (or None) per sequence."
+                )
+            k = batch // self.size
+            self._expanded[key] = {
+                name: (rows[:, None] * k + torch.arange(k)).flatten().to(device)
+                for name, rows in self.rows.items()
+            }
+        return self._expanded[key]
 
 
 class MultiAdapterLinear(nn.Module):
@@ -69,7 +72,7 @@ class MultiAdapterLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.routing is None:
             return y
-        for name, rows in self.routing.for_batch(x.shape[0]).items():
+        for name, rows in self.routing.for_batch(x.shape[0], x.device).items():
             u = self.updates.get(name)
             if u is None:  # this adapter leaves this matrix alone
                 continue
@@ -81,14 +84,6 @@ class MultiAdapterLinear(nn.Module):
                 ys = y.index_select(0, rows).index_add_(-1, u.index, F.linear(xs, delta))
                 y.index_copy_(0, rows, ys)
         return y
-
-    def plain(self) -> nn.Linear:
-        """The wrapped linear layer again, on the same parameters."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
-        )
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
 
     def extra_repr(self) -> str:
         return (
@@ -106,13 +101,20 @@ def serve_adapters(
 ) -> nn.Module:
     """Make ``model`` serve the named adapters, each checked against it first; the base
     weights are shared and untouched. Returns the model (changed in place)."""
+    if any(isinstance(m, S2Linear) for m in model.modules()):
+        raise S2FTError(
+            "This model carries an S²FT adapter or conversion; serve adapters from a plain "
+            "base model (unload_adapter() or merge_adapter() the current one first)."
+        )
+    twice = sorted(set(adapters) & set(getattr(model, "s2ft_served", [])))
+    if twice:
+        raise S2FTError(f"An adapter named {twice[0]!r} is served already; choose another name.")
     loaded = {}
     for name, adapter in adapters.items():
         if not isinstance(adapter, Adapter):
             adapter = Adapter.load(adapter)
         adapter.check_base(model, force)
         loaded[name] = adapter
-    device = next(model.parameters()).device
     layers = _serving_layers(model)
     for name, adapter in loaded.items():
         for module_name, u in adapter.updates.items():
@@ -121,7 +123,8 @@ def serve_adapters(
                 layer = MultiAdapterLinear(model.get_submodule(module_name))
                 replace_module(model, module_name, layer)
                 layers[module_name] = layer
-            layer.updates[name] = Update(u.axis, u.index.to(device), u.delta.to(layer.weight))
+            index = u.index.to(layer.weight.device)
+            layer.updates[name] = Update(u.axis, index, u.delta.to(layer.weight))
     model.s2ft_served = sorted({*getattr(model, "s2ft_served", []), *loaded})
     return model
 
@@ -132,7 +135,7 @@ def stop_serving(model: nn.Module) -> nn.Module:
     if not layers:
         raise S2FTError("This model serves no S²FT adapters.")
     for name, layer in layers.items():
-        replace_module(model, name, layer.plain())
+        replace_module(model, name, linear_on(layer.weight, layer.bias))
     del model.s2ft_served
     return model
 
@@ -140,7 +143,8 @@ def stop_serving(model: nn.Module) -> nn.Module:
 @contextmanager
 def adapters_per_sequence(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     """Within the block, sequence ``i`` of every batch given to ``model`` (``forward`` or
-    ``generate``) uses adapter ``names[i]`` (None: the base model)."""
+    ``generate``) uses adapter ``names[i]`` (None: the base model). The routing is state
+    of the model's layers: one block at a time per model (not thread-safe)."""
     served = set(getattr(model, "s2ft_served", []))
     unknown = sorted({n for n in names if n is not None} - served)
     if unknown:
@@ -148,18 +152,20 @@ def adapters_per_sequence(model: nn.Module, names: list[str | None]) -> Iterator
             f"Adapter {unknown[0]!r} is not served by this model; serve_adapters() it first "
             f"(served: {', '.join(sorted(served)) or 'none'})."
         )
+    if not names:
+        raise S2FTError("adapters_per_sequence() needs one adapter name (or None) per sequence.")
     layers = _serving_layers(model)
-    device = next(model.parameters()).device
     rows = {
-        name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
+        name: torch.tensor([i for i, n in enumerate(names) if n == name])
         for name in served
         if name in names
     }
     routing = Routing(len(names), rows)
+    outer = {n: layer.routing for n, layer in layers.items()}
     for layer in layers.values():
         layer.routing = routing
     try:
         yield model
     finally:
-        for layer in layers.values():
-            layer.routing = None
+        for n, layer in layers.items():
+            layer.routing = outer[n]

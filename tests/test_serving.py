@@ -17,6 +17,7 @@ from s2ft_cli.adapter import Adapter, fuse, switch, unfuse
 from s2ft_cli.cli import app
 from s2ft_cli.combine import combine
 from s2ft_cli.errors import AdapterMismatchError, S2FTError
+from s2ft_cli.export import _trained_model, find_checkpoint
 from s2ft_cli.models import load_model
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.serving import adapters_per_sequence, serve_adapters, stop_serving
@@ -77,6 +78,10 @@ def test_merged_export_loads_with_plain_transformers_and_gives_the_trained_logit
     ids = torch.tensor([tokenizer("Tom has 3 apples.")["input_ids"]])
     expected = logits(trained, ids)
     assert (logits(plain, ids) - expected).abs().max().item() <= 1e-5
+    # and the co-permuted trained model itself (the last checkpoint's deltas)
+    recipe = load_recipe(run / "recipe.yaml")
+    converted = _trained_model(run, recipe, find_checkpoint(run, "6")).eval()
+    assert (logits(plain, ids) - logits(converted, ids)).abs().max().item() <= 1e-5
     assert (tmp_path / "m" / "generation_config.json").is_file()
     # the adapter of the last checkpoint is the run's adapter; an earlier one differs
     for step, same in (("6", True), ("step-0000003", False)):
@@ -248,3 +253,51 @@ def test_each_sequence_of_a_batch_uses_its_own_adapter(two_adapters):
     stop_serving(served)
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in served.state_dict().items())
     assert (logits(served, ids) - logits(base, ids)).abs().max() == 0
+
+
+def test_misuse_is_refused_and_leaves_the_weights_alone(two_adapters, tmp_path):
+    base, path_a, path_b = two_adapters
+    model = copy.deepcopy(base)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    # an adapter of another shape fails before any matrix is changed
+    random_adapter(tiny_model("llama-mha"), tmp_path / "other", {"o_proj": 0.5}, seed=1)
+    with pytest.raises(S2FTError, match="needs a delta of shape"):
+        fuse(model, Adapter.load(tmp_path / "other"))
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    # fused, then cast: unfusing still restores (in the new dtype)
+    a = Adapter.load(path_a)
+    fuse(model, a)
+    model.to(torch.bfloat16)
+    unfuse(model, a)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k].to(torch.bfloat16)), k
+    # serving: names once, no S² layers underneath, one name per sequence, nesting
+    served = serve_adapters(copy.deepcopy(base), {"a": path_a})
+    with pytest.raises(S2FTError, match="named 'a' is served already"):
+        serve_adapters(served, {"a": path_b})
+    with pytest.raises(S2FTError, match="needs one adapter name"):
+        with adapters_per_sequence(served, []):
+            pass
+    ids = torch.randint(0, 97, (2, 7))
+    with adapters_per_sequence(served, ["a", "a"]):
+        outer = logits(served, ids)
+        with adapters_per_sequence(served, [None, None]):
+            assert torch.equal(logits(served, ids), logits(base, ids))
+        assert torch.equal(logits(served, ids), outer)
+    with pytest.raises(S2FTError, match="carries an S²FT adapter"):
+        serve_adapters(load_adapter(copy.deepcopy(base), path_a), {"b": path_b})
+    with pytest.raises(S2FTError, match="already carries"):
+        load_adapter(served, path_b)
+
+
+def test_combining_refuses_unknowable_bases_and_bad_weights(tmp_path):
+    random_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a", {"o_proj": 0.5}, seed=1)
+    other = tiny_model("llama-gqa-bias", seed=3)
+    other.config._name_or_path = "another-base"
+    random_adapter(other, tmp_path / "b", {"down_proj": 0.5}, seed=1)
+    a, b = Adapter.load(tmp_path / "a"), Adapter.load(tmp_path / "b")
+    with pytest.raises(AdapterMismatchError, match="adapt no matrix in common"):
+        combine([a, b])
+    combine([a, b], force=True)
+    with pytest.raises(S2FTError, match="must be finite"):
+        combine([a, b], [1.0, float("nan")], force=True)
