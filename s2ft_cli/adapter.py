@@ -235,11 +235,13 @@ def adapter_of(model: nn.Module) -> Adapter:
         )
     if getattr(model, "s2ft_config", None) is not None:
         settings = model.s2ft_config.model_dump()
+        settings["selection"] = model.s2ft_selection.to_dict()["units"]
     else:  # an adapter loaded onto a base: keep what it was trained with
+        kept = ("targets", "strategy", "order", "allocation", "layers", "seed", "calibration")
         settings = {
             k: v
             for k, v in getattr(model, "s2ft_adapter_config", {}).items()
-            if k in ("targets", "strategy", "allocation", "layers", "seed")
+            if k in (*kept, "selection")
         }
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",

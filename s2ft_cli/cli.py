@@ -70,29 +70,55 @@ def select(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the selection as JSON to this path.")
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a heatmap PNG (layers × units, selected marked)."),
+    ] = None,
 ) -> None:
     """Show which heads and channels a recipe trains, without training."""
-    from .models import load_model
+    import torch
+
+    from .config import DATA_STRATEGIES
+    from .data import calibration_batches
+    from .models import load_model, load_tokenizer
     from .permute import plan_layout
     from .recipe import load_recipe
     from .selection import select_units
+    from .train import load_datasets
 
     r = load_recipe(recipe, overrides)
+    cfg = r.s2ft
     model = load_model(
         r.model.name_or_path,
         r.model.dtype,
         r.model.trust_remote_code,
-        weights=r.s2ft.strategy != "random",
+        seed=r.train.seed,
+        weights=cfg.strategy != "random",
     )
-    _, selection = plan_layout(select_units(model, r.s2ft))
+    calibration = None
+    if cfg.strategy in DATA_STRATEGIES:
+        if r.data is None:
+            raise S2FTError(
+                f"s2ft.strategy {cfg.strategy} measures the model on calibration data; the "
+                "recipe needs a data: section (data.train)."
+            )
+        tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
+        train_set = load_datasets(r, tokenizer)[0]
+        c = cfg.calibration
+        calibration = calibration_batches(
+            train_set, c.samples, c.batch_size, cfg.seed, tokenizer.pad_token_id
+        )
+        if torch.cuda.is_available():
+            model.to("cuda")
+    _, selection = plan_layout(select_units(model, cfg, calibration))
     summary = selection.summary(sum(p.numel() for p in model.parameters()))
 
-    cfg = r.s2ft
+    order = f", order {cfg.order}" if cfg.strategy != "random" else ""
     table = Table(
         title=f"S²FT selection — {r.model.name_or_path}",
         title_justify="left",
-        caption=f"strategy {cfg.strategy}, allocation {cfg.allocation}, seed {cfg.seed}; "
-        "unit ids in the original layout",
+        caption=f"strategy {cfg.strategy}{order}, allocation {cfg.allocation}, seed "
+        f"{cfg.seed}; unit ids in the original layout",
         caption_justify="left",
     )
     for col, justify in (
@@ -114,6 +140,8 @@ def select(
     table.add_section()
     table.add_row("total", "", "", "", f"{summary['trainable_params']:,}")
     console.print(table)
+    if cfg.strategy != "random" and selection.scores is not None:
+        console.print(_score_table(selection))
     console.print(
         f"trainable parameters: {summary['trainable_params']:,} of {summary['model_params']:,} "
         f"({100 * summary['fraction']:.3f}% of the model)"
@@ -123,6 +151,37 @@ def select(
     if json_path is not None:
         selection.save(json_path)
         console.print(f"selection written to {json_path}")
+    if plot is not None:
+        from .plots import selection_heatmap
+
+        selection_heatmap(selection, plot)
+        console.print(f"heatmap written to {plot}")
+
+
+def _score_table(selection) -> Table:
+    """Per target matrix, the distribution of the strategy's unit scores and where the
+    selected ones lie."""
+    import torch
+
+    table = Table(
+        title=f"{selection.config.strategy} scores (all units of the scored layers)",
+        title_justify="left",
+    )
+    for col in ("matrix", "min", "25%", "median", "75%", "max", "selected range"):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    rows = {layer: k for k, layer in enumerate(selection.scored)}
+    for matrix, scores in selection.scores.items():
+        levels = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+        q = scores.flatten().double().quantile(levels)
+        picked = [
+            float(scores[rows[layer], unit])
+            for layer, per_matrix in selection.units.items()
+            for unit in per_matrix.get(matrix, [])
+            if layer in rows
+        ]
+        span = f"{min(picked):.4g} … {max(picked):.4g}" if picked else "—"
+        table.add_row(matrix, *(f"{v:.4g}" for v in q.tolist()), span)
+    return table
 
 
 @app.command()

@@ -8,8 +8,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .models import ATTENTION_MATRICES, FFN_MATRICES, TARGET_MATRICES
 
-STRATEGIES = ("random",)
+# S²FT-R, -W, -A, -S (weight × activation) and -G of the paper's §4 / Table 5
+STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
+DATA_STRATEGIES = ("activation", "weight_activation", "gradient")
 MAX_TARGETS_PER_STRUCTURE = 2
+
+
+class Calibration(BaseModel):
+    """``s2ft.calibration``: the data that activation and gradient scores are measured on:
+    ``samples`` training examples (a seeded draw), in batches of ``batch_size``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(64, ge=1, description="Training examples to measure on.")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
 
 
 class S2FTConfig(BaseModel):
@@ -22,7 +34,20 @@ class S2FTConfig(BaseModel):
         "and o_proj, key/value heads for k_proj and v_proj, intermediate channels for "
         "gate_proj, up_proj and down_proj (paper §3).",
     )
-    strategy: str = Field("random", description="How units are chosen (paper §4: S²FT-R).")
+    strategy: str = Field(
+        "random",
+        description="How units are scored (paper §4): random (S²FT-R), weight (norm of the "
+        "unit's rows/columns), activation (mean |activation| on calibration data), "
+        "weight_activation (their product), gradient (norm of the unit's loss gradient on "
+        "calibration data).",
+    )
+    order: Literal["large", "small"] = Field(
+        "large", description="Take the units with the largest or the smallest scores."
+    )
+    calibration: Calibration = Field(
+        default_factory=lambda: Calibration(),
+        description="Training examples that activation and gradient scores are measured on.",
+    )
     allocation: Literal["global", "per_layer"] = Field(
         "global",
         description="global: int(ratio × layers × units) units drawn over all layers at once, "

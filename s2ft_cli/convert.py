@@ -21,7 +21,10 @@ from .selection import Selection, select_units
 
 
 def get_s2ft_model(
-    model: nn.Module, config: S2FTConfig | dict, selection: Selection | None = None
+    model: nn.Module,
+    config: S2FTConfig | dict,
+    selection: Selection | None = None,
+    calibration: list[dict] | None = None,
 ) -> nn.Module:
     """Convert ``model`` to S²FT in place and return it.
 
@@ -29,7 +32,8 @@ def get_s2ft_model(
     trainable matrix, freezes every parameter and replaces each target matrix with an
     :class:`S2Linear` whose zero-initialised delta covers the selected block. The logits
     are unchanged until training updates a delta. ``model.s2ft_selection`` holds the
-    selection used, in the original layout.
+    selection used, in the original layout. ``calibration`` (batches of ``input_ids``,
+    ``attention_mask``, ``labels``) is what the activation and gradient strategies measure.
     """
     if not isinstance(config, S2FTConfig):
         config = S2FTConfig(**config)
@@ -41,7 +45,7 @@ def get_s2ft_model(
         )
     shape = model_shape(model)
     if selection is None:
-        selection = select_units(model, config)
+        selection = select_units(model, config, calibration)
     elif selection.shape != shape:
         raise S2FTError(
             f"The selection was made for a model of shape {selection.shape}, not this one "

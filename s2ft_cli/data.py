@@ -380,3 +380,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def calibration_batches(
+    examples: list[Example], samples: int, batch_size: int, seed: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """A seeded draw of ``samples`` examples (in their order in the set), in padded batches:
+    what the data-driven selection strategies measure on (``s2ft.calibration``)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    chosen = [examples[i] for i in sorted(order[:samples].tolist())]
+    return [collate(chosen[i : i + batch_size], pad_id) for i in range(0, len(chosen), batch_size)]

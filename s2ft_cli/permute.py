@@ -272,7 +272,14 @@ def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
                         f"block (beside {', '.join(k for k in members if k != m) or 'nothing'}) "
                         f"with every GQA group of {group} heads kept whole; regrouped to {ids}"
                     )
-    adjusted = Selection(shape=shape, config=selection.config, units=units, adjustments=adjustments)
+    adjusted = Selection(
+        shape=shape,
+        config=selection.config,
+        units=units,
+        adjustments=adjustments,
+        scores=selection.scores,
+        scored=selection.scored,
+    )
     return layout, adjusted
 
 

@@ -1,10 +1,9 @@
 """Selection: which heads and channels of which layers are trained (paper §3.2, §4).
 
-A strategy scores every (layer, unit) of a target matrix; the allocation then takes the
-highest scores, either over all layers at once (``global``, as the paper's code does) or
-the same number in every layer (``per_layer``). Random selection (S²FT-R) scores with
-uniform noise, which draws a uniform random subset. Unit ids are always in the model's
-original layout.
+A strategy (``scores``) scores every (layer, unit) of a target matrix; the allocation then
+takes the highest (``order: large``) or lowest (``small``) scores, either over all layers
+at once (``global``, as the paper's code does) or the same number in every layer
+(``per_layer``). Unit ids are always in the model's original layout.
 """
 
 from __future__ import annotations
@@ -16,9 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import S2FTConfig
+from .config import DATA_STRATEGIES, S2FTConfig
 from .errors import S2FTError
 from .models import ModelShape, model_shape
+from .scores import SCORERS
 
 SELECTION_FORMAT = "s2ft-selection"
 
@@ -31,6 +31,9 @@ class Selection:
     config: S2FTConfig
     units: dict[int, dict[str, list[int]]]
     adjustments: list[str] = field(default_factory=list)
+    # the strategy's scores per matrix, (scored layers, units); not saved
+    scores: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    scored: list[int] | None = field(default=None, repr=False, compare=False)
 
     def trainable_params(self, layer: int | None = None, matrix: str | None = None) -> int:
         """Weights in the selected rows/columns, optionally of one layer and/or matrix."""
@@ -134,21 +137,6 @@ class Selection:
         atomic_write_text(Path(path), self.to_json())
 
 
-def _random_scores(
-    model: nn.Module, shape: ModelShape, config: S2FTConfig, layers: list[int]
-) -> dict[str, torch.Tensor]:
-    """S²FT-R: i.i.d. uniform scores, so the top-k is a uniform random subset."""
-    generator = torch.Generator().manual_seed(config.seed)
-    return {
-        m: torch.rand(len(layers), shape.num_units(m), generator=generator, dtype=torch.float64)
-        for m in config.targets
-    }
-
-
-# strategy name -> function scoring every (selected layer, unit) of every target matrix
-STRATEGIES = {"random": _random_scores}
-
-
 def _unit_count(config: S2FTConfig, matrix: str, units: int, layers: int) -> int:
     ratio = config.targets[matrix]
     pool = units * (layers if config.allocation == "global" else 1)
@@ -163,8 +151,12 @@ def _unit_count(config: S2FTConfig, matrix: str, units: int, layers: int) -> int
     return count
 
 
-def select_units(model: nn.Module, config: S2FTConfig) -> Selection:
-    """Choose the units to train, before any layout adjustment (see ``permute``)."""
+def select_units(
+    model: nn.Module, config: S2FTConfig, calibration: list[dict] | None = None
+) -> Selection:
+    """Choose the units to train, before any layout adjustment (see ``permute``).
+    ``calibration``: batches (``input_ids``, ``attention_mask``, ``labels``) that the
+    activation and gradient strategies measure on."""
     shape = model_shape(model)
     layers = config.layers or list(range(shape.num_layers))
     if layers[-1] >= shape.num_layers:
@@ -172,18 +164,25 @@ def select_units(model: nn.Module, config: S2FTConfig) -> Selection:
             f"s2ft.layers names layer {layers[-1]}, but the model has {shape.num_layers} layers "
             f"(0..{shape.num_layers - 1})."
         )
-    scores = STRATEGIES[config.strategy](model, shape, config, layers)
+    if config.strategy in DATA_STRATEGIES and not calibration:
+        raise S2FTError(
+            f"s2ft.strategy {config.strategy} measures the model on calibration data: give a "
+            "recipe with data.train (s2ft.calibration sets how much), or pass calibration "
+            "batches to get_s2ft_model()."
+        )
+    scores = SCORERS[config.strategy](model, shape, config, layers, calibration)
     units: dict[int, dict[str, list[int]]] = {i: {} for i in layers}
+    sign = -1.0 if config.order == "small" and config.strategy != "random" else 1.0
     for matrix, score in scores.items():
         n_units = shape.num_units(matrix)
         count = _unit_count(config, matrix, n_units, len(layers))
         if config.allocation == "global":
-            flat = torch.topk(score.flatten(), count).indices
+            flat = torch.topk(sign * score.flatten(), count).indices
             chosen = [(int(f) // n_units, int(f) % n_units) for f in flat]
         else:
-            top = torch.topk(score, count, dim=1).indices
+            top = torch.topk(sign * score, count, dim=1).indices
             chosen = [(row, int(u)) for row in range(len(layers)) for u in top[row]]
         for row, unit in chosen:
             units[layers[row]].setdefault(matrix, []).append(unit)
     units = {i: {m: sorted(ids) for m, ids in pm.items()} for i, pm in units.items() if pm}
-    return Selection(shape=shape, config=config, units=units)
+    return Selection(shape=shape, config=config, units=units, scores=scores, scored=layers)

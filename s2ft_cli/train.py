@@ -24,7 +24,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -32,28 +31,25 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from .adapter import save_adapter
+from .config import DATA_STRATEGIES
 from .convert import get_s2ft_model
-from .data import IGNORE_INDEX, build_examples, collate, load_records, split_validation
+from .data import (
+    IGNORE_INDEX,
+    build_examples,
+    calibration_batches,
+    collate,
+    load_records,
+    split_validation,
+)
 from .distributed import setup_processes
 from .errors import S2FTError
 from .files import atomic_write_dir, atomic_write_text
+from .losses import example_losses
 from .models import load_model, load_tokenizer
 from .recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-
-
-def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example, the sum of next-token cross-entropies over its target tokens, and
-    their count. Only target positions' logits are taken to float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    targets = labels != IGNORE_INDEX
-    losses = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="none")
-    rows = targets.nonzero()[:, 0]
-    per_example = torch.zeros(labels.shape[0], dtype=losses.dtype, device=losses.device)
-    return per_example.index_add(0, rows, losses), targets.sum(1)
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -160,12 +156,11 @@ class Trainer:
         self.train_set, self.val_set, self.data_notes = load_datasets(r, self.tokenizer)
         model = load_model(
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
-        )
-        model = get_s2ft_model(model, r.s2ft)
+        ).to(self.device)
+        model = get_s2ft_model(model, r.s2ft, calibration=self._calibration())
         if r.model.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
-        model.to(self.device)
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.engine = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
@@ -196,6 +191,16 @@ class Trainer:
         use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self._log_setup()
+
+    def _calibration(self) -> list[dict] | None:
+        """The batches a data-driven selection strategy measures on (from training data)."""
+        c = self.recipe.s2ft
+        if c.strategy not in DATA_STRATEGIES:
+            return None
+        pad = self.tokenizer.pad_token_id
+        return calibration_batches(
+            self.train_set, c.calibration.samples, c.calibration.batch_size, c.seed, pad
+        )
 
     def autocast(self):
         """A fresh autocast context (bf16 on CUDA by default), or a no-op."""

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import alpaca_prompt, bos_token_id, build_examples, collate, user_message
+from ..losses import example_losses
 from ..recipe import EvalSection
-from ..train import example_losses
 from .tasks import ANSWER_SENTENCE, Task
 
 Progress = Callable[[float], None]
