@@ -43,6 +43,14 @@ class Processes:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -47,6 +47,7 @@ from .files import atomic_write_dir, atomic_write_text
 from .losses import example_losses
 from .models import load_model, load_tokenizer
 from .recipe import Recipe
+from .selection import Selection, select_units
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -157,7 +158,7 @@ class Trainer:
         model = load_model(
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
         ).to(self.device)
-        model = get_s2ft_model(model, r.s2ft, calibration=self._calibration())
+        model = get_s2ft_model(model, r.s2ft, selection=self._selection(model))
         if r.model.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
@@ -192,15 +193,23 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self._log_setup()
 
-    def _calibration(self) -> list[dict] | None:
-        """The batches a data-driven selection strategy measures on (from training data)."""
+    def _selection(self, model) -> Selection | None:
+        """A scoring strategy's selection, measured once (on rank 0, calibration batches
+        from the training data) and shared, so that every process trains the same units.
+        None for random selection: the seed alone fixes it everywhere."""
         c = self.recipe.s2ft
-        if c.strategy not in DATA_STRATEGIES:
+        if c.strategy == "random":
             return None
-        pad = self.tokenizer.pad_token_id
-        return calibration_batches(
-            self.train_set, c.calibration.samples, c.calibration.batch_size, c.seed, pad
-        )
+        selection = None
+        if self.is_main:
+            calibration = None
+            if c.strategy in DATA_STRATEGIES:
+                pad = self.tokenizer.pad_token_id
+                calibration = calibration_batches(
+                    self.train_set, c.calibration.samples, c.calibration.batch_size, c.seed, pad
+                )
+            selection = select_units(model, c, calibration)
+        return self.procs.broadcast(selection)
 
     def autocast(self):
         """A fresh autocast context (bf16 on CUDA by default), or a no-op."""

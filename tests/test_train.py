@@ -218,3 +218,22 @@ def test_paths_resolve_against_the_recipe_or_the_current_folder(tmp_path, monkey
     assert recipe.output_dir == str(tmp_path / "out")
     assert recipe.data.train.path == str(tmp_path / "e.json")
     assert load_recipe(path, ["data.train=f.json"]).data.train.path == str(tmp_path / "f.json")
+
+
+def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
+    path = recipe_file(
+        tmp_path,
+        RECIPE.replace("max_steps: 12", "max_steps: 2").replace(
+            "seed: 1}", "seed: 1, strategy: gradient, calibration: {samples: 16}}"
+        ),
+    )
+    train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "s2ft_cli", "train", str(path), f"output_dir={tmp_path / 'ddp'}",
+           "train.batch_size=4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = json.loads((tmp_path / "single" / "selection.json").read_text())["units"]
+    assert json.loads((tmp_path / "ddp" / "selection.json").read_text())["units"] == single
+    assert max_diff(tmp_path / "ddp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
