@@ -140,7 +140,7 @@ def select(
     table.add_section()
     table.add_row("total", "", "", "", f"{summary['trainable_params']:,}")
     console.print(table)
-    if cfg.strategy != "random" and selection.scores is not None:
+    if cfg.strategy != "random":
         console.print(_score_table(selection))
     console.print(
         f"trainable parameters: {summary['trainable_params']:,} of {summary['model_params']:,} "

@@ -45,7 +45,7 @@ class S2FTConfig(BaseModel):
         "large", description="Take the units with the largest or the smallest scores."
     )
     calibration: Calibration = Field(
-        default_factory=lambda: Calibration(),
+        default_factory=Calibration,
         description="Training examples that activation and gradient scores are measured on.",
     )
     allocation: Literal["global", "per_layer"] = Field(

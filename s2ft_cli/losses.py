@@ -13,7 +13,9 @@ def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     their count. The batch gives ``input_ids`` or ``inputs_embeds``, ``attention_mask`` and
     ``labels``; only target positions' logits are taken to float32."""
     inputs = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
-    logits = model(**{inputs: batch[inputs]}, attention_mask=batch["attention_mask"]).logits
+    logits = model(
+        **{inputs: batch[inputs]}, attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
     losses = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="none")

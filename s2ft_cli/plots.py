@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from .errors import S2FTError
 from .selection import Selection
 
@@ -21,7 +19,8 @@ def structure_kind(matrix: str) -> str:
 
 
 def selection_heatmap(selection: Selection, path: str | Path) -> Path:
-    """Write a PNG heatmap of ``selection`` to ``path``."""
+    """Write a PNG heatmap of ``selection`` (as ``select_units`` made it, with its scores)
+    to ``path``."""
     try:
         import matplotlib
 
@@ -39,14 +38,9 @@ def selection_heatmap(selection: Selection, path: str | Path) -> Path:
     )
     for ax, matrix in zip(axes[:, 0], matrices, strict=True):
         n = shape.num_units(matrix)
-        if selection.scores is not None:
-            image = selection.scores[matrix].float().numpy()
-            label = f"{config.strategy} score"
-        else:
-            image = torch.zeros(len(layers), n).numpy()
-            label = "selected"
+        image = selection.scores[matrix].float().numpy()
         shown = ax.imshow(image, aspect="auto", cmap="viridis", interpolation="nearest")
-        fig.colorbar(shown, ax=ax, label=label)
+        fig.colorbar(shown, ax=ax, label=f"{config.strategy} score")
         points = [
             (unit, row)
             for row, layer in enumerate(layers)

@@ -12,9 +12,10 @@ q_proj/o_proj, key/value heads for k_proj/v_proj, intermediate channels for the 
   intermediate value (the input of down_proj).
 * ``weight_activation``: weight × activation.
 * ``gradient``: the Frobenius norm of the unit's slice of ∂L/∂W, L the mean token loss over
-  all calibration examples. Only activations carry gradients (the weights stay frozen);
-  each target matrix's gradient is accumulated from its input and output gradient, so no
-  weight gradient of the model is ever formed.
+  all calibration examples. Only activations carry gradients (every weight stays frozen);
+  each target matrix's gradient is accumulated (fp32) from its input and output gradient,
+  so the only weight gradients that exist are those of the target matrices — no
+  optimizer state, no gradient of any other weight.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def unit_norms(matrix: str, tensor: torch.Tensor, shape: ModelShape) -> torch.Te
 def weight_scores(model, shape: ModelShape, config: S2FTConfig, layers, batches) -> Scores:
     """S²FT-W: the norm of each unit's slice of the target matrix."""
     return {
-        m: torch.stack([unit_norms(m, get_linear(model, i, m).weight, shape) for i in layers])
+        m: torch.stack([unit_norms(m, get_linear(model, i, m).weight, shape) for i in layers]).cpu()
         for m in config.targets
     }
 
@@ -73,8 +74,8 @@ def activation_scores(model, shape: ModelShape, config: S2FTConfig, layers, batc
 
     def recorder(key):
         def hook(module, args):
-            x = args[0].double().abs() * mask[0][..., None]
-            sums[key] = sums.get(key, 0) + x.sum((0, 1))
+            column_sums = torch.einsum("bt,bti->i", mask[0], args[0].abs().float())
+            sums[key] = sums.get(key, 0) + column_sums.double()
 
         return hook
 
@@ -88,9 +89,13 @@ def activation_scores(model, shape: ModelShape, config: S2FTConfig, layers, batc
     try:
         for batch in batches:
             batch = {k: v.to(_device(model)) for k, v in batch.items()}
-            mask[:] = [batch["attention_mask"].double()]
+            mask[:] = [batch["attention_mask"].float()]
             tokens += int(batch["attention_mask"].sum())
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+            )
     finally:
         for h in handles:
             h.remove()
@@ -148,12 +153,13 @@ def gradient_scores(model, shape: ModelShape, config: S2FTConfig, layers, batche
     model.eval()
     embed = model.get_input_embeddings()
     try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            # gradients flow from the input embeddings: every activation, no weight
-            embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
-            losses, _ = example_losses(model, {**batch, "inputs_embeds": embeds})
-            (losses.sum() / max(targets, 1)).backward()
+        with torch.enable_grad():  # even when called under no_grad
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                # gradients flow from the input embeddings: every activation, no weight
+                embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
+                losses, _ = example_losses(model, {**batch, "inputs_embeds": embeds})
+                (losses.sum() / max(targets, 1)).backward()
     finally:
         for h in handles:
             h.remove()

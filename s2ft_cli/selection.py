@@ -151,6 +151,13 @@ def _unit_count(config: S2FTConfig, matrix: str, units: int, layers: int) -> int
     return count
 
 
+def _extreme(scores: torch.Tensor, count: int, small: bool) -> torch.Tensor:
+    """Indices of the ``count`` largest scores, or of the ``count`` smallest: the head and
+    the tail of one stable descending order, so that ties never put a unit in both."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[-count:] if small else order[:count]
+
+
 def select_units(
     model: nn.Module, config: S2FTConfig, calibration: list[dict] | None = None
 ) -> Selection:
@@ -172,16 +179,19 @@ def select_units(
         )
     scores = SCORERS[config.strategy](model, shape, config, layers, calibration)
     units: dict[int, dict[str, list[int]]] = {i: {} for i in layers}
-    sign = -1.0 if config.order == "small" and config.strategy != "random" else 1.0
+    small = config.order == "small" and config.strategy != "random"
     for matrix, score in scores.items():
         n_units = shape.num_units(matrix)
         count = _unit_count(config, matrix, n_units, len(layers))
         if config.allocation == "global":
-            flat = torch.topk(sign * score.flatten(), count).indices
+            flat = _extreme(score.flatten(), count, small)
             chosen = [(int(f) // n_units, int(f) % n_units) for f in flat]
         else:
-            top = torch.topk(sign * score, count, dim=1).indices
-            chosen = [(row, int(u)) for row in range(len(layers)) for u in top[row]]
+            chosen = [
+                (row, int(u))
+                for row in range(len(layers))
+                for u in _extreme(score[row], count, small)
+            ]
         for row, unit in chosen:
             units[layers[row]].setdefault(matrix, []).append(unit)
     units = {i: {m: sorted(ids) for m, ids in pm.items()} for i, pm in units.items() if pm}

@@ -195,11 +195,14 @@ class Trainer:
 
     def _selection(self, model) -> Selection | None:
         """A scoring strategy's selection, measured once (on rank 0, calibration batches
-        from the training data) and shared, so that every process trains the same units.
-        None for random selection: the seed alone fixes it everywhere."""
+        from the training data) and shared, so that every process trains the same units;
+        a resumed run reads its selection.json. None for random selection: the seed alone
+        fixes it everywhere."""
         c = self.recipe.s2ft
         if c.strategy == "random":
             return None
+        if self.resume:  # the run's own choice: measuring again could move a tie
+            return Selection.from_json((self.out / "selection.json").read_text())
         selection = None
         if self.is_main:
             calibration = None

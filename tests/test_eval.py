@@ -58,7 +58,7 @@ class FixedNextToken(torch.nn.Module):
         super().__init__()
         self.bias = bias
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
 
 

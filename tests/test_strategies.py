@@ -237,3 +237,41 @@ def test_select_reports_scores_and_plots_the_selection(tmp_path):
     assert config["selection"] == selected
     assert (config["strategy"], config["order"]) == ("gradient", "small")
     assert config["calibration"] == {"samples": 16, "batch_size": 8}
+
+
+def test_ties_never_put_a_unit_in_both_large_and_small():
+    model = tiny_model("llama-mha")
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.down_proj.weight.zero_()  # every channel scores 0
+    picks = [
+        select_units(model, S2FTConfig(targets={"down_proj": 0.25}, strategy="weight", order=o))
+        for o in ("large", "small")
+    ]
+    for layer in range(2):
+        large = set(picks[0].units.get(layer, {}).get("down_proj", []))
+        assert not large & set(picks[1].units.get(layer, {}).get("down_proj", []))
+    assert sum(len(pm["down_proj"]) for p in picks for pm in p.units.values()) == 2 * 40
+
+
+def test_a_resumed_run_keeps_its_measured_selection(tmp_path, monkeypatch):
+    import s2ft_cli.train as training
+    from s2ft_cli.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        'model: {name_or_path: "preset:tiny-llama"}\n'
+        'data: {train: {path: "builtin:arithmetic", limit: 48}, max_seq_len: 256}\n'
+        "s2ft: {targets: {down_proj: 0.1}, strategy: activation}\n"
+        "train: {max_steps: 2, batch_size: 8, warmup_steps: 0, save_every: 1}\n"
+        "output_dir: run\n"
+    )
+    training.train(load_recipe(recipe))
+    chosen = (tmp_path / "run" / "selection.json").read_text()
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed run must not measure its selection again")
+
+    monkeypatch.setattr(training, "select_units", measure_again)
+    training.train(load_recipe(recipe, ["train.max_steps=3"]), resume=True)
+    assert (tmp_path / "run" / "selection.json").read_text() == chosen
