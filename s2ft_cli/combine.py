@@ -14,7 +14,7 @@ import torch
 
 from .adapter import CHECKSUM_RTOL, Adapter, Update, adapter_config
 from .errors import AdapterMismatchError, S2FTError
-from .models import ATTENTION_MATRICES
+from .models import ModelShape
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,14 @@ def _check_same_base(adapters: list[Adapter], force: bool) -> None:
                 f"bases' weights cannot be compared, and name different bases ({name!r} and "
                 f"{first_name!r}); pass --force if they are the same model."
             )
-        for name in shared:
-            a, b = first["checksum"]["values"][name], theirs["checksum"]["values"][name]
+        for matrix in shared:
+            a, b = first["checksum"]["values"][matrix], theirs["checksum"]["values"][matrix]
             if not force and abs(a - b) > CHECKSUM_RTOL * abs(a):
                 raise AdapterMismatchError(
                     f"{other.source} and {adapters[0].source} were trained on different weights "
-                    f"(checksum of {name}: {b:.6g} and {a:.6g}). Combine adapters of one base, "
+                    f"(checksum of {matrix}: {b:.6g} and {a:.6g}). Combine adapters of one base, "
                     "or pass --force if the bases are copies of each other."
                 )
-
-
-def _unit_width(matrix: str, shape: dict) -> int:
-    return shape["head_dim"] if matrix.rsplit(".", 1)[-1] in ATTENTION_MATRICES else 1
 
 
 def combine(
@@ -79,7 +75,7 @@ def combine(
         )
     _check_same_base(adapters, force)
     adapters = [a.to("cpu") for a in adapters]  # combined on the CPU, wherever they were
-    shape = adapters[0].config["base_model"]["fingerprint"]["shape"]
+    shape = ModelShape(**adapters[0].config["base_model"]["fingerprint"]["shape"])
     matrices: dict[str, list[int]] = {}
     checksums: dict[str, float] = {}
     for adapter in adapters:
@@ -109,7 +105,7 @@ def combine(
             delta.index_add_(dim, where, w * u.delta.float())
             at += len(u.index)
         updates[name] = Update(axis, index, delta)
-        width = _unit_width(name, shape)
+        width = shape.unit_width(name.rsplit(".", 1)[-1])
         units, counts = torch.cat([u.index // width for u, _ in parts]).unique(return_counts=True)
         # each unit's ids appear once per adapter that changes it: width times per adapter
         overlaps.append(Overlap(name, len(units), int((counts > width).sum())))
