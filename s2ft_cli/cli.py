@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -322,7 +323,9 @@ def eval_command(
     adapters = [Path(a) for a in settings.adapters or []]
     if settings.adapters is None and run_dir is not None and (run_dir / "adapter").is_dir():
         adapters = [run_dir / "adapter"]
-    default_out = run_dir / "eval" if run_dir else Path("runs") / f"eval-{_timestamp()}"
+    default_out = (
+        run_dir / "eval" if run_dir else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     evaluate(
         model_name,
         settings,
@@ -409,12 +412,6 @@ def merge_command(
 def _refuse_existing(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise S2FTError(f"{out} already exists; choose another --out or remove it first.")
-
-
-def _timestamp() -> str:
-    import time
-
-    return time.strftime("%Y%m%d-%H%M%S")
 
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
