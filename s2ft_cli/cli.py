@@ -80,12 +80,11 @@ def select(
     import torch
 
     from .config import DATA_STRATEGIES
-    from .data import calibration_batches
     from .models import load_model, load_tokenizer
     from .permute import plan_layout
     from .recipe import load_recipe
     from .selection import select_units
-    from .train import load_datasets
+    from .train import calibration_data, load_datasets
 
     r = load_recipe(recipe, overrides)
     cfg = r.s2ft
@@ -104,11 +103,7 @@ def select(
                 "recipe needs a data: section (data.train)."
             )
         tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        train_set = load_datasets(r, tokenizer)[0]
-        c = cfg.calibration
-        calibration = calibration_batches(
-            train_set, c.samples, c.batch_size, cfg.seed, tokenizer.pad_token_id
-        )
+        calibration = calibration_data(cfg, load_datasets(r, tokenizer)[0], tokenizer.pad_token_id)
         if torch.cuda.is_available():
             model.to("cuda")
     _, selection = plan_layout(select_units(model, cfg, calibration))

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from .adapter import save_adapter
-from .config import DATA_STRATEGIES
+from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
 from .data import (
     IGNORE_INDEX,
@@ -107,6 +107,15 @@ def load_datasets(recipe: Recipe, tokenizer) -> tuple[list, list, list[str]]:
     if d.validation is not None:
         return train, examples(d.validation), notes
     return *split_validation(train, d.val_size, seed), notes
+
+
+def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
+    """The batches a data-driven strategy measures on (a seeded draw of
+    ``s2ft.calibration.samples`` training examples); None for the other strategies."""
+    if config.strategy not in DATA_STRATEGIES:
+        return None
+    c = config.calibration
+    return calibration_batches(train_set, c.samples, c.batch_size, config.seed, pad_id)
 
 
 def checkpoints_of(run: Path) -> list[Path]:
@@ -205,12 +214,7 @@ class Trainer:
             return Selection.from_json((self.out / "selection.json").read_text())
         selection = None
         if self.is_main:
-            calibration = None
-            if c.strategy in DATA_STRATEGIES:
-                pad = self.tokenizer.pad_token_id
-                calibration = calibration_batches(
-                    self.train_set, c.calibration.samples, c.calibration.batch_size, c.seed, pad
-                )
+            calibration = calibration_data(c, self.train_set, self.tokenizer.pad_token_id)
             selection = select_units(model, c, calibration)
         return self.procs.broadcast(selection)
 
