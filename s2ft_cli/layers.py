@@ -27,7 +27,7 @@ from torch import nn
 from .errors import S2FTError
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's when it is on, else the input's."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -40,7 +40,7 @@ class _ColumnBlockLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, start, stop):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             x_block = xc[..., start:stop].contiguous()
@@ -70,7 +70,7 @@ class _RowBlockLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, start, stop):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             y = F.linear(xc, weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -1,24 +1,108 @@
-"""Token losses of a batch: training (§3.3), answer likelihoods and gradient calibration."""
+"""Token losses of a batch: training (§3.3), answer likelihoods and gradient calibration.
+
+The loss never holds the full-vocabulary logits of a batch. Only the hidden states of
+target positions go through the output head, a chunk of rows at a time; with the head
+frozen (always so in S²FT) the gradient with respect to the hidden states,
+``(softmax − onehot) · W``, is formed in the same pass, so a chunk's logits live only
+while it is processed and the backward pass is a multiplication by the loss's gradient.
+On the 12-layer benchmark model this removes the 4 × 256 × 32000 logits and their
+softmax copies from a training step (see ``docs/BENCHMARKS.md``).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data import IGNORE_INDEX
+from .layers import compute_dtype
+from .models import ARCHITECTURES
+
+# Logits formed at once: 16 Mi values (64 MiB in fp32) per chunk of rows.
+CHUNK_LOGITS = 1 << 24
+
+
+def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weightᵀ + bias`` against ``labels``, chunk by chunk, in
+    float32; when ``grad_hidden`` is given, also write d(loss_i)/d(hidden_i) into it."""
+    dtype = compute_dtype(hidden)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    rows = max(1, CHUNK_LOGITS // weight.shape[0])
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], rows):
+            span = slice(start, start + rows)
+            logits = F.linear(hidden[span].to(dtype), weight, bias).float()
+            target = labels[span, None]
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[span] = lse - logits.gather(1, target).squeeze(1)
+            if grad_hidden is not None:  # softmax − onehot, in place of the logits
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                grad_hidden[span] = probs.to(dtype) @ weight
+    return losses
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy through a frozen output head; saves d(loss)/d(hidden) only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        grad_hidden = torch.empty_like(hidden)
+        losses = _head_losses(hidden, weight, bias, labels, grad_hidden)
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+
+
+def token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each row of ``hidden`` (N × hidden) through ``head`` against
+    ``labels`` (N), in float32, without holding more than one chunk of logits."""
+    head_trains = any(p is not None and p.requires_grad for p in (head.weight, head.bias))
+    if head_trains:  # not S²FT's case: plain autograd through the head
+        return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
+    with torch.no_grad():
+        return _head_losses(hidden, head.weight, head.bias, labels)
 
 
 def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, the sum of next-token cross-entropies over its target tokens, and
     their count. The batch gives ``input_ids`` or ``inputs_embeds``, ``attention_mask`` and
-    ``labels``; only target positions' logits are taken to float32."""
+    ``labels``. Supported architectures run their decoder and take only the target
+    positions through the head (:func:`token_losses`); others go through their full
+    forward and logits."""
     inputs = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
-    logits = model(
-        **{inputs: batch[inputs]}, attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    call = {inputs: batch[inputs], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
-    losses = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="none")
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in ARCHITECTURES:
+        hidden = model.get_decoder()(**call).last_hidden_state
+        head = model.get_output_embeddings()
+        losses = token_losses(hidden[:, :-1][targets], head, labels[targets])
+    else:
+        logits = model(**call).logits
+        losses = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="none")
     rows = targets.nonzero()[:, 0]
     per_example = torch.zeros(labels.shape[0], dtype=losses.dtype, device=losses.device)
     return per_example.index_add(0, rows, losses), targets.sum(1)
+
+
+class ExampleLosses(nn.Module):
+    """:func:`example_losses` as a module around ``model``, so that DistributedDataParallel
+    can wrap the whole loss computation (its forward must be the one that runs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return example_losses(self.model, batch)

@@ -44,7 +44,7 @@ from .data import (
 from .distributed import setup_processes
 from .errors import S2FTError
 from .files import atomic_write_dir, atomic_write_text
-from .losses import example_losses
+from .losses import ExampleLosses, example_losses
 from .models import load_model, load_tokenizer
 from .recipe import Recipe
 from .selection import Selection, select_units
@@ -173,7 +173,9 @@ class Trainer:
             (enable or model.gradient_checkpointing_enable)()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.engine = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        self.engine = ExampleLosses(model)  # DDP wraps the loss too: its forward must run
+        if self.world > 1:
+            self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         self.global_batch = t.batch_size * self.world * t.grad_accum
         self.steps_per_epoch = len(self.train_set) // self.global_batch
@@ -280,7 +282,7 @@ class Trainer:
             last = m == len(batches) - 1
             sync = self.engine.no_sync() if self.world > 1 and not last else nullcontext()
             with sync, self.autocast():
-                loss, _ = token_loss(self.engine, batch)
+                loss = self.engine(batch)[0].sum()
             with sync:
                 (loss * scale).backward()
             loss_sum += loss.item()

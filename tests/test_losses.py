@@ -1,0 +1,137 @@
+"""The memory-lean loss (losses.py) against the plain full-logits cross-entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from s2ft_cli import S2FTConfig, get_s2ft_model
+from s2ft_cli import losses as losses_module
+from s2ft_cli.data import IGNORE_INDEX
+from s2ft_cli.losses import example_losses, token_losses
+from s2ft_cli.models import decoder_layers
+
+from .conftest import tiny_model
+
+
+def batch_of(vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a padded example
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX  # a prompt
+    labels[mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def reference_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain way: full logits, shifted, cross-entropy summed per example."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    flat = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return flat.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of three rows, so that every batch is split into several."""
+    monkeypatch.setattr(losses_module, "CHUNK_LOGITS", 97 * 3)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
+def test_losses_and_gradients_match_full_logits(name, small_chunks):
+    model = get_s2ft_model(tiny_model(name), S2FTConfig(targets={"o_proj": 0.5, "down_proj": 0.2}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    batch = batch_of(model.config.vocab_size)
+    deltas = [p for p in model.parameters() if p.requires_grad]
+
+    lean, counts = example_losses(model, batch)
+    lean_grads = torch.autograd.grad(lean.sum(), deltas)
+    plain, plain_counts = reference_losses(model, batch)
+    plain_grads = torch.autograd.grad(plain.sum(), deltas)
+
+    assert torch.equal(counts, plain_counts)
+    torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(lean_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the evaluation path takes no gradient
+        torch.testing.assert_close(example_losses(model, batch)[0], plain.detach())
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_token_losses_through_a_biased_head(head_trains, small_chunks):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97).requires_grad_(head_trains)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    labels = torch.randint(0, 97, (10,))
+    weights = torch.rand(10)  # a non-uniform upstream gradient
+    (got,) = torch.autograd.grad((token_losses(hidden, head, labels) * weights).sum(), hidden)
+    plain = F.cross_entropy(head(hidden), labels, reduction="none")
+    (want,) = torch.autograd.grad((plain * weights).sum(), hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class LargestLogits(TorchDispatchMode):
+    """Records the most rows of vocabulary-wide values any operation produces (views of
+    the weights, such as the transposed output head, aside)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.vocab, self.rows = model.config.vocab_size, 0
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dim()
+                and t.shape[-1] == self.vocab
+                and t.untyped_storage().data_ptr() not in self.weights
+            ):
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+def test_a_training_step_never_forms_the_full_logits(small_chunks):
+    model = get_s2ft_model(tiny_model("llama-mha"), S2FTConfig(targets={"down_proj": 0.2}))
+    batch = batch_of(model.config.vocab_size)
+    with LargestLogits(model) as lean:
+        example_losses(model, batch)[0].sum().backward()
+    with LargestLogits(model) as plain:
+        reference_losses(model, batch)[0].sum().backward()
+    assert plain.rows >= batch["input_ids"].numel()  # the probe sees the logits when they exist
+    assert lean.rows == 3  # one chunk at a time
+
+
+def test_no_backward_below_the_lowest_trainable_layer():
+    """Layers under the first trained one record no graph: nothing saved, no backward."""
+    model = get_s2ft_model(
+        tiny_model("llama-mha"), S2FTConfig(targets={"o_proj": 0.5, "down_proj": 0.2}, layers=[1])
+    )
+    layers = decoder_layers(model)
+    current, saved = [None], {0: 0, 1: 0}
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i))
+        layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None))
+    backward_ran = []
+    layers[0].register_full_backward_hook(lambda *a: backward_ran.append(0))
+
+    def pack(t):
+        if current[0] is not None:
+            saved[current[0]] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses, _ = example_losses(model, batch_of(model.config.vocab_size))
+    losses.sum().backward()
+    assert saved[0] == 0 and saved[1] > 0
+    assert not backward_ran
