@@ -263,6 +263,19 @@ def load_model(
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations during the backward pass (non-reentrant
+    checkpointing). transformers also makes the input embeddings require grad, which only
+    reentrant checkpointing needs; with S²FT's frozen embeddings it would send the backward
+    pass through the layers below the lowest trainable one, so that hook is removed."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
 def _meta_model(config, dtype: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -45,7 +45,7 @@ from .distributed import setup_processes
 from .errors import S2FTError
 from .files import atomic_write_dir, atomic_write_text
 from .losses import ExampleLosses, example_losses
-from .models import load_model, load_tokenizer
+from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
 from .selection import Selection, select_units
 
@@ -168,9 +168,8 @@ class Trainer:
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
         ).to(self.device)
         model = get_s2ft_model(model, r.s2ft, selection=self._selection(model))
-        if r.model.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            (enable or model.gradient_checkpointing_enable)()
+        if r.model.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.engine = ExampleLosses(model)  # DDP wraps the loss too: its forward must run
