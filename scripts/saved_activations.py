@@ -1,14 +1,15 @@
-"""Saved-activation bytes of one training step: S²FT against the frozen floor and PEFT LoRA.
+"""Saved-activation bytes of one training step: S²FT against the floors and PEFT LoRA.
 
 Every tensor autograd saves for the backward pass goes through
 ``torch.autograd.graph.saved_tensors_hooks``; this script adds up the distinct storages
 that are not model parameters, i.e. the activation memory a training step holds between
-forward and backward. Three set-ups on the same model and batch:
+forward and backward. The set-ups are those of ``bench_train.py``, on the same model and
+batch, in one process:
 
-* ``floor``: every weight frozen, back-propagation through every layer (input embeddings
-  require grad), no weight gradient: the least any partial method can save;
+* ``floor``: every weight frozen, back-propagation through every layer, no weight
+  gradient, transformers' loss; ``lean-floor``: the same with s2ft's loss;
 * ``lora``: PEFT LoRA r=16 on all seven linear projections;
-* ``s2ft``: ``get_s2ft_model`` with the given targets.
+* ``s2ft``: ``get_s2ft_model`` with the given targets and s2ft's loss.
 
     python scripts/saved_activations.py                       # the 12-layer benchmark shape
     python scripts/saved_activations.py --batch 1 --seq 512 --json out.json
@@ -20,12 +21,10 @@ import argparse
 import json
 
 import torch
-
-from s2ft_cli import get_s2ft_model
-from s2ft_cli.models import load_model
+from bench_train import build, step_loss
 
 
-def saved_bytes(model, ids) -> tuple[int, int]:
+def saved_bytes(method: str, model, ids) -> tuple[int, int]:
     """(bytes of saved non-parameter storages, number of saved tensors) for one step."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -39,27 +38,12 @@ def saved_bytes(model, ids) -> tuple[int, int]:
             storages[ptr] = t.untyped_storage().nbytes()
         return t
 
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = step_loss(method, model, batch)
     total = sum(storages.values())
     loss.backward()
     return total, count
-
-
-def build(method: str, name: str, targets: dict[str, float]):
-    model = load_model(name)
-    model.train()
-    if method == "floor":
-        model.requires_grad_(False)
-        model.enable_input_require_grads()
-    elif method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=modules))
-    else:
-        get_s2ft_model(model, {"targets": targets})
-    return model
 
 
 def main() -> None:
@@ -71,27 +55,35 @@ def main() -> None:
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    targets = json.loads(args.targets)
+    spec = {
+        "model": args.model,
+        "dtype": "float32",
+        "device": "cpu",
+        "checkpointing": False,
+        "targets": json.loads(args.targets),
+    }
     results = {}
-    for method in ("floor", "lora", "s2ft"):
-        model = build(method, args.model, targets)
+    for method in ("floor", "lean-floor", "lora", "s2ft"):
+        model, params = build(method, spec)
         vocab = model.config.vocab_size
         ids = torch.randint(
             0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
         )
-        nbytes, count = saved_bytes(model, ids)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        nbytes, count = saved_bytes(method, model, ids)
+        trainable = sum(p.numel() for p in params)
         results[method] = {"saved_bytes": nbytes, "saved_tensors": count, "trainable": trainable}
         del model
-    print(f"model {args.model}, batch {args.batch} x {args.seq}, S²FT targets {targets}")
-    header = ("method", "trainable", "saved MiB", "tensors", "/ floor", "/ lora")
-    print("{:8} {:>12} {:>10} {:>8} {:>8} {:>7}".format(*header))
+    print(f"model {args.model}, batch {args.batch} x {args.seq}, S²FT targets {spec['targets']}")
+    header = ("method", "trainable", "saved MiB", "tensors", "/ floor", "/ lean", "/ lora")
+    print("{:10} {:>12} {:>10} {:>8} {:>8} {:>7} {:>7}".format(*header))
     for method, r in results.items():
         mib = r["saved_bytes"] / 2**20
         print(
-            f"{method:8} {r['trainable']:>12,} {mib:>10.1f} {r['saved_tensors']:>8} "
-            f"{r['saved_bytes'] / results['floor']['saved_bytes']:>8.3f} "
-            f"{r['saved_bytes'] / results['lora']['saved_bytes']:>7.3f}"
+            f"{method:10} {r['trainable']:>12,} {mib:>10.1f} {r['saved_tensors']:>8} "
+            + " ".join(
+                f"{r['saved_bytes'] / results[ref]['saved_bytes']:>7.3f}"
+                for ref in ("floor", "lean-floor", "lora")
+            )
         )
     if args.json_path:
         with open(args.json_path, "w") as f:

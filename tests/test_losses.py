@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,37 +81,51 @@ def test_token_losses_through_a_biased_head(head_trains, small_chunks):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-class LargestLogits(TorchDispatchMode):
-    """Records the most rows of vocabulary-wide values any operation produces (views of
-    the weights, such as the transposed output head, aside)."""
+class ProducedShapes(TorchDispatchMode):
+    """Records the shape of every tensor an operation produces, views of the model's
+    weights (such as a transposed weight) aside."""
 
     def __init__(self, model):
         super().__init__()
-        self.vocab, self.rows = model.config.vocab_size, 0
         self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.shapes: list[tuple[int, ...]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if (
-                isinstance(t, torch.Tensor)
-                and t.dim()
-                and t.shape[-1] == self.vocab
-                and t.untyped_storage().data_ptr() not in self.weights
-            ):
-                self.rows = max(self.rows, t.numel() // self.vocab)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.weights:
+                self.shapes.append(tuple(t.shape))
         return out
+
+    def most_rows(self, width: int) -> int:
+        """The most rows of ``width``-wide values any single tensor held."""
+        return max((math.prod(s) // width for s in self.shapes if s and s[-1] == width), default=0)
 
 
 def test_a_training_step_never_forms_the_full_logits(small_chunks):
     model = get_s2ft_model(tiny_model("llama-mha"), S2FTConfig(targets={"down_proj": 0.2}))
     batch = batch_of(model.config.vocab_size)
-    with LargestLogits(model) as lean:
+    vocab = model.config.vocab_size
+    with ProducedShapes(model) as lean:
         example_losses(model, batch)[0].sum().backward()
-    with LargestLogits(model) as plain:
+    with ProducedShapes(model) as plain:
         reference_losses(model, batch)[0].sum().backward()
-    assert plain.rows >= batch["input_ids"].numel()  # the probe sees the logits when they exist
-    assert lean.rows == 3  # one chunk at a time
+    assert plain.most_rows(vocab) >= batch["input_ids"].numel()  # the probe sees full logits
+    assert lean.most_rows(vocab) == 3  # one chunk at a time
+
+
+def test_a_training_step_never_forms_a_full_weight_gradient():
+    """Partial back-propagation (§3.3): only block-sized weight gradients exist."""
+    model = get_s2ft_model(
+        tiny_model("llama-gqa-bias"),
+        S2FTConfig(targets={"v_proj": 0.5, "o_proj": 0.25, "up_proj": 0.2, "down_proj": 0.1}),
+    )
+    with ProducedShapes(model) as step:
+        example_losses(model, batch_of(model.config.vocab_size))[0].sum().backward()
+    weights = {tuple(p.shape) for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    deltas = {tuple(p.shape) for p in model.parameters() if p.requires_grad}
+    assert deltas <= set(step.shapes)  # the probe sees the block gradients
+    assert not weights & set(step.shapes)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

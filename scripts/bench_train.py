@@ -1,0 +1,276 @@
+"""Training-step cost of S²FT against full fine-tuning, PEFT LoRA and the frozen floor.
+
+Each method runs in its own subprocess on the same model and the same random batch, so
+that peak memory (RSS on a CPU, ``torch.cuda.max_memory_allocated`` on CUDA) is its own:
+
+* ``full``: AdamW on every weight, transformers' loss (full-vocabulary logits);
+* ``lora``: PEFT LoRA r=16 on all seven linear projections, transformers' loss;
+* ``floor``: every weight frozen, back-propagation through every layer (the input
+  embeddings require grad) and no weight gradient, transformers' loss: the least any
+  partial method costs with that loss (the floor *before* this project's loss);
+* ``lean-floor``: the same with s2ft's memory-lean loss (the floor *after*);
+* ``s2ft``: ``get_s2ft_model`` with the targets, s2ft's loss and fused AdamW over the
+  deltas: the step ``s2ft train`` runs.
+
+It reports trainable parameters, the median step time over ``--steps`` steps after
+``--warmup`` (forward, backward, optimizer step), peak memory, and the ratios to full
+fine-tuning, LoRA and both floors; with ``--repeats N`` the ratios are medians over N
+rounds. Every method uses fused AdamW where it trains something.
+
+    python scripts/bench_train.py                    # CPU: bench-llama fp32, 4×256 and 1×512
+    python scripts/bench_train.py --device cuda      # LLaMA-3.2-1B-like, bf16, 2×1024
+    python scripts/bench_train.py --device cuda --model preset:bench-llama2-7b-8l --shapes 1x1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ("full", "lora", "floor", "lean-floor", "s2ft")
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULTS = {  # device -> model, dtype, shapes, activation checkpointing settings
+    "cpu": ("preset:bench-llama", "float32", "4x256,1x512", "off"),
+    "cuda": ("preset:bench-llama3-1b", "bfloat16", "2x1024", "both"),
+}
+
+
+# ------------------------------------------------------------------------- one method
+def build(method: str, spec: dict):
+    """The model of a method and the tensors its optimizer updates."""
+    from s2ft_cli import get_s2ft_model
+    from s2ft_cli.models import enable_activation_checkpointing, load_model
+
+    model = load_model(spec["model"], spec["dtype"]).to(spec["device"]).train()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_MODULES))
+    elif method in ("floor", "lean-floor"):
+        model.requires_grad_(False)
+    elif method == "s2ft":
+        get_s2ft_model(model, {"targets": spec["targets"]})
+    if spec["checkpointing"]:
+        if method == "s2ft":
+            enable_activation_checkpointing(model)  # as `s2ft train` does
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+    if method in ("floor", "lean-floor"):
+        model.enable_input_require_grads()  # back-propagate through every layer
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def step_loss(method: str, model, batch: dict) -> torch.Tensor:
+    """The mean token loss of the batch: transformers' for the baselines, s2ft's lean one
+    for ``lean-floor`` and ``s2ft``."""
+    if method in ("lean-floor", "s2ft"):
+        from s2ft_cli.losses import example_losses
+
+        losses, counts = example_losses(model, batch)
+        return losses.sum() / counts.sum()
+    return model(**batch, use_cache=False).loss
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_method(method: str, spec: dict) -> dict:
+    """Build, train ``warmup + steps`` steps, measure."""
+    from s2ft_cli.train import adamw
+
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, params = build(method, spec)
+    optimizer = adamw(params, lr=1e-5, weight_decay=0.0) if params else None
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        synchronize()
+        start = time.perf_counter()
+        with autocast:
+            loss = step_loss(method, model, batch)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "trainable": sum(p.numel() for p in params),
+        "step_s": statistics.median(times[spec["warmup"] :]),
+        "step_times": times,
+        "peak_bytes": peak_memory_bytes(device),
+        "loss": loss.item(),
+    }
+
+
+# ------------------------------------------------------------------------- the driver
+def in_subprocess(method: str, spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--spec", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratios(results: dict) -> dict:
+    """Time and memory of each method over each reference method."""
+    out = {}
+    for method, r in results.items():
+        for ref in ("full", "lora", "floor", "lean-floor"):
+            if ref in results:
+                base = results[ref]
+                out[f"{method}/{ref}"] = {
+                    "time": r["step_s"] / base["step_s"],
+                    "memory": r["peak_bytes"] / base["peak_bytes"],
+                }
+    return out
+
+
+def median_ratios(rounds: list[dict]) -> dict:
+    keys = rounds[0].keys()
+    return {
+        k: {m: statistics.median(r[k][m] for r in rounds) for m in ("time", "memory")} for k in keys
+    }
+
+
+TARGETS = {  # device -> (ratio key, measure, bound), from the efficiency issue
+    "cpu": [
+        ("s2ft/lean-floor", "time", 1.05),
+        ("s2ft/lean-floor", "memory", 1.05),
+        ("s2ft/floor", "time", 1.05),
+        ("s2ft/floor", "memory", 1.05),
+        ("s2ft/lora", "memory", 0.85),
+    ],
+    "cuda": [
+        ("s2ft/full", "memory", 0.40),
+        ("s2ft/full", "time", 0.60),
+        ("s2ft/lora", "memory", 0.90),
+        ("s2ft/lora", "time", 0.90),
+    ],
+}
+
+
+def report(title: str, rounds: list[dict], medians: dict, device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    last = rounds[-1]["results"]
+    table = Table(title=title, title_justify="left")
+    for col in ("method", "trainable", "step s", "peak GiB"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    refs = [ref for ref in ("full", "lora", "floor", "lean-floor") if ref in last]
+    for ref in refs:
+        table.add_column(f"×{ref}\ntime / mem", justify="right")
+    for method, r in last.items():
+        cells = [
+            method,
+            f"{r['trainable']:,}",
+            f"{statistics.median(x['results'][method]['step_s'] for x in rounds):.3f}",
+            f"{statistics.median(x['results'][method]['peak_bytes'] for x in rounds) / 2**30:.2f}",
+        ]
+        for ref in refs:
+            m = medians[f"{method}/{ref}"]
+            cells.append(f"{m['time']:.2f} / {m['memory']:.2f}")
+        table.add_row(*cells)
+    console = Console(width=150)
+    console.print(table)
+    for key, measure, bound in TARGETS[device]:
+        if key in medians:
+            value = medians[key][measure]
+            mark = "[green]met[/]" if value <= bound else "[red]missed[/]"
+            console.print(f"  target {key} {measure} ≤ {bound}: {value:.3f} {mark}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=sorted(DEFAULTS), default="cpu")
+    ap.add_argument("--model", help="preset, local directory or hub id (default per device)")
+    ap.add_argument("--dtype", help="float32 | bfloat16 (default per device)")
+    ap.add_argument("--shapes", help="batch x sequence, comma-separated (default per device)")
+    ap.add_argument("--checkpointing", choices=["off", "on", "both"], help="(default per device)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--targets", default='{"o_proj": 0.05, "down_proj": 0.02}')
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of all methods")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per method")
+    ap.add_argument("--json", dest="json_path", help="write every measurement here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(run_method(args.worker, json.loads(args.spec))))
+        return
+
+    model, dtype, shapes, checkpointing = DEFAULTS[args.device]
+    model, dtype = args.model or model, args.dtype or dtype
+    checkpointing = args.checkpointing or checkpointing
+    settings = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        sys.exit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    configs = []
+    for shape in (args.shapes or shapes).split(","):
+        batch, seq = (int(x) for x in shape.lower().split("x"))
+        for ckpt in settings:
+            spec = {
+                "device": args.device,
+                "model": model,
+                "dtype": dtype,
+                "batch": batch,
+                "seq": seq,
+                "checkpointing": ckpt,
+                "targets": json.loads(args.targets),
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "threads": args.threads,
+            }
+            rounds = []
+            for _ in range(args.repeats):
+                results = {m: in_subprocess(m, spec) for m in methods}
+                rounds.append({"results": results, "ratios": ratios(results)})
+            medians = median_ratios([r["ratios"] for r in rounds])
+            title = (
+                f"{model} {dtype} on {machine['device']}, batch {batch}×{seq}, "
+                f"checkpointing {'on' if ckpt else 'off'}, {args.repeats} round(s)"
+            )
+            report(title, rounds, medians, args.device)
+            configs.append({"spec": spec, "rounds": rounds, "median_ratios": medians})
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"machine": machine, "configs": configs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
