@@ -35,11 +35,12 @@ def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor
         for start in range(0, hidden.shape[0], rows):
             span = slice(start, start + rows)
             logits = F.linear(hidden[span].to(dtype), weight, bias).float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
             target = labels[span, None]
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[span] = lse - logits.gather(1, target).squeeze(1)
-            if grad_hidden is not None:  # softmax − onehot, in place of the logits
-                probs = logits.sub_(lse[:, None]).exp_()
+            losses[span] = -log_probs.gather(1, target).squeeze(1)
+            if grad_hidden is not None:  # softmax − onehot, in place of the log-probabilities
+                probs = log_probs.exp_()
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
                 grad_hidden[span] = probs.to(dtype) @ weight
     return losses
