@@ -12,6 +12,7 @@ from .adapter import (  # noqa: E402
 from .config import S2FTConfig  # noqa: E402
 from .convert import get_s2ft_model  # noqa: E402
 from .errors import AdapterMismatchError, S2FTError  # noqa: E402
+from .losses import example_losses  # noqa: E402
 from .selection import Selection  # noqa: E402
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "S2FTConfig",
     "S2FTError",
     "Selection",
+    "example_losses",
     "get_s2ft_model",
     "load_adapter",
     "merge_adapter",

@@ -57,7 +57,7 @@ def build(method: str, spec: dict):
     elif method in ("floor", "lean-floor"):
         model.requires_grad_(False)
     elif method == "s2ft":
-        get_s2ft_model(model, {"targets": spec["targets"]})
+        get_s2ft_model(model, {"targets": spec["targets"], "layers": spec["layers"]})
     if spec["checkpointing"]:
         if method == "s2ft":
             enable_activation_checkpointing(model)  # as `s2ft train` does
@@ -204,6 +204,17 @@ def report(title: str, rounds: list[dict], medians: dict, device: str) -> None:
             console.print(f"  target {key} {measure} ≤ {bound}: {value:.3f} {mark}")
 
 
+def layer_list(text: str | None) -> list[int] | None:
+    """``"6-11"`` or ``"0,2,4"`` as a list of layer indices."""
+    if not text:
+        return None
+    layers = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        layers += range(int(first), int(last or first) + 1)
+    return layers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=sorted(DEFAULTS), default="cpu")
@@ -213,6 +224,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], help="(default per device)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--targets", default='{"o_proj": 0.05, "down_proj": 0.02}')
+    ap.add_argument("--layers", help="S²FT trains only these layers, e.g. 6-11 (default all)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all methods")
@@ -252,6 +264,7 @@ def main() -> None:
                 "seq": seq,
                 "checkpointing": ckpt,
                 "targets": json.loads(args.targets),
+                "layers": layer_list(args.layers),
                 "steps": args.steps,
                 "warmup": args.warmup,
                 "threads": args.threads,
@@ -263,7 +276,9 @@ def main() -> None:
             medians = median_ratios([r["ratios"] for r in rounds])
             title = (
                 f"{model} {dtype} on {machine['device']}, batch {batch}×{seq}, "
-                f"checkpointing {'on' if ckpt else 'off'}, {args.repeats} round(s)"
+                f"checkpointing {'on' if ckpt else 'off'}, S²FT {args.targets}"
+                + (f" on layers {args.layers}" if args.layers else "")
+                + f", {args.repeats} round(s)"
             )
             report(title, rounds, medians, args.device)
             configs.append({"spec": spec, "rounds": rounds, "median_ratios": medians})

@@ -61,6 +61,7 @@ def main() -> None:
         "device": "cpu",
         "checkpointing": False,
         "targets": json.loads(args.targets),
+        "layers": None,
     }
     results = {}
     for method in ("floor", "lean-floor", "lora", "s2ft"):
