@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import S2FTError
+from .errors import S2FTError, TrainingInterrupted
 
 app = typer.Typer(
     name="s2ft",
@@ -33,6 +35,9 @@ def _main(
     _state["debug"] = debug
 
 
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def user_errors(command):
     """Print a user error as one paragraph and exit 1 (with the traceback under --debug)."""
 
@@ -44,6 +49,19 @@ def user_errors(command):
             if _state["debug"]:
                 raise
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as err:  # a full disk, a read-only or forbidden folder
+            if _state["debug"] or err.errno not in WRITE_FAILURES:
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            err_console.print(
+                f"[bold red]error:[/] could not write{where}: {err.strerror}. Free some space or "
+                "choose a folder you can write to (output_dir=... or --out); files written "
+                "before are complete, and a training run continues from its newest "
+                "checkpoint with --resume.",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -194,7 +212,14 @@ def train(
     from .train import train as run_training
 
     r = load_recipe(recipe, overrides)
-    run_training(r, resume=resume, console=console)
+    try:
+        run_training(r, resume=resume, console=console)
+    except TrainingInterrupted as stop:
+        command = shlex.join(["s2ft", "train", str(recipe), *(overrides or []), "--resume"])
+        err_console.print(
+            f"[yellow]stopped:[/] {stop} Resume with:\n  {command}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(130) from None
 
 
 def _option(help: str, *names: str):

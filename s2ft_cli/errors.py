@@ -13,3 +13,7 @@ class S2FTError(Exception):
 
 class AdapterMismatchError(S2FTError):
     """An adapter was loaded onto a base model it was not trained on."""
+
+
+class TrainingInterrupted(S2FTError):
+    """Training stopped on Ctrl-C after saving a checkpoint; the command exits 130."""

@@ -14,11 +14,15 @@ RNG states, step).
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import math
 import random
 import resource
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,7 +46,7 @@ from .data import (
     split_validation,
 )
 from .distributed import setup_processes
-from .errors import S2FTError
+from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_dir, atomic_write_text
 from .losses import ExampleLosses, example_losses
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
@@ -133,11 +137,54 @@ def checkpoints_of(run: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
 
 
+def _write_failure(err: Exception, folder: Path) -> str:
+    """Why a write failed, in words: the OS's reason, and the free space when it is low."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full"
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        reason += f" ({free / 2**30:.2f} GB free)"
+    except OSError:
+        pass
+    return reason
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class StopRequest:
+    """Ctrl-C during training: the first press asks the loop to stop at the end of the
+    current step (so that the checkpoint it saves continues exactly), a second press
+    stops at once (the newest complete checkpoint is kept)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print(
+            "[yellow]Ctrl-C:[/] saving a checkpoint after this step, then stopping "
+            "(press Ctrl-C again to stop at once).",
+            highlight=False,
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class Trainer:
@@ -199,6 +246,9 @@ class Trainer:
         self._order: tuple[int, list[int]] = (-1, [])
         if self.resume:
             self._load_checkpoint(self._latest_checkpoint())
+            if self.is_main:  # what a run killed while writing a checkpoint left behind
+                for partial in (self.out / CHECKPOINTS).glob(".step-*"):
+                    shutil.rmtree(partial, ignore_errors=True)
         elif self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(
@@ -335,7 +385,7 @@ class Trainer:
             record = {"step": 0, "eval_loss": self.evaluate()}
             last.update(record)
             self._write_metrics(record)
-        with progress:
+        with progress, StopRequest(self.console) as stop:
             task = progress.add_task(
                 "train", total=self.total_steps, completed=self.step, status=""
             )
@@ -343,8 +393,10 @@ class Trainer:
                 loss, tokens = self.train_step(self.step)
                 if not math.isfinite(loss):
                     raise S2FTError(
-                        f"The loss became {loss} at step {self.step + 1}; lower train.lr or "
-                        "check the data. The last checkpoint is kept."
+                        f"The training loss became {loss} at step {self.step + 1}; the run "
+                        f"stopped without saving it. {self._kept_checkpoint()} Lower train.lr "
+                        "(or set train.max_grad_norm), check the data, and start again or "
+                        "resume with --resume."
                     )
                 self.step += 1
                 window_loss.append(loss)
@@ -374,8 +426,17 @@ class Trainer:
                             highlight=False,
                         )
                 progress.update(task, advance=1, status=self._status(last, loss))
-                if final or (t.save_every and self.step % t.save_every == 0):
+                saved = final or (t.save_every and self.step % t.save_every == 0)
+                if saved:
                     self.save_checkpoint()
+                (stopping,) = self.procs.all_sum(int(stop.requested))  # every process agrees
+                if stopping and not final:
+                    if not saved:
+                        self.save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"Interrupted at step {self.step} of {self.total_steps}; checkpoint "
+                        f"saved in {self._latest_checkpoint()}."
+                    )
         if self.is_main:
             save_adapter(self.model, self.out / "adapter")
             self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
@@ -432,10 +493,24 @@ class Trainer:
                 (tmp / "meta.json").write_text(json.dumps(meta))
 
             folder = self.out / CHECKPOINTS
-            atomic_write_dir(folder / f"step-{self.step:07d}", write)
+            try:
+                atomic_write_dir(folder / f"step-{self.step:07d}", write)
+            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+                raise S2FTError(
+                    f"Could not write the checkpoint of step {self.step} in {folder}: "
+                    f"{_write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
+                    "(or move output_dir) and continue with --resume."
+                ) from err
             for old in self._checkpoints()[: -self.recipe.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.procs.barrier()
+
+    def _kept_checkpoint(self) -> str:
+        """Which checkpoint a failed or stopped run leaves to resume from."""
+        latest = self._latest_checkpoint()
+        if latest is None:
+            return "No checkpoint was saved before it."
+        return f"The newest complete checkpoint, {latest}, is kept."
 
     def _checkpoints(self) -> list[Path]:
         return checkpoints_of(self.out)
@@ -470,6 +545,11 @@ class Trainer:
             atomic_write_text(self.out / METRICS, "".join(ln + "\n" for ln in kept))
 
     def cleanup(self) -> None:
+        # DDP's reducer holds the process group. Freed after the group is destroyed, it
+        # would be the last owner and run gloo's blocking destructor with the GIL held,
+        # which deadlocks with gloo's threads (pytorch/pytorch#56297): free it first.
+        self.engine = None
+        gc.collect()
         if hasattr(self, "procs"):
             self.procs.close()
 

@@ -1,0 +1,167 @@
+"""Faults during `s2ft train`: Ctrl-C, SIGKILL while a checkpoint is written, a loss that
+becomes NaN, a full disk. None of them may cost what was already saved."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from s2ft_cli import train as train_module
+from s2ft_cli.errors import S2FTError
+from s2ft_cli.recipe import load_recipe
+from s2ft_cli.train import Trainer, checkpoints_of, train
+
+from .test_train import RECIPE, max_diff, recipe_file, s2ft
+
+LONG = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the fault could be injected"
+
+
+def straight_run(tmp_path: Path, path: Path) -> Path:
+    train(load_recipe(path, [f"output_dir={tmp_path / 'straight'}"]))
+    return tmp_path / "straight" / "adapter"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    path = recipe_file(tmp_path, LONG)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "s2ft_cli", "train", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert "Interrupted at step" in stderr and f"s2ft train {path} --resume" in stderr
+    newest = checkpoints_of(tmp_path / "run")[-1]
+    step = int(newest.name.split("-")[1])
+    assert 4 <= step < 40 and f"step {step} of 40" in stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+
+    result = s2ft("train", path, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert max_diff(tmp_path / "run" / "adapter", straight_run(tmp_path, path)) <= 1e-5
+
+
+KILL_WHILE_WRITING = """\
+import os, signal, sys
+import s2ft_cli.train as t
+from s2ft_cli.cli import main
+real, calls = t.save_file, []
+def save_then_die(tensors, filename, *args, **kwargs):
+    calls.append(filename)
+    real(tensors, filename, *args, **kwargs)
+    if len(calls) == 2:  # the second checkpoint: its tensors are written, the rest is not
+        os.kill(os.getpid(), signal.SIGKILL)
+t.save_file = save_then_die
+sys.argv = ["s2ft", "train", sys.argv[1]]
+main()
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
+    path = recipe_file(tmp_path, LONG)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_WHILE_WRITING, str(path)], capture_output=True, timeout=240
+    )
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    assert [c.name for c in checkpoints_of(run)] == ["step-0000004"]
+    assert list((run / "checkpoints").glob(".step-0000008*"))  # the half-written one
+
+    result = s2ft("train", path, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert not list((run / "checkpoints").glob(".step-*"))  # cleaned up on resume
+    assert max_diff(run / "adapter", straight_run(tmp_path, path)) <= 1e-5
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = recipe_file(tmp_path)
+    real_step = Trainer.train_step
+
+    def diverge_at_step_6(self, step):
+        loss, tokens = real_step(self, step)
+        return (float("nan") if step == 5 else loss), tokens
+
+    monkeypatch.setattr(Trainer, "train_step", diverge_at_step_6)
+    with pytest.raises(S2FTError) as err:
+        train(load_recipe(path))
+    message = str(err.value)
+    assert "became nan at step 6" in message and "step-0000004" in message
+    assert "train.lr" in message
+    run = tmp_path / "run"
+    assert [c.name for c in checkpoints_of(run)] == ["step-0000004"]
+    assert not (run / "adapter").exists()
+
+    monkeypatch.undo()
+    train(load_recipe(path), resume=True)  # the kept checkpoint continues
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_full_disk_is_reported_and_loses_nothing_saved(tmp_path, monkeypatch):
+    path = recipe_file(tmp_path)
+    real_save, calls = train_module.save_file, []
+
+    def disk_full_at_second_checkpoint(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"\0" * 10)  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_file", disk_full_at_second_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(S2FTError) as err:
+        train(load_recipe(path))
+    message = str(err.value)
+    assert "checkpoint of step 8" in message and "the disk is full" in message
+    assert "step-0000004" in message and "--resume" in message
+    assert [c.name for c in checkpoints_of(run)] == ["step-0000004"]
+    assert not list((run / "checkpoints").glob(".step-*"))  # the partial one is removed
+    load_file(run / "checkpoints" / "step-0000004" / "trainable.safetensors")
+
+    monkeypatch.undo()
+    train(load_recipe(path), resume=True)
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_full_disk_anywhere_is_one_message_from_the_cli(tmp_path):
+    """Writes outside the checkpoints (here the adapter) go through the CLI's handler."""
+    script = textwrap.dedent(
+        """\
+        import errno, os, sys
+        import s2ft_cli.train as t
+        from s2ft_cli.cli import main
+        def full(model, folder, *args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        t.save_adapter = full
+        sys.argv = ["s2ft", "train", sys.argv[1], "train.max_steps=2", "train.save_every=0"]
+        main()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(recipe_file(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "could not write" in result.stderr and "No space left on device" in result.stderr
+    assert str(tmp_path / "run" / "adapter") in result.stderr.replace("\n", "")
