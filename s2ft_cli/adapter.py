@@ -276,7 +276,10 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:
-        raise S2FTError(f"{path / CONFIG_NAME} is not valid JSON ({err}).") from err
+        raise S2FTError(
+            f"{path / CONFIG_NAME} is not valid JSON ({err}); the file is damaged — re-export "
+            "the adapter (s2ft export RUN_DIR --out DIR)."
+        ) from err
     if not isinstance(config, dict):
         config = {}
     if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
@@ -289,7 +292,9 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError) as err:
         raise S2FTError(
-            f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err})."
+            f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err}); it is damaged "
+            "or not an s2ft adapter — re-export it (adapters are read only as safetensors, so "
+            "no code in a file can run)."
         ) from err
     return config, tensors
 

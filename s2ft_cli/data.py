@@ -98,7 +98,10 @@ def read_record_file(path: Path) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise S2FTError(f"{path}: line {n} is not valid JSON ({err}).") from None
+                raise S2FTError(
+                    f"{path}: line {n} is not valid JSON ({err}); fix or remove that line (a "
+                    ".jsonl file holds one JSON record per line)."
+                ) from None
         return records
     try:
         data = json.loads(path.read_text())
@@ -108,7 +111,10 @@ def read_record_file(path: Path) -> list:
             "with one record per line."
         ) from None
     if not isinstance(data, list):
-        raise S2FTError(f"{path} must hold a JSON list of records, not a {type(data).__name__}.")
+        raise S2FTError(
+            f"{path} must hold a JSON list of records, not a {type(data).__name__}; wrap the "
+            "records in [...] or write one record per line to a .jsonl file."
+        )
     return data
 
 

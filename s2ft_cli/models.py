@@ -229,6 +229,18 @@ def preset_names() -> list[str]:
     return [PRESET_PREFIX + name for name in _preset_configs()]
 
 
+def _model_source(name_or_path: str) -> str:
+    """A local directory (checked to exist) or a hub id, as transformers takes it."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise S2FTError(
+            f"Model directory {name_or_path!r} does not exist. Give model.name_or_path as a "
+            "local Hugging Face model directory, a hub id (e.g. meta-llama/Llama-3.2-1B), or "
+            f"one of the presets {', '.join(preset_names())}."
+        )
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
 def load_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -260,14 +272,7 @@ def load_model(
             model = AutoModelForCausalLM.from_config(configs[name], dtype=DTYPES[dtype])
         model.config.name_or_path = name_or_path
         return model
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise S2FTError(
-            f"Model directory {name_or_path!r} does not exist. Give model.name_or_path as a "
-            "local Hugging Face model directory, a hub id (e.g. meta-llama/Llama-3.2-1B), or "
-            f"one of the presets {', '.join(preset_names())}."
-        )
-    source = str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+    source = _model_source(name_or_path)
     try:
         if not weights:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -334,8 +339,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
     if name_or_path.startswith(PRESET_PREFIX):
         return char_tokenizer()
+    source = _model_source(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise S2FTError(
             f"Could not load the tokenizer of {name_or_path!r}: {str(err).rstrip('.')}. The "

@@ -267,11 +267,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every mistake is an :class:`S2FTError`."""
     path = Path(path)
     if not path.is_file():
-        raise S2FTError(f"Recipe {path} does not exist; give the path of a YAML recipe file.")
+        raise S2FTError(
+            f"Recipe {path} does not exist; give the path of a YAML recipe file "
+            "(`s2ft recipes` lists the bundled ones, `s2ft init NAME DEST` copies one)."
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path) as f:  # a stream: YAML's messages then name the file and line
+            data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise S2FTError(f"Recipe {path} is not valid YAML: {err}") from err
+        where = " ".join(str(err).split())
+        raise S2FTError(
+            f"Recipe {path} is not valid YAML ({where}). Fix it at the line named (brackets "
+            "and quotes must close; indent with spaces, not tabs)."
+        ) from err
     if not isinstance(data, dict):
         raise S2FTError(f"Recipe {path} must be a mapping of sections (model:, s2ft:, ...).")
     parsed = [_parse_override(item) for item in overrides or []]

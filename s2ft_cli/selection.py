@@ -169,7 +169,8 @@ def select_units(
     if layers[-1] >= shape.num_layers:
         raise S2FTError(
             f"s2ft.layers names layer {layers[-1]}, but the model has {shape.num_layers} layers "
-            f"(0..{shape.num_layers - 1})."
+            f"(0..{shape.num_layers - 1}); list layers in that range, or leave s2ft.layers out "
+            "to train all."
         )
     if config.strategy in DATA_STRATEGIES and not calibration:
         raise S2FTError(

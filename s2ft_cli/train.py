@@ -18,6 +18,7 @@ import errno
 import gc
 import json
 import math
+import pickle
 import random
 import resource
 import shutil
@@ -135,6 +136,24 @@ def checkpoints_of(run: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
+
+
+def _read_checkpoint_file(file: Path, read):
+    """``read(file)``, with a user error when the file is damaged or is not plain tensors:
+    checkpoints are read only as safetensors or with ``weights_only`` (no pickled code)."""
+    try:
+        return read(str(file))
+    except pickle.UnpicklingError as err:
+        raise S2FTError(
+            f"{file} holds more than tensors and plain values, so weights_only loading refused "
+            "it (unpickling it could run code). Do not resume from a checkpoint you did not "
+            "write; delete that checkpoint folder to resume from an earlier one."
+        ) from err
+    except Exception as err:  # safetensors and torch report damage in several types
+        raise S2FTError(
+            f"{file} is damaged ({str(err).splitlines()[0]}); this checkpoint cannot be "
+            "resumed. Delete its folder to resume from an earlier checkpoint."
+        ) from err
 
 
 def _write_failure(err: Exception, folder: Path) -> str:
@@ -526,12 +545,15 @@ class Trainer:
                 f"Checkpoint {path} was trained with another selection than this recipe makes; "
                 "resume with the recipe (and s2ft seed) of the run."
             )
-        trainable = load_file(str(path / "trainable.safetensors"))
+        trainable = _read_checkpoint_file(path / "trainable.safetensors", load_file)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 if p.requires_grad:
                     p.copy_(trainable[name])
-        state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        state = _read_checkpoint_file(
+            path / "trainer_state.pt",
+            lambda f: torch.load(f, weights_only=True, map_location="cpu"),
+        )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -237,3 +237,12 @@ def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
     single = json.loads((tmp_path / "single" / "selection.json").read_text())["units"]
     assert json.loads((tmp_path / "ddp" / "selection.json").read_text())["units"] == single
     assert max_diff(tmp_path / "ddp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
+
+
+def test_same_recipe_and_seed_give_byte_identical_adapters_on_cpu(tmp_path):
+    path = recipe_file(tmp_path)
+    for name in ("first", "second"):
+        train(load_recipe(path, [f"output_dir={tmp_path / name}"]))
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        first = (tmp_path / "first" / "adapter" / file).read_bytes()
+        assert first == (tmp_path / "second" / "adapter" / file).read_bytes(), file
