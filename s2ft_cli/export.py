@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
@@ -18,7 +17,7 @@ from .files import atomic_write_dir
 from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe
 from .selection import Selection
-from .train import checkpoints_of
+from .train import checkpoints_of, read_checkpoint_file
 
 
 def find_checkpoint(run: Path, name: str) -> Path:
@@ -53,14 +52,14 @@ def _trained_model(run: Path, recipe: Recipe, checkpoint: Path) -> nn.Module:
     if not (run / "selection.json").is_file():
         raise S2FTError(f"{run} has no selection.json; it is not a complete s2ft train run.")
     selection = Selection.from_json((run / "selection.json").read_text())
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta = read_checkpoint_file(checkpoint / "meta.json")
     if meta.get("selection") != selection.to_dict()["units"]:
         raise S2FTError(
             f"{checkpoint} was trained with another selection than {run / 'selection.json'}; "
             "the run directory is inconsistent."
         )
     model = get_s2ft_model(_base(recipe), recipe.s2ft, selection=selection)
-    deltas = load_file(str(checkpoint / "trainable.safetensors"))
+    deltas = read_checkpoint_file(checkpoint / "trainable.safetensors")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:

@@ -138,21 +138,25 @@ def checkpoints_of(run: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
 
 
-def _read_checkpoint_file(file: Path, read):
-    """``read(file)``, with a user error when the file is damaged or is not plain tensors:
-    checkpoints are read only as safetensors or with ``weights_only`` (no pickled code)."""
+def read_checkpoint_file(file: Path):
+    """One file of a checkpoint: safetensors, ``weights_only`` torch state (no pickled
+    code is ever run) or JSON; a damaged or foreign file is a user error naming it."""
     try:
-        return read(str(file))
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        if file.suffix == ".pt":
+            return torch.load(file, weights_only=True, map_location="cpu")
+        return json.loads(file.read_text())
     except pickle.UnpicklingError as err:
         raise S2FTError(
             f"{file} holds more than tensors and plain values, so weights_only loading refused "
             "it (unpickling it could run code). Do not resume from a checkpoint you did not "
             "write; delete that checkpoint folder to resume from an earlier one."
         ) from err
-    except Exception as err:  # safetensors and torch report damage in several types
+    except Exception as err:  # safetensors, torch and json report damage in several types
         raise S2FTError(
             f"{file} is damaged ({str(err).splitlines()[0]}); this checkpoint cannot be "
-            "resumed. Delete its folder to resume from an earlier checkpoint."
+            "used. Delete its folder to resume from an earlier checkpoint."
         ) from err
 
 
@@ -539,21 +543,18 @@ class Trainer:
         return found[-1] if found else None
 
     def _load_checkpoint(self, path: Path) -> None:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_checkpoint_file(path / "meta.json")
         if meta["selection"] != self.model.s2ft_selection.to_dict()["units"]:
             raise S2FTError(
                 f"Checkpoint {path} was trained with another selection than this recipe makes; "
                 "resume with the recipe (and s2ft seed) of the run."
             )
-        trainable = _read_checkpoint_file(path / "trainable.safetensors", load_file)
+        trainable = read_checkpoint_file(path / "trainable.safetensors")
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 if p.requires_grad:
                     p.copy_(trainable[name])
-        state = _read_checkpoint_file(
-            path / "trainer_state.pt",
-            lambda f: torch.load(f, weights_only=True, map_location="cpu"),
-        )
+        state = read_checkpoint_file(path / "trainer_state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])

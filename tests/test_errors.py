@@ -63,24 +63,28 @@ def ws(tmp_path_factory) -> Workspace:
     return Workspace(root, recipe, run)
 
 
-def evil_checkpoint(ws: Workspace) -> list[str]:
-    run = ws.run_copy("evil-run")
+def damaged_run(ws: Workspace, name: str, file: str, content: str | bytes) -> Path:
+    """A copy of the finished run whose newest checkpoint's ``file`` holds ``content``."""
+    run = ws.run_copy(name)
     (newest,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
-    with open(newest / "trainer_state.pt", "wb") as f:
-        pickle.dump({"step": Evil()}, f)
+    (newest / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return run
+
+
+def resume(run: Path) -> list:
     return ["train", run / "recipe.yaml", f"output_dir={run}", "--resume"]
 
 
-def damaged_checkpoint(ws: Workspace) -> list[str]:
-    run = ws.run_copy("damaged-run")
-    (newest,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
-    (newest / "trainable.safetensors").write_bytes(b"\x00\x01not safetensors")
-    return ["train", run / "recipe.yaml", f"output_dir={run}", "--resume"]
+def evil_checkpoint(ws: Workspace) -> list:
+    return resume(damaged_run(ws, "evil-run", "trainer_state.pt", pickle.dumps({"x": Evil()})))
 
 
-def other_selection(ws: Workspace) -> list[str]:
-    run = ws.run_copy("reselected-run")
-    return ["train", run / "recipe.yaml", f"output_dir={run}", "s2ft.seed=7", "--resume"]
+def damaged_checkpoint(ws: Workspace) -> list:
+    return resume(damaged_run(ws, "damaged-run", "trainable.safetensors", b"\x00\x01not"))
+
+
+def other_selection(ws: Workspace) -> list:
+    return [*resume(ws.run_copy("reselected-run")), "s2ft.seed=7"]
 
 
 def adapter_with(ws: Workspace, name: str, change) -> Path:
@@ -324,6 +328,21 @@ CASES = {
     "checkpoint-damaged": (
         damaged_checkpoint,
         ["trainable.safetensors", "damaged", "earlier checkpoint"],
+    ),
+    "export-checkpoint-pickle": (
+        lambda ws: [
+            "export",
+            damaged_run(ws, "export-run", "trainable.safetensors", pickle.dumps([Evil()])),
+            "--checkpoint",
+            "4",
+            "--out",
+            ws.root / "exported-4",
+        ],
+        ["trainable.safetensors", "damaged", "earlier checkpoint"],
+    ),
+    "checkpoint-meta-damaged": (
+        lambda ws: resume(damaged_run(ws, "meta-run", "meta.json", "{")),
+        ["meta.json", "damaged", "earlier checkpoint"],
     ),
     "checkpoint-other-selection": (
         other_selection,
