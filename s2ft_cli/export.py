@@ -11,13 +11,13 @@ from torch import nn
 
 from . import __version__
 from .adapter import Adapter, load_adapter, merge_adapter, save_adapter
+from .checkpoints import checkpoints_of, read_checkpoint_file
 from .convert import get_s2ft_model
 from .errors import S2FTError
 from .files import atomic_write_dir
 from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe
 from .selection import Selection
-from .train import checkpoints_of, read_checkpoint_file
 
 
 def find_checkpoint(run: Path, name: str) -> Path:

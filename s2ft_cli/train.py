@@ -14,11 +14,9 @@ RNG states, step).
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import math
-import pickle
 import random
 import resource
 import shutil
@@ -32,10 +30,11 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import get_scheduler
 
 from .adapter import save_adapter
+from .checkpoints import CHECKPOINTS, checkpoints_of, read_checkpoint_file, write_failure
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
 from .data import (
@@ -54,7 +53,6 @@ from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
 from .selection import Selection, select_units
 
-CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 
@@ -128,49 +126,6 @@ def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.o
     an optimizer step costs launches, not arithmetic, at S²FT's sizes."""
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def checkpoints_of(run: Path) -> list[Path]:
-    """A run's complete checkpoints, oldest first (a complete one has its meta.json)."""
-    folder = run / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
-
-
-def read_checkpoint_file(file: Path):
-    """One file of a checkpoint: safetensors, ``weights_only`` torch state (no pickled
-    code is ever run) or JSON; a damaged or foreign file is a user error naming it."""
-    try:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        if file.suffix == ".pt":
-            return torch.load(file, weights_only=True, map_location="cpu")
-        return json.loads(file.read_text())
-    except pickle.UnpicklingError as err:
-        raise S2FTError(
-            f"{file} holds more than tensors and plain values, so weights_only loading refused "
-            "it (unpickling it could run code). Do not resume from a checkpoint you did not "
-            "write; delete that checkpoint folder to resume from an earlier one."
-        ) from err
-    except Exception as err:  # safetensors, torch and json report damage in several types
-        raise S2FTError(
-            f"{file} is damaged ({str(err).splitlines()[0]}); this checkpoint cannot be "
-            "used. Delete its folder to resume from an earlier checkpoint."
-        ) from err
-
-
-def _write_failure(err: Exception, folder: Path) -> str:
-    """Why a write failed, in words: the OS's reason, and the free space when it is low."""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = "the disk is full"
-    try:
-        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-        reason += f" ({free / 2**30:.2f} GB free)"
-    except OSError:
-        pass
-    return reason
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -417,9 +372,9 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise S2FTError(
                         f"The training loss became {loss} at step {self.step + 1}; the run "
-                        f"stopped without saving it. {self._kept_checkpoint()} Lower train.lr "
-                        "(or set train.max_grad_norm), check the data, and start again or "
-                        "resume with --resume."
+                        f"stopped and did not save that state. {self._kept_checkpoint()} Lower "
+                        "train.lr (or set train.max_grad_norm), check the data, and start again "
+                        "or resume with --resume."
                     )
                 self.step += 1
                 window_loss.append(loss)
@@ -521,7 +476,7 @@ class Trainer:
             except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
                 raise S2FTError(
                     f"Could not write the checkpoint of step {self.step} in {folder}: "
-                    f"{_write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
+                    f"{write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
                     "(or move output_dir) and continue with --resume."
                 ) from err
             for old in self._checkpoints()[: -self.recipe.train.keep_checkpoints]:

@@ -16,9 +16,10 @@ import pytest
 from safetensors.torch import load_file
 
 from s2ft_cli import train as train_module
+from s2ft_cli.checkpoints import checkpoints_of
 from s2ft_cli.errors import S2FTError
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import Trainer, checkpoints_of, train
+from s2ft_cli.train import Trainer, train
 
 from .test_train import RECIPE, max_diff, recipe_file, s2ft
 
