@@ -32,3 +32,30 @@ def test_bench_train_measures_every_method(tmp_path):
     ratio = config["median_ratios"]["s2ft/full"]
     assert ratio["time"] == results["s2ft"]["step_s"] / results["full"]["step_s"]
     assert ratio["memory"] == results["s2ft"]["peak_bytes"] / results["full"]["peak_bytes"]
+
+
+def test_experiment_forgetting_records_every_run(tmp_path):
+    model_dir = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+    cmd = [sys.executable, str(SCRIPTS / "experiment_forgetting.py"), "--steps", "1"]
+    cmd += ["--val", "4", "--held-out", "4", "--stories", "2", "--story-tokens", "8"]
+    cmd += ["--threads", "1", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+
+    results = json.loads((tmp_path / "results" / "forgetting.json").read_text())
+    stories = json.loads((tmp_path / "results" / "forgetting_stories.json").read_text())
+    assert [len(s["ids"]) for s in stories["stories"]] == [1 + 8, 1 + 8]
+    assert (tmp_path / "forgetting.png").stat().st_size > 0
+    runs = {(r["method"], r["budget_name"]): r for r in results["runs"]}
+    assert set(runs) == {
+        *((m, b) for m in ("s2ft", "lora") for b in ("small", "medium", "large")),
+        ("full", "medium"),
+        ("full", "large"),
+    }
+    for method, sweep in results["sweeps"].items():
+        best = min(sweep, key=lambda r: r["val_loss"])
+        assert runs[method, "medium"]["lr"] == best["lr"] == runs[method, "large"]["lr"]
+    model = load_model(str(model_dir))
+    small = select_units(model, S2FTConfig(targets=runs["s2ft", "small"]["budget"]))
+    assert runs["s2ft", "small"]["trainable"] == small.trainable_params()
+    assert runs["full", "large"]["trainable"] == sum(p.numel() for p in model.parameters())
+    assert all(r["drift"] > 0 for r in results["runs"])

@@ -1,0 +1,302 @@
+"""Learning versus forgetting: S²FT against PEFT LoRA and full fine-tuning (paper §3, Fig. 2).
+
+A real pretrained model (``../shared/models/stories260K``, children's stories) is
+fine-tuned on a new domain (the LLM-Adapters math training set) by each method at two or
+three trainable-parameter budgets, with the same steps, batches and tokens. For every run:
+
+* learning: the token loss on held-out math examples;
+* forgetting: how much the loss on the old domain rose, measured on a fixed set of stories
+  sampled from the base model itself (seeded, saved beside the results);
+* drift: the relative Frobenius norm of the update, ‖W − W₀‖ / ‖W₀‖ over all weights.
+
+Each method's learning rate is the best of a small sweep at its middle budget (by loss on
+a validation split, not the held-out one). Every sweep run is measured like the others and
+recorded, so the results also show how forgetting trades against learning as the
+learning rate varies at a fixed budget.
+
+    python scripts/experiment_forgetting.py                 # CPU, about 20 minutes
+    python scripts/experiment_forgetting.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+from transformers.utils import logging as hf_logging
+
+from s2ft_cli import S2FTConfig, example_losses, get_s2ft_model, merge_adapter
+from s2ft_cli.data import Example, collate
+from s2ft_cli.models import load_model, load_tokenizer
+from s2ft_cli.recipe import load_recipe
+from s2ft_cli.train import adamw, load_datasets, token_loss_sums
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BLOCK_MATRICES = tuple(LORA_MODULES)
+
+# method -> budget name -> what it trains (S²FT targets, LoRA rank, full FT scope)
+BUDGETS = {
+    "s2ft": {
+        "small": {"o_proj": 0.125, "down_proj": 0.05},
+        "medium": {"o_proj": 0.25, "down_proj": 0.1},
+        "large": {"o_proj": 0.5, "down_proj": 0.2},
+    },
+    "lora": {"small": 1, "medium": 2, "large": 4},
+    "full": {"medium": "blocks", "large": "all"},  # the blocks' matrices; every weight
+}
+SWEEP = {
+    "s2ft": [5e-3, 1e-2, 2e-2, 4e-2, 8e-2],
+    "lora": [5e-3, 1e-2, 2e-2, 4e-2],
+    "full": [5e-4, 1e-3, 2e-3, 4e-3],
+}
+
+
+# ------------------------------------------------------------------------------ data
+def old_domain(model, tokenizer, path: Path, args) -> list:
+    """``args.stories`` stories of ``args.story_tokens`` tokens sampled from the base model
+    (seeded), read back from ``path`` when it holds the same model's same draw, so that
+    reruns score the very same text."""
+    draw = {
+        "model": Path(args.model).name,
+        "seed": args.seed,
+        "count": args.stories,
+        "tokens": args.story_tokens,
+    }
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in draw} == draw:
+            return [Example(s["ids"], s["ids"]) for s in saved["stories"]]
+    torch.manual_seed(args.seed)
+    bos = torch.full((args.stories, 1), tokenizer.bos_token_id, device=model.device)
+    with torch.no_grad():
+        out = model.generate(
+            bos,
+            attention_mask=torch.ones_like(bos),
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=True,
+            max_new_tokens=args.story_tokens,
+            min_new_tokens=args.story_tokens,
+            top_k=0,
+        )
+    stories = [{"text": tokenizer.decode(ids), "ids": ids} for ids in out.tolist()]
+    lines = ",\n".join(json.dumps(s, ensure_ascii=False) for s in stories)
+    path.write_text(json.dumps(draw)[:-1] + ', "stories": [\n' + lines + "\n]}\n")
+    return [Example(s["ids"], s["ids"]) for s in stories]
+
+
+def new_domain(recipe_path: Path, tokenizer, args) -> tuple[list, list, list]:
+    """The math set through the recipe's data pipeline: train, validation (for the lr
+    sweep) and held-out (for the results)."""
+    held_size = args.val + args.held_out
+    recipe = load_recipe(recipe_path, [f"data.val_size={held_size}", f"train.seed={args.seed}"])
+    train, held, _ = load_datasets(recipe, tokenizer)
+    return train, held[: args.val], held[args.val :]
+
+
+# ------------------------------------------------------------------------------ methods
+def prepare(method: str, budget, base):
+    """The model a method trains, and its trainable tensors."""
+    if method == "s2ft":
+        model = get_s2ft_model(base, S2FTConfig(targets=budget, seed=0))
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=budget, lora_alpha=2 * budget, target_modules=LORA_MODULES)
+        model = get_peft_model(base, config)
+    else:
+        model = base
+        for name, p in model.named_parameters():
+            p.requires_grad_(budget == "all" or name.split(".")[-2] in BLOCK_MATRICES)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def merged(method: str, model):
+    """The fine-tuned model as plain weights in the base's layout."""
+    if method == "s2ft":
+        return merge_adapter(model)
+    if method == "lora":
+        return model.merge_and_unload()
+    return model
+
+
+def drift(model, reference: dict) -> float:
+    """‖W − W₀‖_F / ‖W₀‖_F over every weight of the model."""
+    change = total = 0.0
+    for name, p in model.state_dict().items():
+        base = reference[name].to(p.device, torch.float64)
+        change += (p.double() - base).pow(2).sum().item()
+        total += base.pow(2).sum().item()
+    return math.sqrt(change / total)
+
+
+# ------------------------------------------------------------------------------ one run
+def mean_loss(model, examples, pad_id, device) -> float:
+    total, count = token_loss_sums(model, examples, pad_id, 32, device)
+    return total / count
+
+
+def run(method, budget, lr, args, data, reference, pad_id) -> dict:
+    train, val, test, stories = data
+    torch.manual_seed(args.seed)  # LoRA's initialisation: the same whatever ran before
+    base = load_model(args.model).to(args.device)
+    model, params = prepare(method, budget, base)
+    optimizer = adamw(params, lr, weight_decay=0.0)
+    schedule = get_scheduler("cosine", optimizer, args.steps // 10, args.steps)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    model.train()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        ids = order[(step * args.batch) % len(train) :][: args.batch].tolist()
+        batch = {k: v.to(args.device) for k, v in collate([train[i] for i in ids], pad_id).items()}
+        losses, counts = example_losses(model, batch)
+        (losses.sum() / counts.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    model = merged(method, model).eval()
+    return {
+        "method": method,
+        "budget": budget,
+        "lr": lr,
+        "trainable": sum(p.numel() for p in params),
+        "val_loss": mean_loss(model, val, pad_id, args.device),
+        "new_loss": mean_loss(model, test, pad_id, args.device),
+        "old_loss": mean_loss(model, stories, pad_id, args.device),
+        "drift": drift(model, reference),
+        "train_seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------ report
+LABELS = {"s2ft": "S²FT", "lora": "LoRA", "full": "full FT"}
+MARKERS = {"s2ft": "o", "lora": "s", "full": "^"}
+
+
+def plot(results: list[dict], sweeps: dict, base: dict, path: Path) -> None:
+    """Forgetting against learning: across budgets at each method's chosen learning rate
+    (left), and across the swept learning rates at the middle budget (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_budget, by_lr) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for method in LABELS:
+        runs = sorted((r for r in results if r["method"] == method), key=lambda r: r["trainable"])
+        _curve(by_budget, method, runs, base, lambda r: f"{r['trainable'] / 1000:.0f}k")
+        _curve(by_lr, method, sweeps[method], base, lambda r: f"{r['lr']:g}")
+    by_budget.set_title("budgets at the chosen lr (labels: trainable params)", fontsize=9)
+    by_lr.set_title("middle budget, every swept lr (labels: lr)", fontsize=9)
+    by_budget.set_ylabel("forgetting: rise of old-domain loss (stories)")
+    for ax in (by_budget, by_lr):
+        ax.set_xlabel("new-domain held-out loss (math): lower is better learning")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"stories260K → math, {results[0]['steps']} steps each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _curve(ax, method: str, runs: list[dict], base: dict, label) -> None:
+    xs = [r["new_loss"] for r in runs]
+    ys = [r["old_loss"] - base["old_loss"] for r in runs]
+    ax.plot(xs, ys, marker=MARKERS[method], label=LABELS[method])
+    for r, x, y in zip(runs, xs, ys, strict=True):
+        ax.annotate(label(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+
+def table(results: list[dict], base: dict) -> str:
+    lines = [
+        "| method | budget | trainable | lr | val loss | new-domain loss | forgetting | drift |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| base | — | 0 | — | — | {base['new_loss']:.3f} | 0 | 0 |",
+    ]
+    for r in results:
+        budget = json.dumps(r["budget"]) if isinstance(r["budget"], dict) else r["budget"]
+        lines.append(
+            f"| {r['method']} | {budget} | {r['trainable']:,} | {r['lr']:g} | "
+            f"{r['val_loss']:.3f} | {r['new_loss']:.3f} | "
+            f"{r['old_loss'] - base['old_loss']:+.3f} | {r['drift']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(SHARED / "models" / "stories260K"))
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "stories260k-math.yaml"))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--val", type=int, default=100, help="math examples for the lr sweep")
+    ap.add_argument("--held-out", type=int, default=200, help="math examples for the results")
+    ap.add_argument("--stories", type=int, default=64, help="old-domain samples")
+    ap.add_argument("--story-tokens", type=int, default=192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "docs"), help="folder for the plot and results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id
+    base_model = load_model(args.model).to(args.device).eval()
+    reference = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    stories = old_domain(base_model, tokenizer, out / "results" / "forgetting_stories.json", args)
+    data = (*new_domain(Path(args.recipe), tokenizer, args), stories)
+    base = {
+        "new_loss": mean_loss(base_model, data[2], pad_id, args.device),
+        "old_loss": mean_loss(base_model, stories, pad_id, args.device),
+    }
+    print(f"base: new-domain loss {base['new_loss']:.3f}, old-domain loss {base['old_loss']:.3f}")
+
+    sweeps, results = {}, []
+    for method, budgets in BUDGETS.items():
+        middle = budgets["medium"]
+        tried = []
+        for lr in SWEEP[method]:
+            tried.append(run(method, middle, lr, args, data, reference, pad_id))
+            r = tried[-1]
+            print(
+                f"sweep {method} lr {lr:g}: val {r['val_loss']:.4f}, new {r['new_loss']:.3f}, "
+                f"forgetting {r['old_loss'] - base['old_loss']:+.3f}",
+                flush=True,
+            )
+        best = min(tried, key=lambda r: r["val_loss"])
+        sweeps[method] = tried
+        for name, budget in budgets.items():
+            r = (
+                best
+                if name == "medium"
+                else run(method, budget, best["lr"], args, data, reference, pad_id)
+            )
+            results.append({**r, "budget_name": name, "steps": args.steps})
+            print(
+                f"{method} {name}: {r['trainable']:,} trainable, new {r['new_loss']:.3f}, "
+                f"forgetting {r['old_loss'] - base['old_loss']:+.3f}, drift {r['drift']:.4f}",
+                flush=True,
+            )
+
+    (out / "results" / "forgetting.json").write_text(
+        json.dumps({"args": vars(args), "base": base, "sweeps": sweeps, "runs": results}, indent=1)
+    )
+    plot(results, sweeps, base, out / "forgetting.png")
+    print(table(results, base))
+    print()
+    print(table([r for method in sweeps.values() for r in method], base))
+
+
+if __name__ == "__main__":
+    main()
