@@ -28,10 +28,8 @@ from rich.table import Table
 
 from s2ft_cli import get_s2ft_model
 from s2ft_cli.adapter import Adapter, adapter_of, fuse, switch
-from s2ft_cli.models import load_model
+from s2ft_cli.models import TARGET_MATRICES, load_model
 from s2ft_cli.serving import adapters_per_sequence, serve_adapters
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -68,7 +66,7 @@ def s2ft_adapters(base, targets: dict, count: int, device, dtype) -> list[Adapte
 def lora_model(base, count: int, rank: int):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGET_MATRICES))
     model = get_peft_model(copy.deepcopy(base), config, adapter_name="lora-0")
     for k in range(1, count):
         model.add_adapter(f"lora-{k}", config)

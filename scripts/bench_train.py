@@ -36,7 +36,6 @@ import time
 import torch
 
 METHODS = ("full", "lora", "floor", "lean-floor", "s2ft")
-LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULTS = {  # device -> model, dtype, shapes, activation checkpointing settings
     "cpu": ("preset:bench-llama", "float32", "4x256,1x512", "off"),
     "cuda": ("preset:bench-llama3-1b", "bfloat16", "2x1024", "both"),
@@ -47,13 +46,15 @@ DEFAULTS = {  # device -> model, dtype, shapes, activation checkpointing setting
 def build(method: str, spec: dict):
     """The model of a method and the tensors its optimizer updates."""
     from s2ft_cli import get_s2ft_model
-    from s2ft_cli.models import enable_activation_checkpointing, load_model
+    from s2ft_cli.models import TARGET_MATRICES, enable_activation_checkpointing, load_model
 
     model = load_model(spec["model"], spec["dtype"]).to(spec["device"]).train()
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_MODULES))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGET_MATRICES))
+        )
     elif method in ("floor", "lean-floor"):
         model.requires_grad_(False)
     elif method == "s2ft":

@@ -32,14 +32,12 @@ from transformers.utils import logging as hf_logging
 
 from s2ft_cli import S2FTConfig, example_losses, get_s2ft_model, merge_adapter
 from s2ft_cli.data import Example, collate
-from s2ft_cli.models import load_model, load_tokenizer
+from s2ft_cli.models import TARGET_MATRICES, load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import adamw, load_datasets, token_loss_sums
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BLOCK_MATRICES = tuple(LORA_MODULES)
 
 # method -> budget name -> what it trains (S²FT targets, LoRA rank, full FT scope)
 BUDGETS = {
@@ -49,7 +47,7 @@ BUDGETS = {
         "large": {"o_proj": 0.5, "down_proj": 0.2},
     },
     "lora": {"small": 1, "medium": 2, "large": 4},
-    "full": {"medium": "blocks", "large": "all"},  # the blocks' matrices; every weight
+    "full": {"medium": "blocks", "large": "all"},  # the seven projections; every weight
 }
 SWEEP = {
     "s2ft": [5e-3, 1e-2, 2e-2, 4e-2, 8e-2],
@@ -69,10 +67,18 @@ def old_domain(model, tokenizer, path: Path, args) -> list:
         "count": args.stories,
         "tokens": args.story_tokens,
     }
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if {k: saved.get(k) for k in draw} == draw:
-            return [Example(s["ids"], s["ids"]) for s in saved["stories"]]
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if {k: saved.get(k) for k in draw} == draw:
+        stories = saved["stories"]
+    else:
+        stories = sample_stories(model, tokenizer, args)
+        lines = ",\n".join(json.dumps(s, ensure_ascii=False) for s in stories)
+        path.write_text(json.dumps(draw)[:-1] + ', "stories": [\n' + lines + "\n]}\n")
+    return [Example(s["ids"], s["ids"]) for s in stories]
+
+
+def sample_stories(model, tokenizer, args) -> list[dict]:
+    """Plain sampling (temperature 1, no top-k) from the beginning of a text, seeded."""
     torch.manual_seed(args.seed)
     bos = torch.full((args.stories, 1), tokenizer.bos_token_id, device=model.device)
     with torch.no_grad():
@@ -85,10 +91,7 @@ def old_domain(model, tokenizer, path: Path, args) -> list:
             min_new_tokens=args.story_tokens,
             top_k=0,
         )
-    stories = [{"text": tokenizer.decode(ids), "ids": ids} for ids in out.tolist()]
-    lines = ",\n".join(json.dumps(s, ensure_ascii=False) for s in stories)
-    path.write_text(json.dumps(draw)[:-1] + ', "stories": [\n' + lines + "\n]}\n")
-    return [Example(s["ids"], s["ids"]) for s in stories]
+    return [{"text": tokenizer.decode(ids), "ids": ids} for ids in out.tolist()]
 
 
 def new_domain(recipe_path: Path, tokenizer, args) -> tuple[list, list, list]:
@@ -108,12 +111,12 @@ def prepare(method: str, budget, base):
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=budget, lora_alpha=2 * budget, target_modules=LORA_MODULES)
+        config = LoraConfig(r=budget, lora_alpha=2 * budget, target_modules=list(TARGET_MATRICES))
         model = get_peft_model(base, config)
     else:
         model = base
         for name, p in model.named_parameters():
-            p.requires_grad_(budget == "all" or name.split(".")[-2] in BLOCK_MATRICES)
+            p.requires_grad_(budget == "all" or name.split(".")[-2] in TARGET_MATRICES)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -253,7 +256,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     base_model = load_model(args.model).to(args.device).eval()
-    reference = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    reference = base_model.state_dict()  # never trained: every run loads its own copy
     stories = old_domain(base_model, tokenizer, out / "results" / "forgetting_stories.json", args)
     data = (*new_domain(Path(args.recipe), tokenizer, args), stories)
     base = {

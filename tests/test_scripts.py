@@ -11,6 +11,8 @@ from s2ft_cli import S2FTConfig
 from s2ft_cli.models import load_model
 from s2ft_cli.selection import select_units
 
+from .conftest import STORIES
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -35,7 +37,6 @@ def test_bench_train_measures_every_method(tmp_path):
 
 
 def test_experiment_forgetting_records_every_run(tmp_path):
-    model_dir = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
     cmd = [sys.executable, str(SCRIPTS / "experiment_forgetting.py"), "--steps", "1"]
     cmd += ["--val", "4", "--held-out", "4", "--stories", "2", "--story-tokens", "8"]
     cmd += ["--threads", "1", "--out", str(tmp_path)]
@@ -54,7 +55,7 @@ def test_experiment_forgetting_records_every_run(tmp_path):
     for method, sweep in results["sweeps"].items():
         best = min(sweep, key=lambda r: r["val_loss"])
         assert runs[method, "medium"]["lr"] == best["lr"] == runs[method, "large"]["lr"]
-    model = load_model(str(model_dir))
+    model = load_model(str(STORIES))
     small = select_units(model, S2FTConfig(targets=runs["s2ft", "small"]["budget"]))
     assert runs["s2ft", "small"]["trainable"] == small.trainable_params()
     assert runs["full", "large"]["trainable"] == sum(p.numel() for p in model.parameters())
