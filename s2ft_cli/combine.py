@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import CHECKSUM_RTOL, Adapter, Update, adapter_config
+from .adapter import Adapter, Update, adapter_config, matrix_record, weights_differ
 from .errors import AdapterMismatchError, S2FTError
 from .models import ModelShape
 
@@ -27,8 +27,9 @@ class Overlap:
 
 
 def _check_same_base(adapters: list[Adapter], force: bool) -> None:
-    """Same architecture and shapes always; same weights (checksums of the matrices both
-    adapt, else the base's name) unless ``force``."""
+    """Same architecture and shapes always; same weights unless ``force``: the statistics
+    of the matrices both adapt (by the probes where both fingerprints hold them, else by
+    mean |W|, which adapters from before the probes hold alone), else the base's name."""
     first = adapters[0].config["base_model"]["fingerprint"]
     first_name = adapters[0].config["base_model"].get("name_or_path")
     for other in adapters[1:]:
@@ -48,14 +49,52 @@ def _check_same_base(adapters: list[Adapter], force: bool) -> None:
                 f"bases' weights cannot be compared, and name different bases ({name!r} and "
                 f"{first_name!r}); pass --force if they are the same model."
             )
-        for matrix in shared:
-            a, b = first["checksum"]["values"][matrix], theirs["checksum"]["values"][matrix]
-            if not force and abs(a - b) > CHECKSUM_RTOL * abs(a):
-                raise AdapterMismatchError(
-                    f"{other.source} and {adapters[0].source} were trained on different weights "
-                    f"(checksum of {matrix}: {b:.6g} and {a:.6g}). Combine adapters of one base, "
-                    "or pass --force if the bases are copies of each other."
+        if force:
+            continue
+        for matrix in sorted(shared):
+            try:
+                problem = weights_differ(
+                    matrix,
+                    matrix_record(first, matrix),
+                    matrix_record(theirs, matrix),
+                    ("the first's base", "the second's"),
                 )
+            except (KeyError, TypeError, ValueError) as err:
+                raise S2FTError(
+                    f"{adapters[0].source} and {other.source} cannot be compared: a fingerprint "
+                    f"lacks {err} of {matrix} (damaged, or written by another version of s2ft); "
+                    "re-export the adapters, or pass --force if their bases are the same model."
+                ) from None
+            if problem:
+                raise AdapterMismatchError(
+                    f"{adapters[0].source} and {other.source} were trained on different weights: "
+                    f"{problem}. Combine adapters of one base, or pass --force if the bases are "
+                    "copies of each other."
+                )
+
+
+def _merged_fingerprint(adapters: list[Adapter]) -> dict:
+    """The first adapter's fingerprint with every adapter's matrices and statistics: mean
+    |W| of all, probes of those whose probes match the first probes found (method, seed,
+    count); a matrix without probes is then checked by its mean |W|."""
+    prints = [a.config["base_model"]["fingerprint"] for a in adapters]
+    probes = next((p["probes"] for p in prints if p.get("probes")), None)
+    same = ("method", "seed", "count")
+    matrices, means, probed = {}, {}, {}
+    for fp in prints:
+        matrices |= fp["matrices"]
+        means |= fp["checksum"]["values"]
+        theirs = fp.get("probes")
+        if probes is not None and theirs and all(theirs.get(k) == probes[k] for k in same):
+            probed |= theirs["values"]
+    merged = {
+        **prints[0],
+        "matrices": dict(sorted(matrices.items())),
+        "checksum": {**prints[0]["checksum"], "values": dict(sorted(means.items()))},
+    }
+    if probes is not None:
+        merged["probes"] = {**probes, "values": dict(sorted(probed.items()))}
+    return merged
 
 
 def combine(
@@ -76,12 +115,6 @@ def combine(
     _check_same_base(adapters, force)
     adapters = [a.to("cpu") for a in adapters]  # combined on the CPU, wherever they were
     shape = ModelShape(**adapters[0].config["base_model"]["fingerprint"]["shape"])
-    matrices: dict[str, list[int]] = {}
-    checksums: dict[str, float] = {}
-    for adapter in adapters:
-        fingerprint = adapter.config["base_model"]["fingerprint"]
-        matrices |= fingerprint["matrices"]
-        checksums |= fingerprint["checksum"]["values"]
     updates: dict[str, Update] = {}
     overlaps: list[Overlap] = []
     for name in sorted({n for a in adapters for n in a.updates}):
@@ -110,18 +143,13 @@ def combine(
         # each unit's ids appear once per adapter that changes it: width times per adapter
         overlaps.append(Overlap(name, len(units), int((counts > width).sum())))
     first = adapters[0].config["base_model"]
-    merged_fingerprint = {
-        **first["fingerprint"],
-        "matrices": dict(sorted(matrices.items())),
-        "checksum": {**first["fingerprint"]["checksum"], "values": dict(sorted(checksums.items()))},
-    }
     combined_from = [
         {"adapter": a.source, "weight": w, "targets": a.config.get("targets")}
         for a, w in zip(adapters, weights, strict=True)
     ]
     config = adapter_config(
         first.get("name_or_path", ""),
-        merged_fingerprint,
+        _merged_fingerprint(adapters),
         {"strategy": "combined", "combined_from": combined_from},
         torch.float32,
     )

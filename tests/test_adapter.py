@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from s2ft_cli import (
     unload_adapter,
     unmerge_adapter,
 )
+from s2ft_cli import adapter as adapter_module
+from s2ft_cli.adapter import Adapter, adapter_of, fingerprint, matrix_statistics
 from s2ft_cli.layers import S2Linear
 
-from .conftest import batch, tiny_model
+from .conftest import batch, stories_model, tiny_model
 
 CFG = {"targets": {"v_proj": 0.5, "o_proj": 0.5, "down_proj": 0.1}, "seed": 4}
 
@@ -61,9 +64,20 @@ def test_format_on_disk(tmp_path):
 def test_base_with_other_weights_is_refused_and_force_loads_it(tmp_path):
     save_adapter(trained(), tmp_path / "a")
     other = tiny_model("llama-gqa-bias", seed=1)
-    with pytest.raises(AdapterMismatchError, match=r"checksum \(mean \|W\|\) of model\.layers"):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"trained on other weights: model\.layers\.0\.\S+ seen through 32 "
+        r"seeded random-sign probes differs by 1\.\d+ \(RMS\) between the adapter's base and "
+        r"this model.* stay below 0\.004: its values were changed or reordered\. Load the "
+        r"adapter onto .* pass force=True \(--force\); shapes are still checked\.",
+    ):
         load_adapter(other, tmp_path / "a")
     load_adapter(other, tmp_path / "a", force=True)
+    scaled = tiny_model("llama-gqa-bias")  # z cannot see a scale; the norm does
+    with torch.no_grad():
+        scaled.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(AdapterMismatchError, match=r"Frobenius norm of model\.layers\.1\.mlp"):
+        load_adapter(scaled, tmp_path / "a")
 
 
 def test_base_with_other_shapes_is_refused(tmp_path):
@@ -208,3 +222,221 @@ def test_unmerge_restores_the_base_exactly_and_unload_leaves_it_untouched(tmp_pa
     assert not any(isinstance(m, S2Linear) for m in base.modules())
     for k, v in base.state_dict().items():
         assert torch.equal(v, original[k]), k
+
+
+# ---------------------------------------------------------------------------------------
+# The base's fingerprint: it sees small noise and reordered values, not casts
+
+
+def base_of(kind: str):
+    """A fresh copy of the base: a tiny test model or the real stories260K checkpoint."""
+    return tiny_model("llama-gqa-bias") if kind == "tiny" else stories_model()
+
+
+def changed(base, names, edit):
+    """A copy of ``base`` whose matrices ``names`` went through ``edit(weight, generator)``."""
+    model = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(len(names))
+    with torch.no_grad():
+        for name in names:
+            weight = model.get_submodule(name).weight
+            weight.copy_(edit(weight, g))
+    return model
+
+
+def noise(seed):
+    def edit(w, _):
+        g = torch.Generator().manual_seed(seed)
+        return w + 0.01 * w.std() * torch.randn(w.shape, generator=g)
+
+    return edit
+
+
+REORDER = {
+    "values": lambda w, g: w.flatten()[torch.randperm(w.numel(), generator=g)].view_as(w),
+    "rows": lambda w, g: w[torch.randperm(w.shape[0], generator=g)],
+    "columns": lambda w, g: w[:, torch.randperm(w.shape[1], generator=g)],
+}
+PROBES = r"seen through 32 seeded random-sign probes differs by"
+
+
+@pytest.mark.parametrize("kind", ["tiny", "stories"])
+def test_base_with_noise_or_reordered_values_is_refused_and_casts_are_accepted(tmp_path, kind):
+    base = base_of(kind)
+    model = get_s2ft_model(copy.deepcopy(base), CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.01)
+    save_adapter(model, tmp_path / "a")
+    names = sorted(json.loads((tmp_path / "a" / "adapter_config.json").read_text())[
+        "base_model"]["fingerprint"]["matrices"])  # fmt: skip
+    # the same base: re-loaded, cast to bf16 / fp16 (the adapter was trained in fp32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        load_adapter(base_of(kind).to(dtype), tmp_path / "a")
+    # Gaussian noise of 1% of each matrix's std, on all adapted matrices (several seeds)...
+    for seed in range(4):
+        noisy = changed(base, names, noise(seed))
+        with pytest.raises(AdapterMismatchError, match=f"trained on other weights: .*{PROBES}"):
+            load_adapter(noisy, tmp_path / "a")
+    load_adapter(noisy, tmp_path / "a", force=True)  # force skips the weights' check
+    # ... or on one matrix alone, and the values of one matrix reordered: each is named
+    adapter = Adapter.load(tmp_path / "a")
+    for name in names:
+        for edit in [noise(7), *REORDER.values()]:
+            with pytest.raises(AdapterMismatchError, match=f"{re.escape(name)} {PROBES}"):
+                adapter.check_base(changed(base, [name], edit))
+
+
+@pytest.mark.parametrize("kind", ["tiny", "stories"])
+def test_fingerprint_of_a_co_permuted_model_is_that_of_its_original_layout(tmp_path, kind):
+    base = base_of(kind)
+    model = get_s2ft_model(copy.deepcopy(base), CFG)
+    assert model.s2ft_layout  # its adapted matrices hold permuted rows/columns
+    saved = adapter_of(model).config["base_model"]["fingerprint"]
+    plain = fingerprint(base, {n: base.get_submodule(n).weight for n in saved["matrices"]})
+    assert saved["probes"]["values"].keys() == plain["probes"]["values"].keys()
+    for name, want in plain["probes"]["values"].items():
+        got = saved["probes"]["values"][name]
+        assert got["norm"] == pytest.approx(want["norm"], rel=1e-12), name
+        assert got["z"] == pytest.approx(want["z"], abs=1e-12), name
+        mean_abs = saved["checksum"]["values"][name]
+        assert mean_abs == pytest.approx(plain["checksum"]["values"][name], rel=1e-12)
+    save_adapter(model, tmp_path / "a")
+    load_adapter(base_of(kind), tmp_path / "a")  # a fresh base accepts it
+
+
+def test_adapters_with_the_mean_abs_checksum_alone_still_load(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(file.read_text())
+    old = config["base_model"]["fingerprint"]
+    assert old["checksum"]["method"] == "float64 mean |W| of each adapted matrix"
+    del old["probes"]  # what s2ft wrote before the probes
+    file.write_text(json.dumps(config))
+    load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
+    load_adapter(tiny_model("llama-gqa-bias").to(torch.bfloat16), tmp_path / "a")
+    other = tiny_model("llama-gqa-bias", seed=1)
+    with pytest.raises(AdapterMismatchError, match=r"checksum \(mean \|W\|\) of model\.layers"):
+        load_adapter(other, tmp_path / "a")
+    load_adapter(other, tmp_path / "a", force=True)
+    # probes of an unknown method (a later s2ft's) are not trusted: mean |W| is checked
+    config["base_model"]["fingerprint"]["probes"] = {"method": "later", "seed": 0, "count": 1,
+                                                     "values": {}}  # fmt: skip
+    file.write_text(json.dumps(config))
+    with pytest.raises(AdapterMismatchError, match=r"checksum \(mean \|W\|\)"):
+        load_adapter(tiny_model("llama-gqa-bias", seed=1), tmp_path / "a")
+    # damaged probe values are named as damage
+    config["base_model"]["fingerprint"] = {**old, "probes": fingerprint_of(tmp_path)}
+    name = next(iter(old["matrices"]))
+    config["base_model"]["fingerprint"]["probes"]["values"][name]["z"] = [0.0]
+    file.write_text(json.dumps(config))
+    with pytest.raises(S2FTError, match="lacks part of the base model's fingerprint"):
+        load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
+
+
+def fingerprint_of(tmp_path):
+    save_adapter(trained(), tmp_path / "fresh")
+    config = json.loads((tmp_path / "fresh" / "adapter_config.json").read_text())
+    return config["base_model"]["fingerprint"]["probes"]
+
+
+def test_the_fingerprint_reads_a_weight_in_chunks_and_never_copies_it(monkeypatch):
+    from torch.overrides import TorchFunctionMode
+
+    class NoCopyOf(TorchFunctionMode):
+        """Fails on any new tensor holding half as many elements as ``weight``."""
+
+        def __init__(self, weight):
+            super().__init__()
+            self.numel, self.storage = weight.numel(), weight.untyped_storage().data_ptr()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.numel() >= self.numel // 2
+                    and t.untyped_storage().data_ptr() != self.storage
+                ):
+                    raise AssertionError(f"{func.__name__} made a tensor of {t.numel()} elements")
+            return out
+
+    weight = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    with NoCopyOf(weight), pytest.raises(AssertionError, match="made a tensor"):
+        weight.double()  # the guard works
+    with NoCopyOf(weight), pytest.raises(AssertionError, match="made a tensor"):
+        matrix_statistics(weight)  # one chunk of 2^22 elements: a whole copy
+    whole = matrix_statistics(weight)
+    monkeypatch.setattr(adapter_module, "FINGERPRINT_CHUNK", 1000)  # 5 rows at a time
+    for w in (weight, weight.bfloat16(), weight.t().contiguous().t()):
+        with NoCopyOf(w):
+            chunked = matrix_statistics(w)
+        reference = whole if w.dtype == torch.float32 else matrix_statistics(w.float())
+        assert chunked.norm == pytest.approx(reference.norm, rel=1e-12)
+        assert chunked.z == pytest.approx(reference.z, abs=1e-12)
+        assert chunked.mean_abs == pytest.approx(reference.mean_abs, rel=1e-12)
+
+
+def test_the_probes_are_the_same_on_every_machine():
+    """An adapter written today is checked with the same probes tomorrow: pinned values
+    (they change only if torch's seeded CPU generator does)."""
+    w = torch.linspace(-1, 1, 35, dtype=torch.float64).view(5, 7) ** 3
+    stats = matrix_statistics(w)
+    assert stats.norm == pytest.approx(2.432262028006944, rel=1e-14)
+    assert stats.mean_abs == pytest.approx(0.2722689075630252, rel=1e-14)
+    expected = [2.528430968639, -0.349297374168, 1.823978334297, -1.823978334297]
+    assert list(stats.z[:4]) == pytest.approx(expected, abs=1e-11)
+    # rows/columns stored in another order are probed at their original positions
+    rows, cols = torch.tensor([4, 0, 3, 1, 2]), torch.tensor([6, 5, 4, 3, 2, 1, 0])
+    stored = w[rows][:, cols]
+    assert matrix_statistics(stored, rows, cols).z == pytest.approx(stats.z, abs=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_same_base_on_a_gpu_is_accepted(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    for dtype in (torch.float32, torch.bfloat16):
+        load_adapter(tiny_model("llama-gqa-bias").to("cuda", dtype), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match=PROBES):
+        load_adapter(tiny_model("llama-gqa-bias", seed=1).to("cuda"), tmp_path / "a")
+
+
+def test_combining_compares_the_bases_by_probes_and_older_adapters_by_mean_abs(tmp_path):
+    from s2ft_cli.combine import combine
+
+    def adapter(base, name, targets, seed):
+        model = get_s2ft_model(copy.deepcopy(base), {"targets": targets, "seed": seed})
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.01)
+        save_adapter(model, tmp_path / name)
+        return Adapter.load(tmp_path / name)
+
+    base = tiny_model("llama-gqa-bias")
+    a = adapter(base, "a", {"v_proj": 0.5, "o_proj": 0.5}, 1)
+    b = adapter(base, "b", {"o_proj": 0.5, "down_proj": 0.2}, 2)
+    o_proj = [n for n in a.updates if n.endswith("o_proj")]
+    noisy = adapter(changed(base, o_proj, noise(0)), "n", {"o_proj": 0.5}, 3)
+    with pytest.raises(
+        AdapterMismatchError, match=f"were trained on different weights: .*o_proj {PROBES}"
+    ):
+        combine([a, noisy])
+    combine([a, noisy], force=True)
+    # an adapter from before the probes beside a new one: compared by mean |W|
+    old = Adapter.load(tmp_path / "a")
+    del old.config["base_model"]["fingerprint"]["probes"]
+    other = adapter(tiny_model("llama-gqa-bias", seed=5), "o", {"o_proj": 0.5}, 3)
+    with pytest.raises(AdapterMismatchError, match=r"different weights: the checksum \(mean"):
+        combine([old, other])
+    combined, _ = combine([old, b])
+    fp = combined.config["base_model"]["fingerprint"]
+    assert set(fp["checksum"]["values"]) == set(fp["matrices"]) == set(a.updates) | set(b.updates)
+    assert set(fp["probes"]["values"]) == set(b.updates)  # the new one's probes are kept
+    combined.save(tmp_path / "ab")
+    load_adapter(copy.deepcopy(base), tmp_path / "ab")
+    down = sorted(n for n in b.updates if n.endswith("down_proj"))[:1]
+    shuffled = changed(base, down, REORDER["rows"])
+    with pytest.raises(AdapterMismatchError, match=f"{re.escape(down[0])} {PROBES}"):
+        load_adapter(shuffled, tmp_path / "ab")
