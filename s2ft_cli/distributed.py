@@ -7,12 +7,16 @@ so one set-up serves training and evaluation: nccl on GPUs, gloo on CPUs, rank 0
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import S2FTError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,33 @@ class Processes:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on rank 0 only (a check, or writing files) and hand its result to
+        every process. Should it fail, every process raises (the same S2FTError or OSError,
+        any other error as a RuntimeError naming it), so that none is left waiting in a
+        collective that rank 0 never reaches. Every process must call it, like a barrier."""
+        if self.world == 1:
+            return work()
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as err:
+                failure = err
+                if isinstance(err, S2FTError):
+                    result = (S2FTError, (str(err),))
+                elif isinstance(err, OSError):
+                    result = (OSError, (err.errno, err.strerror, err.filename))
+                else:
+                    result = (RuntimeError, (f"process 0 failed: {err!r}",))
+        failed, result = self.broadcast((failure is not None, result))
+        if failure is not None:
+            raise failure  # rank 0: the original, with its traceback
+        if failed:
+            kind, args = result
+            raise kind(*args)
+        return result
 
     def barrier(self) -> None:
         if self.world > 1:

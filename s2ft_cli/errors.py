@@ -16,4 +16,10 @@ class AdapterMismatchError(S2FTError):
 
 
 class TrainingInterrupted(S2FTError):
-    """Training stopped on Ctrl-C after saving a checkpoint; the command exits 130."""
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the command exits
+    with ``exit_code``, the shell's convention for the signal (130 for SIGINT, 143 for
+    SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -2,14 +2,16 @@
 
 One :class:`Trainer` with ``setup / train / save_checkpoint / cleanup``, readable top to
 bottom. It runs in one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where
-every process takes ``batch_size`` examples of each micro-batch and only rank 0 writes.
+every process takes ``batch_size`` examples of each micro-batch and only rank 0 writes; what
+rank 0 alone checks or writes goes through ``Processes.on_main``, so that a refusal or a
+failure there stops every process instead of leaving the others waiting.
 
 Exactness: the data order of every epoch is a seeded permutation and each optimizer step
 takes the next ``batch_size × processes × grad_accum`` examples of it, the loss is the sum
 of token losses divided by the number of target tokens of the *whole* optimizer step, so
 the gradient is the same however the step is split into micro-batches and processes; and
 a checkpoint holds everything needed to continue exactly (deltas, optimizer, scheduler,
-RNG states, step).
+every process's RNG states, step) and the batch layout it assumes.
 """
 
 from __future__ import annotations
@@ -37,14 +39,7 @@ from .adapter import save_adapter
 from .checkpoints import CHECKPOINTS, checkpoints_of, read_checkpoint_file, write_failure
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
-from .data import (
-    IGNORE_INDEX,
-    build_examples,
-    calibration_batches,
-    collate,
-    load_records,
-    split_validation,
-)
+from .data import IGNORE_INDEX, calibration_batches, collate, epoch_order, load_datasets
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_dir, atomic_write_text
@@ -82,36 +77,6 @@ def token_loss_sums(
     return total, count
 
 
-def load_datasets(recipe: Recipe, tokenizer) -> tuple[list, list, list[str]]:
-    """The recipe's training and validation examples, tokenised and checked, and notes on
-    records dropped because ``max_seq_len`` cut off all their targets."""
-    d, seed = recipe.data, recipe.train.seed
-    notes = []
-
-    def examples(source):
-        name, records = load_records(source, seed)
-        kept = build_examples(
-            name,
-            records,
-            source.format,
-            tokenizer,
-            d.prompt_template,
-            d.max_seq_len,
-            d.train_on_prompt,
-        )
-        if len(kept) < len(records):
-            notes.append(
-                f"{name}: {len(records) - len(kept)} of {len(records)} records have no "
-                f"target token within max_seq_len {d.max_seq_len} and are skipped"
-            )
-        return kept
-
-    train = examples(d.train)
-    if d.validation is not None:
-        return train, examples(d.validation), notes
-    return *split_validation(train, d.val_size, seed), notes
-
-
 def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
     """The batches a data-driven strategy measures on (a seeded draw of
     ``s2ft.calibration.samples`` training examples); None for the other strategies."""
@@ -136,33 +101,43 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class StopRequest:
-    """Ctrl-C during training: the first press asks the loop to stop at the end of the
-    current step (so that the checkpoint it saves continues exactly), a second press
-    stops at once (the newest complete checkpoint is kept)."""
+    """Ctrl-C or SIGTERM during training asks the loop to stop at the end of the current
+    step, so that the checkpoint it saves continues exactly. SIGTERM is what ``kill``,
+    cluster schedulers (before their SIGKILL) and torchrun (to every process) send. A
+    Ctrl-C while a stop is pending stops at once (the newest complete checkpoint is kept);
+    a repeated SIGTERM changes nothing."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, console: Console):
         self.console = console
-        self.requested = False
-        self._previous = None
+        self.signal: int | None = None  # the first signal received
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal = signum
         self.console.print(
-            "[yellow]Ctrl-C:[/] saving a checkpoint after this step, then stopping "
-            "(press Ctrl-C again to stop at once).",
+            f"[yellow]{self.SIGNALS[signum]}:[/] saving a checkpoint after this step, then "
+            "stopping (press Ctrl-C again to stop at once).",
             highlight=False,
         )
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 class Trainer:
@@ -178,24 +153,22 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Processes and seeds, data, model with its selection, optimizer and schedule; the
+        run's files, or the checkpoint a resumed run continues from."""
         r, t = self.recipe, self.recipe.train
         self.procs = setup_processes(t.device, key="train.device")
         self.world, self.rank, self.device = self.procs.world, self.procs.rank, self.procs.device
         self.is_main = self.procs.is_main
-        torch.manual_seed(t.seed)
-        random.seed(t.seed)
-        if self.resume and not self._latest_checkpoint():
-            raise S2FTError(
-                f"--resume: no checkpoint in {self.out / CHECKPOINTS}; start without --resume."
-            )
-        if not self.resume and self.is_main and (self.out / CHECKPOINTS).exists():
-            raise S2FTError(
-                f"{self.out} already holds checkpoints of a run. Continue it with --resume, or "
-                "choose another output_dir (output_dir=...)."
-            )
+        # One random stream per process, so that dropout masks differ between processes.
+        # What must be equal everywhere draws from generators of its own, seeded alike: a
+        # preset's initialisation, the selection, the data order.
+        torch.manual_seed(t.seed + self.rank)
+        random.seed(t.seed + self.rank)
+        checkpoint = self.procs.on_main(self._check_output_dir)
 
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        self.train_set, self.val_set, self.data_notes = load_datasets(r, self.tokenizer)
+        self.train_set, self.val_set, sources = load_datasets(r.data, t.seed, self.tokenizer)
+        self.data_notes = [s.note for s in sources if s.note]
         model = load_model(
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
         ).to(self.device)
@@ -223,20 +196,71 @@ class Trainer:
         self.step = 0
         self._order: tuple[int, list[int]] = (-1, [])
         if self.resume:
-            self._load_checkpoint(self._latest_checkpoint())
-            if self.is_main:  # what a run killed while writing a checkpoint left behind
-                for partial in (self.out / CHECKPOINTS).glob(".step-*"):
-                    shutil.rmtree(partial, ignore_errors=True)
-        elif self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                self.out / "recipe.yaml", yaml.safe_dump(r.model_dump(), sort_keys=False)
-            )
-            model.s2ft_selection.save(self.out / "selection.json")
-            (self.out / METRICS).unlink(missing_ok=True)
+            self._load_checkpoint(checkpoint)
+            self.procs.on_main(self._tidy_resumed_run)
+        else:
+            self.procs.on_main(self._start_run)
         use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self._log_setup()
+
+    def _check_output_dir(self) -> Path | None:
+        """(Rank 0.) The checkpoint a resumed run continues from, or None for a new run;
+        refuses --resume without a checkpoint, and a new run into another run's folder."""
+        latest = self._latest_checkpoint()
+        if self.resume and latest is None:
+            raise S2FTError(
+                f"--resume: no checkpoint in {self.out / CHECKPOINTS}; start without --resume."
+            )
+        if not self.resume and (self.out / CHECKPOINTS).exists():
+            raise S2FTError(
+                f"{self.out} already holds checkpoints of a run. Continue it with --resume, or "
+                "choose another output_dir (output_dir=...)."
+            )
+        return latest if self.resume else None
+
+    def _start_run(self) -> None:
+        """(Rank 0.) A new run's files: the resolved recipe and the selection."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            self.out / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)
+        )
+        self.model.s2ft_selection.save(self.out / "selection.json")
+        (self.out / METRICS).unlink(missing_ok=True)
+
+    def _tidy_resumed_run(self) -> None:
+        """(Rank 0.) Remove what a run killed while writing left behind: half-written
+        checkpoints, and metrics.jsonl lines after the resumed step or cut short."""
+        for partial in (self.out / CHECKPOINTS).glob(".step-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """(Rank 0.) Keep the metrics.jsonl lines up to the resumed step. A last line that
+        does not parse is an append a kill interrupted and is dropped; a damaged line
+        before it is an error, not silently lost."""
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        kept = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if i == last:  # the append a kill interrupted
+                    break
+                raise S2FTError(
+                    f"{path}: line {i + 1} is not valid JSON ({err.msg}); the metrics log is "
+                    "damaged (the checkpoints are not). Delete that line, or move the file "
+                    "away, and resume again."
+                ) from err
+            if record["step"] <= self.step:
+                kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _selection(self, model) -> Selection | None:
         """A scoring strategy's selection, measured once (on rank 0, calibration batches
@@ -248,11 +272,12 @@ class Trainer:
             return None
         if self.resume:  # the run's own choice: measuring again could move a tie
             return Selection.from_json((self.out / "selection.json").read_text())
-        selection = None
-        if self.is_main:
+
+        def measure() -> Selection:
             calibration = calibration_data(c, self.train_set, self.tokenizer.pad_token_id)
-            selection = select_units(model, c, calibration)
-        return self.procs.broadcast(selection)
+            return select_units(model, c, calibration)
+
+        return self.procs.on_main(measure)
 
     def autocast(self):
         """A fresh autocast context (bf16 on CUDA by default), or a no-op."""
@@ -286,8 +311,7 @@ class Trainer:
     def _epoch_order(self, epoch: int) -> list[int]:
         """The seeded data order of an epoch (computed once per epoch)."""
         if self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.train_set), generator=g).tolist())
+            self._order = (epoch, epoch_order(len(self.train_set), self.recipe.train.seed, epoch))
         return self._order[1]
 
     def _micro_batches(self, step: int) -> list[dict]:
@@ -313,11 +337,9 @@ class Trainer:
         loss_sum = 0.0
         self.engine.train()
         for m, batch in enumerate(batches):
-            last = m == len(batches) - 1
-            sync = self.engine.no_sync() if self.world > 1 and not last else nullcontext()
-            with sync, self.autocast():
-                loss = self.engine(batch)[0].sum()
-            with sync:
+            with self._gradient_sync(last=m == len(batches) - 1):
+                with self.autocast():
+                    loss = self.engine(batch)[0].sum()
                 (loss * scale).backward()
             loss_sum += loss.item()
         if self.recipe.train.max_grad_norm:
@@ -328,6 +350,14 @@ class Trainer:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         loss_sum, tokens = self.procs.all_sum(loss_sum, tokens)
         return loss_sum / max(targets, 1), int(tokens)
+
+    def _gradient_sync(self, last: bool):
+        """The context of one micro-batch's forward and backward: DDP all-reduces the
+        accumulated gradients in the backward of the last micro-batch only (a fresh
+        ``no_sync()`` for each earlier one: a context manager is entered once)."""
+        if self.world > 1 and not last:
+            return self.engine.no_sync()
+        return nullcontext()
 
     def evaluate(self) -> float | None:
         """Mean token loss over the validation set (shared out among processes)."""
@@ -407,19 +437,33 @@ class Trainer:
                 saved = final or (t.save_every and self.step % t.save_every == 0)
                 if saved:
                     self.save_checkpoint()
-                (stopping,) = self.procs.all_sum(int(stop.requested))  # every process agrees
-                if stopping and not final:
+                stopped_by = self._agreed_stop(stop)
+                if stopped_by and not final:
                     if not saved:
                         self.save_checkpoint()
                     raise TrainingInterrupted(
                         f"Interrupted at step {self.step} of {self.total_steps}; checkpoint "
-                        f"saved in {self._latest_checkpoint()}."
+                        f"saved in {self._latest_checkpoint()}.",
+                        exit_code=128 + stopped_by,
                     )
-        if self.is_main:
-            save_adapter(self.model, self.out / "adapter")
-            self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
-        self.procs.barrier()
+        self.procs.on_main(self._save_adapter)
         return last
+
+    def _agreed_stop(self, stop: StopRequest) -> int | None:
+        """The signal that stops every process after this step, or None. A request on any
+        process stops all of them at the same step (torchrun forwards a signal to each, not
+        at the same instant); SIGTERM decides the exit status over Ctrl-C."""
+        sigint, sigterm = self.procs.all_sum(
+            int(stop.signal == signal.SIGINT), int(stop.signal == signal.SIGTERM)
+        )
+        if sigterm:
+            return signal.SIGTERM
+        return signal.SIGINT if sigint else None
+
+    def _save_adapter(self) -> None:
+        """(Rank 0.) The final adapter."""
+        save_adapter(self.model, self.out / "adapter")
+        self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
 
     @staticmethod
     def _status(last: dict, loss: float) -> str:
@@ -436,52 +480,68 @@ class Trainer:
         return " ".join(parts)
 
     def _write_metrics(self, record: dict) -> None:
-        if self.is_main:
+        """Append a line to metrics.jsonl (rank 0; every process calls this)."""
+
+        def append() -> None:
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+        self.procs.on_main(append)
+
     # -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Write ``checkpoints/step-N/`` atomically (rank 0) and keep the newest few."""
-        if self.is_main:
-            trainable = {
-                n: p.detach().cpu().contiguous()
-                for n, p in self.model.named_parameters()
-                if p.requires_grad
+        """Write ``checkpoints/step-N/`` atomically (rank 0) and keep the newest few. It
+        holds every process's RNG states (each continues its own dropout stream) and, in
+        meta.json, the batch layout that maps steps to examples."""
+        rng = self.procs.gather(
+            {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
             }
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "python": random.getstate(),
-                },
-            }
-            meta = {
-                "step": self.step,
-                "total_steps": self.total_steps,
-                "selection": self.model.s2ft_selection.to_dict()["units"],
-            }
+        )
+        self.procs.on_main(lambda: self._write_checkpoint(rng))
 
-            def write(tmp: Path) -> None:
-                save_file(trainable, str(tmp / "trainable.safetensors"))
-                torch.save(state, tmp / "trainer_state.pt")
-                (tmp / "meta.json").write_text(json.dumps(meta))
+    def _write_checkpoint(self, rng: list[dict]) -> None:
+        """(Rank 0.) The checkpoint folder of this step, with ``rng`` in rank order."""
+        t = self.recipe.train
+        trainable = {
+            n: p.detach().cpu().contiguous()
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+        meta = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "global_batch": self.global_batch,
+            "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum,
+            "processes": self.world,
+            "selection": self.model.s2ft_selection.to_dict()["units"],
+        }
 
-            folder = self.out / CHECKPOINTS
-            try:
-                atomic_write_dir(folder / f"step-{self.step:07d}", write)
-            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-                raise S2FTError(
-                    f"Could not write the checkpoint of step {self.step} in {folder}: "
-                    f"{write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
-                    "(or move output_dir) and continue with --resume."
-                ) from err
-            for old in self._checkpoints()[: -self.recipe.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.procs.barrier()
+        def write(tmp: Path) -> None:
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save(state, tmp / "trainer_state.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta))
+
+        folder = self.out / CHECKPOINTS
+        try:
+            atomic_write_dir(folder / f"step-{self.step:07d}", write)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+            raise S2FTError(
+                f"Could not write the checkpoint of step {self.step} in {folder}: "
+                f"{write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
+                "(or move output_dir) and continue with --resume."
+            ) from err
+        for old in self._checkpoints()[: -t.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _kept_checkpoint(self) -> str:
         """Which checkpoint a failed or stopped run leaves to resume from."""
@@ -498,7 +558,9 @@ class Trainer:
         return found[-1] if found else None
 
     def _load_checkpoint(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` (every process reads it)."""
         meta = read_checkpoint_file(path / "meta.json")
+        self._check_batch_layout(path, meta)
         if meta["selection"] != self.model.s2ft_selection.to_dict()["units"]:
             raise S2FTError(
                 f"Checkpoint {path} was trained with another selection than this recipe makes; "
@@ -512,15 +574,44 @@ class Trainer:
         state = read_checkpoint_file(path / "trainer_state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
+        rng = state["rng"]
+        rng = rng[self.rank] if isinstance(rng, list) else rng  # older: one state for all
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
         self.step = state["step"]
-        if self.is_main and (self.out / METRICS).exists():  # drop lines after the checkpoint
-            lines = (self.out / METRICS).read_text().splitlines()
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            atomic_write_text(self.out / METRICS, "".join(ln + "\n" for ln in kept))
+
+    def _check_batch_layout(self, path: Path, meta: dict) -> None:
+        """Refuse to resume with another global batch or process count than the
+        checkpoint's: step N is the N-th global batch of the data order, and each process
+        continues its own random stream. Checkpoints older than this record resume as
+        before."""
+        if "global_batch" not in meta:
+            return
+        if (meta["global_batch"], meta["processes"]) == (self.global_batch, self.world):
+            return
+        t = self.recipe.train
+
+        def layout(batch_size: int, processes: int, grad_accum: int) -> str:
+            return (
+                f"global batch {batch_size * processes * grad_accum} (batch_size {batch_size} × "
+                f"{processes} process{'es' if processes > 1 else ''} × grad_accum {grad_accum})"
+            )
+
+        then = layout(meta["batch_size"], meta["processes"], meta["grad_accum"])
+        raise S2FTError(
+            f"Checkpoint {path} was trained with {then}; this run has "
+            f"{layout(t.batch_size, self.world, t.grad_accum)}. A resumed run keeps both the "
+            "global batch and the process count (a step is the next global batch of the data "
+            "order, and each process continues its own random stream): resume with "
+            f"train.batch_size={meta['batch_size']} train.grad_accum={meta['grad_accum']} on "
+            f"{meta['processes']} process{'es' if meta['processes'] > 1 else ''}. To go on "
+            "with another batch or process count, start a new run from this checkpoint "
+            f"instead: s2ft export {self.out} --checkpoint {meta['step']} --merged --out "
+            "MERGED, then s2ft train RECIPE model.name_or_path=MERGED output_dir=NEW_DIR (a "
+            "fresh optimizer and learning-rate schedule; its adapter applies to MERGED)."
+        )
 
     def cleanup(self) -> None:
         # DDP's reducer holds the process group. Freed after the group is destroyed, it

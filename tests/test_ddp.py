@@ -1,26 +1,71 @@
-"""S² deltas are ordinary parameters: torch DDP averages their gradients unchanged."""
+"""Several processes (torchrun, gloo on CPU): S² deltas are ordinary parameters that DDP
+averages unchanged, and `s2ft train` under torchrun trains like one process with the same
+global batch (gradient accumulation and activation checkpointing included), stops every
+process together (a signal, a refusal on rank 0), and gives each process its own dropout
+while the selection and the data order stay shared."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from s2ft_cli import get_s2ft_model
+from s2ft_cli.checkpoints import checkpoints_of
+from s2ft_cli.recipe import load_recipe
+from s2ft_cli.train import Trainer, train
 
 from .conftest import batch, tiny_model
+from .test_train import RECIPE, max_diff, recipe_file
 
 CFG = {"targets": {"v_proj": 0.5, "o_proj": 0.5, "down_proj": 0.1}, "seed": 2}
 REPO = Path(__file__).resolve().parents[1]
+# two CPU processes on a slow shared machine: minutes, not seconds, before calling it a hang
+TORCHRUN_TIMEOUT = 600
 
 
-def _worker(out: str) -> None:
+def launch(module: str, *args) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node 2 -m MODULE ARGS``, one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", module, *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = TORCHRUN_TIMEOUT):
+    """Wait for a torchrun. Past ``timeout`` a process is taken to hang: torchrun is sent
+    SIGTERM (it passes it on, and SIGKILLs its workers 30 s later) and the test fails."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        pytest.fail(f"torchrun did not end within {timeout} s (a process hangs?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def torchrun(*args, timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """``s2ft ARGS`` under torchrun with two processes."""
+    return finish(launch("s2ft_cli", *args), timeout)
+
+
+def _grads_worker(out: str) -> None:
     """One process of ``torchrun``: its half of the batch through DDP; rank 0 saves the
     averaged gradients."""
     dist.init_process_group("gloo")
@@ -39,10 +84,7 @@ def _worker(out: str) -> None:
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "tests.test_ddp", str(tmp_path)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    result = finish(launch("tests.test_ddp", "grads", tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = torch.load(tmp_path / "grads.pt", weights_only=True)
     base = tiny_model("llama-gqa-bias")
@@ -54,5 +96,131 @@ def test_ddp_gradients_equal_single_process(tmp_path):
             assert ((ddp[name] - p.grad).norm() / p.grad.norm()).item() <= 1e-5, name
 
 
+@pytest.fixture(scope="module")
+def one_process_batch_8(tmp_path_factory) -> Path:
+    """The reference recipe and run: one process, batch 8, no accumulation, 6 steps."""
+    folder = tmp_path_factory.mktemp("single")
+    path = recipe_file(folder, RECIPE.replace("max_steps: 12", "max_steps: 6"))
+    train(load_recipe(path, [f"output_dir={folder / 'run'}", "train.batch_size=8"]))
+    return path
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_torchrun_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8, checkpointing):
+    """2 processes × batch 2 × accumulation 2 = one process × batch 8 (the same examples
+    in each step); the checkpoints record that layout and one RNG state per process."""
+    run = tmp_path / "ddp"
+    recompute = f"model.gradient_checkpointing={str(checkpointing).lower()}"
+    result = torchrun("train", one_process_batch_8, f"output_dir={run}", "train.batch_size=2",
+                      "train.grad_accum=2", recompute)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(run / "adapter", one_process_batch_8.parent / "run" / "adapter") <= 1e-4
+
+    newest = checkpoints_of(run)[-1]
+    meta = json.loads((newest / "meta.json").read_text())
+    layout = {k: meta[k] for k in ("global_batch", "batch_size", "grad_accum", "processes")}
+    assert layout == {"global_batch": 8, "batch_size": 2, "grad_accum": 2, "processes": 2}
+    rng = torch.load(newest / "trainer_state.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def with_attention_dropout(model, p: float = 0.5):
+    """Turn on the attention dropout of every layer, as a config with dropout > 0 would."""
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+    return model.train()
+
+
+@torch.no_grad()
+def logits_in_training(model) -> torch.Tensor:
+    return model(input_ids=batch(model, size=2, length=16)).logits
+
+
+def _seeds_worker(recipe_path: str) -> None:
+    """One process of ``torchrun``: set up a run of the recipe and draw dropout masks right
+    after a checkpoint, then resume from that checkpoint and draw again; rank 0 saves what
+    each process drew and what must be shared."""
+    torch.set_num_threads(1)
+    recipe = load_recipe(Path(recipe_path))
+    trainer = Trainer(recipe)
+    trainer.setup()
+    trainer.save_checkpoint()  # step 0, with each process's RNG state
+    drawn = {
+        "first": logits_in_training(with_attention_dropout(trainer.model)),
+        "selection": trainer.model.s2ft_selection.to_dict()["units"],
+        "order": trainer._epoch_order(0),
+    }
+    trainer.engine = None  # see Trainer.cleanup: free DDP's reducer before the group goes
+    resumed = Trainer(recipe, resume=True)
+    try:
+        resumed.setup()
+        drawn["again"] = logits_in_training(with_attention_dropout(resumed.model))
+        gathered = resumed.procs.gather(drawn)
+        if resumed.is_main:
+            torch.save(gathered, Path(recipe.output_dir) / "drawn.pt")
+    finally:
+        resumed.cleanup()
+
+
+def test_each_process_draws_its_own_dropout_and_shares_selection_and_data(tmp_path):
+    path = recipe_file(tmp_path)
+    result = finish(launch("tests.test_ddp", "seeds", path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "run" / "drawn.pt", weights_only=True)
+    assert not torch.allclose(rank0["first"], rank1["first"])  # other dropout masks
+    assert torch.equal(rank0["again"], rank0["first"])  # a resumed process continues its
+    assert torch.equal(rank1["again"], rank1["first"])  # own stream
+    assert rank0["selection"] == rank1["selection"] and rank0["order"] == rank1["order"]
+    assert (
+        rank0["selection"] == json.loads((tmp_path / "run" / "selection.json").read_text())["units"]
+    )
+
+
+def test_a_refusal_on_rank_0_stops_every_process_with_the_message(tmp_path):
+    """Rank 0 alone decides whether output_dir may be written; no process may be left
+    waiting for it. Resuming on another number of processes is refused everywhere too."""
+    path = recipe_file(tmp_path)
+    train(load_recipe(path, ["train.max_steps=4"]))  # a run with a checkpoint, one process
+
+    result = torchrun("train", path, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("already holds checkpoints of a run") == 2  # one per process
+
+    result = torchrun("train", path, "train.max_steps=4", "train.batch_size=4", "--resume",
+                      timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    stderr = " ".join(result.stderr.split())  # rich may wrap the paragraph
+    assert stderr.count("was trained with global batch 8 (batch_size 8 × 1 process ×") == 2
+    assert "this run has global batch 8 (batch_size 4 × 2 processes × grad_accum 1)" in stderr
+
+
+def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path):
+    """torchrun passes SIGTERM on to each process; they stop at the same step, save, and
+    the resumed run ends where one process with the same global batch does."""
+    long = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
+    path = recipe_file(tmp_path, long)
+    train(load_recipe(path, [f"output_dir={tmp_path / 'single'}"]))  # batch 8, one process
+
+    proc = launch("s2ft_cli", "train", path, "train.batch_size=4")
+    marker = tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json"
+    deadline = time.monotonic() + TORCHRUN_TIMEOUT
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, timeout=300)
+    assert result.returncode != 0
+    newest = checkpoints_of(tmp_path / "run")[-1]
+    step = json.loads((newest / "meta.json").read_text())["step"]
+    assert 4 <= step < 40 and not (tmp_path / "run" / "adapter").exists()
+    stderr = " ".join(result.stderr.split())
+    assert stderr.count(f"Interrupted at step {step} of 40") == 2  # both, at the same step
+
+    result = torchrun("train", path, "train.batch_size=4", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(tmp_path / "run" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    {"grads": _grads_worker, "seeds": _seeds_worker}[sys.argv[1]](*sys.argv[2:])

@@ -1,10 +1,13 @@
-"""Faults during `s2ft train`: Ctrl-C, SIGKILL while a checkpoint is written, a loss that
-becomes NaN, a full disk. None of them may cost what was already saved."""
+"""Faults during `s2ft train`: Ctrl-C or SIGTERM, SIGKILL while a checkpoint or a metrics
+line is written, a loss that becomes NaN, a full disk, a resume with another batch layout.
+None of them may cost what was already saved."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +17,16 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from s2ft_cli import train as train_module
 from s2ft_cli.checkpoints import checkpoints_of
+from s2ft_cli.cli import app
 from s2ft_cli.errors import S2FTError
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import Trainer, train
 
-from .test_train import RECIPE, max_diff, recipe_file, s2ft
+from .test_train import RECIPE, max_diff, metrics, recipe_file, s2ft
 
 LONG = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
 
@@ -33,23 +38,36 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
     assert proc.poll() is None, "the run ended before the fault could be injected"
 
 
-def straight_run(tmp_path: Path, path: Path) -> Path:
-    train(load_recipe(path, [f"output_dir={tmp_path / 'straight'}"]))
-    return tmp_path / "straight" / "adapter"
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The adapter of the LONG recipe trained without interruption."""
+    folder = tmp_path_factory.mktemp("straight")
+    train(load_recipe(recipe_file(folder, LONG), [f"output_dir={folder / 'run'}"]))
+    return folder / "run" / "adapter"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+@pytest.mark.parametrize(
+    "sig, status, name",
+    [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
+    tmp_path, straight, sig, status, name
+):
+    """Ctrl-C (SIGINT) and SIGTERM (kill, cluster schedulers, torchrun) stop at the end of
+    the step with a checkpoint; the exit status is the shell's 128 + signal number."""
     path = recipe_file(tmp_path, LONG)
     proc = subprocess.Popen(
         [sys.executable, "-m", "s2ft_cli", "train", str(path)],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     wait_for(tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json", proc)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == status and "Traceback" not in stderr
+    assert f"{name}: saving a checkpoint after this step" in stdout
     assert "Interrupted at step" in stderr and f"s2ft train {path} --resume" in stderr
     newest = checkpoints_of(tmp_path / "run")[-1]
     step = int(newest.name.split("-")[1])
@@ -58,7 +76,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
 
     result = s2ft("train", path, "--resume")
     assert result.returncode == 0, result.stderr
-    assert max_diff(tmp_path / "run" / "adapter", straight_run(tmp_path, path)) <= 1e-5
+    assert max_diff(tmp_path / "run" / "adapter", straight) <= 1e-5
 
 
 KILL_WHILE_WRITING = """\
@@ -77,7 +95,7 @@ main()
 """
 
 
-def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
+def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, straight):
     path = recipe_file(tmp_path, LONG)
     proc = subprocess.run(
         [sys.executable, "-c", KILL_WHILE_WRITING, str(path)], capture_output=True, timeout=240
@@ -90,7 +108,63 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
     result = s2ft("train", path, "--resume")
     assert result.returncode == 0, result.stderr
     assert not list((run / "checkpoints").glob(".step-*"))  # cleaned up on resume
-    assert max_diff(run / "adapter", straight_run(tmp_path, path)) <= 1e-5
+    assert max_diff(run / "adapter", straight) <= 1e-5
+
+
+def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
+    path = recipe_file(tmp_path)  # 12 steps, a checkpoint every 4, a metrics line every 2
+    train(load_recipe(path))
+    run = tmp_path / "run"
+    finished = load_file(run / "adapter" / "adapter_model.safetensors")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    # as if killed at step 10 while appending its line: no step-12 checkpoint, no adapter
+    shutil.rmtree(run / "checkpoints" / "step-0000012")
+    shutil.rmtree(run / "adapter")
+    up_to_8 = [line for line in lines if json.loads(line)["step"] <= 8]
+    cut = lines[len(up_to_8)][:20]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in up_to_8) + cut)
+
+    train(load_recipe(path), resume=True)
+    assert [r["step"] for r in metrics(run)] == [0, 2, 4, 6, 8, 10, 12]
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(resumed[k].equal(finished[k]) for k in finished)
+
+    # a damaged line before the last is not a kill's doing: named, not silently dropped
+    damaged = (run / "metrics.jsonl").read_text().splitlines()
+    damaged[2] = damaged[2][:20]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in damaged))
+    with pytest.raises(S2FTError, match="metrics.jsonl: line 3 is not valid JSON"):
+        train(load_recipe(path), resume=True)
+
+
+def test_resume_with_another_global_batch_or_process_count_is_refused(tmp_path):
+    """Step N is the N-th global batch of the data order: a resume must keep the global
+    batch (and the process count); the message says how to go on from the checkpoint."""
+    path = recipe_file(tmp_path)
+    train(load_recipe(path, ["train.max_steps=4"]))  # a checkpoint at step 4
+    meta_file = tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    layout = {k: meta[k] for k in ("global_batch", "batch_size", "grad_accum", "processes")}
+    assert layout == {"global_batch": 8, "batch_size": 8, "grad_accum": 1, "processes": 1}
+
+    resume = ["train", str(path), "train.max_steps=4", "--resume"]
+    result = CliRunner().invoke(app, [*resume, "train.batch_size=4"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in message
+    assert "global batch 8 (batch_size 8 × 1 process × grad_accum 1)" in message
+    assert "this run has global batch 4 (batch_size 4 × 1 process × grad_accum 1)" in message
+    assert "resume with train.batch_size=8 train.grad_accum=1 on 1 process" in message
+    assert f"s2ft export {tmp_path / 'run'} --checkpoint 4 --merged --out MERGED" in message
+    assert "model.name_or_path=MERGED" in message
+
+    # the same global batch split otherwise continues; so does any checkpoint older than
+    # the record of its layout (as before)
+    result = CliRunner().invoke(app, [*resume, "train.batch_size=4", "train.grad_accum=2"])
+    assert result.exit_code == 0, result.output
+    for key in layout:
+        del meta[key]
+    meta_file.write_text(json.dumps(meta))
+    assert CliRunner().invoke(app, [*resume, "train.batch_size=4"]).exit_code == 0
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
