@@ -8,19 +8,23 @@ PY     := $(VENV)/bin/python
 install: $(VENV)/.installed
 
 # torch is pinned and installed first: the project's own range would otherwise let pip pull
-# a CUDA build with several GB of packages onto a CPU machine.
-$(VENV)/.installed: pyproject.toml
+# a CUDA build with several GB of packages onto a CPU machine. constraints.txt pins the
+# tested versions, the lower bounds of pyproject.toml, so `make test` runs exactly those.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 test: install
 	$(PY) -m pytest
 
+# train the quickstart, then score the base and the trained adapter on held-out problems
 demo: install
-	$(VENV)/bin/s2ft train recipes/quickstart.yaml output_dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
+	run=runs/quickstart-$$(date +%Y%m%d-%H%M%S) && \
+	$(VENV)/bin/s2ft train recipes/quickstart.yaml output_dir=$$run && \
+	$(VENV)/bin/s2ft eval $$run
 
 lint: install
 	$(VENV)/bin/ruff check s2ft_cli tests scripts

@@ -98,11 +98,12 @@ def select(
     import torch
 
     from .config import DATA_STRATEGIES
+    from .data import load_datasets
     from .models import load_model, load_tokenizer
     from .permute import plan_layout
     from .recipe import load_recipe
     from .selection import select_units
-    from .train import calibration_data, load_datasets
+    from .train import calibration_data
 
     r = load_recipe(recipe, overrides)
     cfg = r.s2ft
@@ -121,7 +122,9 @@ def select(
                 "recipe needs a data: section (data.train)."
             )
         tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        calibration = calibration_data(cfg, load_datasets(r, tokenizer)[0], tokenizer.pad_token_id)
+        calibration = calibration_data(
+            cfg, load_datasets(r.data, r.train.seed, tokenizer).train, tokenizer.pad_token_id
+        )
         if torch.cuda.is_available():
             model.to("cuda")
     _, selection = plan_layout(select_units(model, cfg, calibration))
@@ -198,6 +201,36 @@ def _score_table(selection) -> Table:
     return table
 
 
+@app.command("data")
+@user_errors
+def data_command(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    show: Annotated[int, typer.Option("--show", min=0, help="Examples to print.")] = 3,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help='Write the training examples as [{"input_ids", "labels"}].'),
+    ] = None,
+) -> None:
+    """Show what the model will be trained on: examples with the trained tokens marked,
+    and statistics of the set. Loads the tokenizer and the data, never the weights."""
+    from .data import load_datasets
+    from .models import load_tokenizer
+    from .preview import show as show_data
+    from .preview import write_json
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    if r.data is None:
+        raise S2FTError("s2ft data needs a data: section in the recipe (data.train at least).")
+    tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
+    data = load_datasets(r.data, r.train.seed, tokenizer)
+    show_data(console, tokenizer, data, show, r.train.batch_size, r.train.seed)
+    if json_path is not None:
+        write_json(json_path, data.train)
+        console.print(f"{len(data.train)} training examples written to {json_path}")
+
+
 @app.command()
 @user_errors
 def train(
@@ -219,7 +252,7 @@ def train(
         err_console.print(
             f"[yellow]stopped:[/] {stop} Resume with:\n  {command}", highlight=False, soft_wrap=True
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop.exit_code) from None
 
 
 def _option(help: str, *names: str):
@@ -242,18 +275,35 @@ def eval_command(
     adapter: Annotated[
         list[Path] | None, _option("Adapter directory; repeat to evaluate several in turn.")
     ] = None,
+    base: Annotated[
+        bool | None,
+        _option(
+            "Also evaluate the base model itself, as 'base' (eval.include_base).",
+            "--base/--no-base",
+        ),
+    ] = None,
     tasks: Annotated[
         list[str] | None,
         _option("Tasks or groups (commonsense, math), comma-separated or repeated."),
     ] = None,
     data_dir: Annotated[
-        Path | None, _option("Folder of <task>/test.json sets, or one test file.")
+        Path | None,
+        _option(
+            "Folder of <task>/test.json sets, one test file, or builtin:arithmetic (held-out "
+            "generated problems)."
+        ),
     ] = None,
-    mode: Annotated[str | None, _option("generate (the paper's protocol) or loglik.")] = None,
+    mode: Annotated[str | None, _option("generate (decode, extract the answer) or loglik.")] = None,
     batch_size: Annotated[int | None, _option("Prompts per forward pass (16).")] = None,
     limit: Annotated[int | None, _option("Only the first N examples of each task.")] = None,
     max_new_tokens: Annotated[int | None, _option("Longest generated answer (256).")] = None,
-    num_beams: Annotated[int | None, _option("Beam search with this many beams (1).")] = None,
+    num_beams: Annotated[
+        int | None,
+        _option(
+            "Beam search with this many beams (1: greedy, the fast default; the paper's "
+            "official scripts use 4)."
+        ),
+    ] = None,
     do_sample: Annotated[
         bool | None, _option("Sample instead of greedy decoding.", "--do-sample/--greedy")
     ] = None,
@@ -318,6 +368,7 @@ def eval_command(
         "stop_at_answer": stop_at_answer,
         "prompt_template": prompt_template,
         "adapters": adapter,
+        "include_base": base,
         "merge": merge,
         "force": force,
         "dtype": dtype,
@@ -434,16 +485,31 @@ def _refuse_existing(out: Path) -> None:
         raise S2FTError(f"{out} already exists; choose another --out or remove it first.")
 
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
 def _recipe_files() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    """The bundled recipes by name. They are package data (``s2ft_cli.recipes``): the
+    repository's ``recipes/`` folder in a source checkout or editable install, a copy
+    inside the installed package otherwise."""
+    from importlib.resources import files
+
+    try:
+        folder = files("s2ft_cli.recipes")
+    except ModuleNotFoundError:
+        raise S2FTError(
+            "This installation of s2ft has no bundled recipes (an editable install made "
+            "before they became package data). Reinstall it: `make install`, or "
+            "`pip install -e .` in the repository."
+        ) from None
+    return {
+        p.name.removesuffix(".yaml"): Path(str(p))
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith(".yaml")
+    }
 
 
 @app.command("recipes")
+@user_errors
 def list_recipes() -> None:
-    """List the bundled recipes."""
+    """List the bundled recipes (s2ft init NAME DEST copies one to edit and run)."""
     table = Table(title="bundled recipes (s2ft init NAME DEST to copy one)", title_justify="left")
     table.add_column("name")
     table.add_column("what it runs")
@@ -468,7 +534,12 @@ def init(
         raise S2FTError(f"{target} already exists; choose another destination.")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(files[name].read_text())
-    console.print(f"wrote {target}; paths in it are relative to its folder, edit them to fit.")
+    console.print(
+        f"wrote {target}; paths in it are relative to its folder, edit them to fit. Then: "
+        f"s2ft train {shlex.quote(str(target))}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

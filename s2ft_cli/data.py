@@ -14,13 +14,24 @@ record number and what is wrong.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from .arithmetic import arithmetic_problems
 from .errors import S2FTError
+from .tokenization import (
+    IGNORE_INDEX,
+    ChatRecordError,
+    Document,
+    Example,
+    Instruction,
+    chat_examples,
+    document_examples,
+    instruction_examples,
+)
 
 # The Alpaca prompt the paper's training and evaluation use (Stanford Alpaca / LLM-Adapters).
 ALPACA_PROMPT = (
@@ -34,7 +45,6 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 FORMATS = ("llm-adapters", "alpaca", "chat", "text", "hf")
 BUILTIN_PREFIX = "builtin:"
-IGNORE_INDEX = -100
 
 
 def user_message(instruction: str, input: str = "") -> str:
@@ -51,38 +61,6 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 # ---------------------------------------------------------------------------------------
 # Records
-
-
-def arithmetic_problems(count: int, seed: int = 0) -> list[dict]:
-    """Arithmetic word problems with worked answers, in the LLM-Adapters format."""
-    rng = random.Random(seed)
-    names = ["Tom", "Mia", "Sam", "Ava", "Leo", "Zoe", "Ben", "Ivy"]
-    things = ["apples", "books", "coins", "stickers", "marbles", "shells"]
-    records = []
-    for _ in range(count):
-        who, what = rng.choice(names), rng.choice(things)
-        a, b = rng.randint(2, 60), rng.randint(2, 40)
-        kind = rng.choice(["add", "sub", "mul"])
-        if kind == "add":
-            q = f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?"
-            work, ans = f"{a} + {b} = {a + b}", a + b
-        elif kind == "sub":
-            a, b = max(a, b), min(a, b)
-            q = f"{who} has {a} {what} and gives away {b}. How many {what} are left?"
-            work, ans = f"{a} - {b} = {a - b}", a - b
-        else:
-            a, b = a % 12 + 2, b % 9 + 2
-            q = f"{who} has {a} bags with {b} {what} in each. How many {what} are there?"
-            work, ans = f"{a} * {b} = {a * b}", a * b
-        records.append(
-            {
-                "instruction": q,
-                "input": "",
-                "output": f"{work}. The answer is {ans}.",
-                "answer": str(ans),
-            }
-        )
-    return records
 
 
 def read_record_file(path: Path) -> list:
@@ -143,14 +121,6 @@ def _read_hf(path: str, subset: str | None, split: str) -> list:
     return list(ds)
 
 
-@dataclass
-class Segment:
-    """A piece of an example's text and whether the loss is taken on it."""
-
-    text: str
-    target: bool
-
-
 def _str_field(record: dict, key: str, required: bool = True) -> str:
     value = record.get(key, None if required else "")
     if value is None and not required:
@@ -164,9 +134,9 @@ def _str_field(record: dict, key: str, required: bool = True) -> str:
     return value
 
 
-def _segments(record, fmt: str, prompt_template: str) -> list[Segment] | list[dict]:
-    """An instruction or text record as segments; a chat record, or an instruction record
-    under ``prompt_template: chat``, as a message list."""
+def _parse(record, fmt: str, prompt_template: str) -> Instruction | Document | list[dict]:
+    """A record as an instruction, a document, or a conversation (a message list; an
+    instruction record under ``prompt_template: chat`` becomes a user/assistant one)."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be an object, got {type(record).__name__}")
     if fmt == "hf":
@@ -179,9 +149,9 @@ def _segments(record, fmt: str, prompt_template: str) -> list[Segment] | list[di
                 {"role": "user", "content": user_message(instruction, extra)},
                 {"role": "assistant", "content": output},
             ]
-        return [Segment(alpaca_prompt(instruction, extra), False), Segment(output, True)]
+        return Instruction(alpaca_prompt(instruction, extra), output)
     if fmt == "text":
-        return [Segment(_str_field(record, "text"), True)]
+        return Document(_str_field(record, "text"))
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("it needs a non-empty 'messages' list")
@@ -207,7 +177,12 @@ def load_records(source, seed: int = 0) -> tuple[str, list]:
         name = path[len(BUILTIN_PREFIX) :]
         if name != "arithmetic":
             raise S2FTError(f"Unknown built-in dataset {path!r}; available: builtin:arithmetic.")
-        return path, arithmetic_problems(source.limit or 2000, seed)
+        if source.split not in ("train", "test"):
+            raise S2FTError(
+                f"{path} has the splits train and test (held-out problems), not "
+                f"{source.split!r}; set data.*.split to train or test."
+            )
+        return path, arithmetic_problems(source.limit or 2000, seed, source.split)
     if source.format == "hf":
         records = _read_hf(path, source.subset, source.split)
     else:
@@ -227,97 +202,7 @@ def load_records(source, seed: int = 0) -> tuple[str, list]:
 
 
 # ---------------------------------------------------------------------------------------
-# Tokenisation
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def require_chat_template(tokenizer) -> None:
-    """Refuse the chat prompt template for a tokenizer that has no chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise S2FTError(
-            "prompt_template: chat (or chat records) needs a tokenizer with a chat template; "
-            "this tokenizer has none. Use prompt_template: alpaca or a chat model's tokenizer."
-        )
-
-
-def _chat_segments(messages: list[dict], tokenizer) -> list[Segment]:
-    """Split a rendered chat into segments at message boundaries: assistant turns are
-    targets. Each boundary is where the template renders the conversation so far."""
-    require_chat_template(tokenizer)
-    segments, done = [], ""
-    for i, message in enumerate(messages):
-        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        segments.append(Segment(text[len(done) :], message["role"] == "assistant"))
-        done = text
-    return segments
-
-
-def bos_token_id(tokenizer) -> int | None:
-    """The BOS id when the tokenizer itself puts one in front of a text, else None."""
-    probe = tokenizer("a")["input_ids"]
-    return tokenizer.bos_token_id if probe[:1] == [tokenizer.bos_token_id] else None
-
-
-def _assemble(
-    segments: list[Segment],
-    prefix_ids: list[list[int]],
-    tokenizer,
-    bos: int | None,
-    max_seq_len: int,
-    train_on_prompt: bool,
-) -> Example:
-    """Token ids and labels of one example from the ids of its growing text prefixes."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for seg, upto in zip(segments, prefix_ids, strict=True):
-        new = upto[len(ids) :]
-        ids += new
-        labels += new if (seg.target or train_on_prompt) else [IGNORE_INDEX] * len(new)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
-    if tokenizer.eos_token_id is not None:
-        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
-    return Example(ids[:max_seq_len], labels[:max_seq_len])
-
-
-def tokenize(
-    all_segments: list[list[Segment]],
-    tokenizer,
-    max_seq_len: int,
-    train_on_prompt: bool,
-    chunk: int = 1024,
-) -> list[Example]:
-    """Token ids and labels of each example: BOS if the tokenizer uses one, the segments,
-    EOS; labels are -100 outside target segments (unless ``train_on_prompt``); truncated to
-    ``max_seq_len``. Segment boundaries come from tokenising the growing prefixes of the
-    text (in batches), so tokens merged across a boundary are kept as the tokenizer makes
-    them."""
-    prefixes = []
-    for segments in all_segments:
-        text = ""
-        for seg in segments:
-            text += seg.text
-            prefixes.append(text)
-    ids = []
-    for i in range(0, len(prefixes), chunk):
-        ids += tokenizer(prefixes[i : i + chunk], add_special_tokens=False, verbose=False)[
-            "input_ids"
-        ]
-    bos = bos_token_id(tokenizer)
-    examples, at = [], 0
-    for segments in all_segments:
-        examples.append(
-            _assemble(
-                segments, ids[at : at + len(segments)], tokenizer, bos, max_seq_len, train_on_prompt
-            )
-        )
-        at += len(segments)
-    return examples
+# Examples
 
 
 def build_examples(
@@ -329,26 +214,48 @@ def build_examples(
     max_seq_len: int,
     train_on_prompt: bool,
 ) -> list[Example]:
-    """Validate and tokenise every record; the first malformed one stops with its number.
-    Records whose targets lie wholly beyond ``max_seq_len`` are dropped (the caller can
-    report ``len(records) - len(result)``), as LLM-Adapters' cut-off does."""
+    """Validate and tokenise every record (see :mod:`s2ft_cli.tokenization`); the first
+    malformed one stops with its number. Records whose targets lie wholly beyond
+    ``max_seq_len`` are dropped (the caller can report ``len(records) - len(result)``), as
+    LLM-Adapters' cut-off does."""
     expected = {
         "chat": "{'messages': [{'role': ..., 'content': ...}, ...]}",
         "text": "{'text': ...}",
     }.get(fmt, "{'instruction': ..., 'input': ... (optional), 'output': ...}")
-    all_segments = []
+    parsed = []
     for n, record in enumerate(records, 1):
         try:
-            parts = _segments(record, fmt, prompt_template)
+            parsed.append(_parse(record, fmt, prompt_template))
         except ValueError as err:
             raise S2FTError(
                 f"{name}: record {n} is malformed: {err}. Fix or remove it; the {fmt} format "
                 f"expects {expected}."
             ) from None
-        if isinstance(parts[0], dict):
-            parts = _chat_segments(parts, tokenizer)
-        all_segments.append(parts)
-    examples = tokenize(all_segments, tokenizer, max_seq_len, train_on_prompt)
+    examples: list[Example | None] = [None] * len(parsed)
+    instructions = [k for k, part in enumerate(parsed) if isinstance(part, Instruction)]
+    made = instruction_examples(
+        [parsed[k] for k in instructions], tokenizer, max_seq_len, train_on_prompt
+    )
+    for k, example in zip(instructions, made, strict=True):
+        if example is None:
+            raise S2FTError(
+                f"{name}: record {k + 1}: no tokenisation of its response after its prompt "
+                "decodes to the text of the whole record (the tokenizer merges characters "
+                "across the boundary and changes the response when it stands alone). Start "
+                "the response differently (e.g. without leading spaces)."
+            )
+        examples[k] = example
+    documents = [k for k, part in enumerate(parsed) if isinstance(part, Document)]
+    made = document_examples([parsed[k].text for k in documents], tokenizer, max_seq_len)
+    for k, example in zip(documents, made, strict=True):
+        examples[k] = example
+    chats = [k for k, part in enumerate(parsed) if isinstance(part, list)]
+    try:
+        made = chat_examples([parsed[k] for k in chats], tokenizer, max_seq_len, train_on_prompt)
+    except ChatRecordError as err:
+        raise S2FTError(f"{name}: record {chats[err.index] + 1}: {err}.") from None
+    for k, example in zip(chats, made, strict=True):
+        examples[k] = example
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
     if not kept:
         raise S2FTError(
@@ -356,6 +263,67 @@ def build_examples(
             "prompts fill it); raise data.max_seq_len."
         )
     return kept
+
+
+@dataclass
+class SourceStats:
+    """What became of one data source's records."""
+
+    name: str
+    records: int
+    examples: int  # kept: some target token within max_seq_len
+    truncated: int  # kept, but cut at max_seq_len
+    max_seq_len: int
+
+    @property
+    def note(self) -> str | None:
+        """A line for the run's log when records were dropped."""
+        dropped = self.records - self.examples
+        if not dropped:
+            return None
+        return (
+            f"{self.name}: {dropped} of {self.records} records have no target token within "
+            f"max_seq_len {self.max_seq_len} and are skipped"
+        )
+
+
+class Datasets(NamedTuple):
+    train: list[Example]
+    validation: list[Example]
+    sources: list[SourceStats]
+
+
+def load_datasets(data, seed: int, tokenizer) -> Datasets:
+    """A recipe's ``data:`` section as training and validation examples, tokenised and
+    checked, with what became of each source's records (``seed`` draws generated records
+    and the validation split)."""
+
+    def examples(source) -> list[Example]:
+        name, records = load_records(source, seed)
+        kept = build_examples(
+            name,
+            records,
+            source.format,
+            tokenizer,
+            data.prompt_template,
+            data.max_seq_len,
+            data.train_on_prompt,
+        )
+        truncated = sum(e.truncated for e in kept)
+        sources.append(SourceStats(name, len(records), len(kept), truncated, data.max_seq_len))
+        return kept
+
+    sources: list[SourceStats] = []
+    train = examples(data.train)
+    if data.validation is not None:
+        return Datasets(train, examples(data.validation), sources)
+    return Datasets(*split_validation(train, data.val_size, seed), sources)
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order in which an epoch takes the training examples."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=g).tolist()
 
 
 def split_validation(

@@ -52,7 +52,11 @@ class DataSource(BaseModel):
         "builtin:arithmetic (generated word problems)."
     )
     format: Literal["llm-adapters", "alpaca", "chat", "text", "hf"] = "llm-adapters"
-    split: str = Field("train", description="Split of a Hugging Face dataset.")
+    split: str = Field(
+        "train",
+        description="Split of a Hugging Face dataset; of builtin:arithmetic, train or test "
+        "(held-out problems).",
+    )
     subset: str | None = Field(None, description="Configuration name of a hub dataset.")
     limit: int | None = Field(None, ge=1, description="Use only the first N records.")
 
@@ -114,7 +118,8 @@ class TrainSection(BaseModel):
 
 
 class EvalSection(BaseModel):
-    """``eval:``: how ``s2ft eval`` scores the model (the paper's protocol by default)."""
+    """``eval:``: how ``s2ft eval`` scores the model: generate and extract the answer as the
+    paper's evaluation does, greedy by default (its official scripts use 4 beams)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -126,7 +131,8 @@ class EvalSection(BaseModel):
     data_dir: str | None = Field(
         None,
         description="Folder of LLM-Adapters test sets (<task>/test.json, or dataset/<task>/"
-        "test.json), or one JSON/JSONL test file.",
+        "test.json), one JSON/JSONL test file, or builtin:arithmetic (generated problems "
+        "held out from training: task arithmetic, limit of them, default 500).",
     )
     mode: Literal["generate", "loglik"] = Field(
         "generate",
@@ -152,6 +158,11 @@ class EvalSection(BaseModel):
     )
     adapters: list[str] | None = Field(
         None, description="Adapters to evaluate one after another; default: the run's adapter."
+    )
+    include_base: bool = Field(
+        False,
+        description="Also evaluate the base model itself (no adapter), first, as 'base'; "
+        "without adapters the base alone is evaluated anyway.",
     )
     merge: bool = Field(False, description="Fuse each adapter into the weights while it is used.")
     force: bool = Field(
@@ -310,7 +321,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             else:
                 source.path = str((folder / source.path).resolve())
     ev = recipe.eval
-    if ev.data_dir is not None:
+    if ev.data_dir is not None and not ev.data_dir.startswith("builtin:"):
         ev.data_dir = str((base("eval.data_dir") / ev.data_dir).resolve())
     if ev.out is not None:
         ev.out = str((base("eval.out") / ev.out).resolve())
@@ -332,7 +343,7 @@ def eval_settings(section: EvalSection | None, options: dict[str, Any]) -> EvalS
     if given.get("adapters") is not None:
         given["adapters"] = [str(Path(a).resolve()) for a in given["adapters"]]
     for key in ("data_dir", "out"):
-        if key in given:
+        if key in given and not (key == "data_dir" and given[key].startswith("builtin:")):
             given[key] = str(Path(given[key]).expanduser().resolve())
     try:
         return EvalSection.model_validate({**(section or EvalSection()).model_dump(), **given})

@@ -31,10 +31,10 @@ from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from s2ft_cli import S2FTConfig, example_losses, get_s2ft_model, merge_adapter
-from s2ft_cli.data import Example, collate
+from s2ft_cli.data import Example, collate, load_datasets
 from s2ft_cli.models import TARGET_MATRICES, load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import adamw, load_datasets, token_loss_sums
+from s2ft_cli.train import adamw, token_loss_sums
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -99,7 +99,7 @@ def new_domain(recipe_path: Path, tokenizer, args) -> tuple[list, list, list]:
     sweep) and held-out (for the results)."""
     held_size = args.val + args.held_out
     recipe = load_recipe(recipe_path, [f"data.val_size={held_size}", f"train.seed={args.seed}"])
-    train, held, _ = load_datasets(recipe, tokenizer)
+    train, held, _ = load_datasets(recipe.data, recipe.train.seed, tokenizer)
     return train, held[: args.val], held[args.val :]
 
 

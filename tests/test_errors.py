@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from s2ft_cli.cli import app
+from s2ft_cli.models import char_tokenizer
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import train
 
@@ -85,6 +86,17 @@ def damaged_checkpoint(ws: Workspace) -> list:
 
 def other_selection(ws: Workspace) -> list:
     return [*resume(ws.run_copy("reselected-run")), "s2ft.seed=7"]
+
+
+def counting_tokenizer(ws: Workspace) -> Path:
+    """A tokenizer folder whose chat template renders the number of messages first: a
+    conversation's beginning alone is rendered unlike inside the whole conversation."""
+    from .real_tokenizers import COUNTING_TEMPLATE
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = COUNTING_TEMPLATE
+    tokenizer.save_pretrained(ws.root / "counting-tokenizer")
+    return ws.root / "counting-tokenizer"
 
 
 def adapter_with(ws: Workspace, name: str, change) -> Path:
@@ -198,6 +210,15 @@ CASES = {
         ["--resume", "no checkpoint", "start without --resume"],
     ),
     # data
+    "data-builtin-split": (
+        lambda ws: [
+            "train",
+            ws.recipe,
+            "data.train.path=builtin:arithmetic",
+            "data.train.split=dev",
+        ],
+        ["builtin:arithmetic", "'dev'", "data.*.split", "train or test"],
+    ),
     "data-missing": (
         lambda ws: ["train", ws.recipe, f"data.train.path={ws.root / 'missing.json'}"],
         ["missing.json", "does not exist"],
@@ -244,6 +265,16 @@ CASES = {
     "data-chat-without-template": (
         lambda ws: ["train", ws.recipe, "data.prompt_template=chat"],
         ["chat template", "alpaca"],
+    ),
+    "data-chat-template-rewrites": (
+        lambda ws: [
+            "data",
+            ws.recipe,
+            f"model.name_or_path={counting_tokenizer(ws)}",
+            "data.prompt_template=chat",
+            "data.val_size=0",
+        ],  # fmt: skip
+        ["record 1", "rewrites earlier turns", "Turns: 1", "one record per assistant turn"],
     ),
     # model
     "model-missing-dir": (
@@ -380,6 +411,18 @@ CASES = {
     "eval-no-model": (
         lambda ws: ["eval", "--tasks", "boolq"],
         ["Which model?", "--model"],
+    ),
+    "eval-builtin-other-task": (
+        lambda ws: [
+            "eval",
+            "--model",
+            "preset:tiny-llama",
+            "--data-dir",
+            "builtin:arithmetic",
+            "--tasks",
+            "gsm8k",
+        ],
+        ["builtin:arithmetic", "task arithmetic only", "--tasks arithmetic"],
     ),
 }
 

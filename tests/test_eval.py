@@ -22,6 +22,7 @@ from s2ft_cli.evaluation import decoding
 from s2ft_cli.evaluation.tasks import TASKS, Task
 from s2ft_cli.models import char_tokenizer, load_model, load_tokenizer
 from s2ft_cli.recipe import EvalSection
+from s2ft_cli.tokenization import prompt_ids
 
 from .conftest import SHARED, STORIES, stories_model
 
@@ -109,7 +110,7 @@ def test_loglik_batched_equals_each_sequence_alone_on_the_real_model():
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
     model, tok = stories_model(), load_tokenizer(str(STORIES))
     records = shared_records("boolq", 3) + shared_records("gsm8k", 3)
-    ids = decoding.prompt_ids(tok, [alpaca_prompt(r["instruction"]) for r in records])
+    ids = prompt_ids(tok, [alpaca_prompt(r["instruction"]) for r in records])
     assert len({len(x) for x in ids}) > 1  # really padded
     cpu = torch.device("cpu")
     batched = decoding.generate(
@@ -123,7 +124,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
 
 def test_generation_ignores_the_models_own_generation_settings():
     model, tok = stories_model(), load_tokenizer(str(STORIES))
-    ids = decoding.prompt_ids(tok, [alpaca_prompt("Once upon a time")])
+    ids = prompt_ids(tok, [alpaca_prompt("Once upon a time")])
     settings, cpu = EvalSection(max_new_tokens=30), torch.device("cpu")
     greedy = decoding.generate(model, tok, ids, settings, TASKS["gsm8k"], cpu)
     config = model.generation_config
@@ -140,7 +141,7 @@ def test_stopping_at_the_answer_keeps_every_prediction():
     # label words the story model writes (one only capitalised: "Okay")
     probe = Task("probe", "commonsense", "label", ("sorry", "cat", "okay"))
     prompts = ["Once upon a time", "One day, a little boy", "The cat", "Tom and Sue"]
-    ids = decoding.prompt_ids(tok, [alpaca_prompt(p) for p in prompts])
+    ids = prompt_ids(tok, [alpaca_prompt(p) for p in prompts])
     cpu = torch.device("cpu")
     full = decoding.generate(
         model, tok, ids, EvalSection(max_new_tokens=60, stop_at_answer=False), probe, cpu

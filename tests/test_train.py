@@ -14,9 +14,10 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from s2ft_cli import load_adapter
+from s2ft_cli.data import load_datasets
 from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import load_datasets, token_loss_sums, train
+from s2ft_cli.train import token_loss_sums, train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = """\
@@ -83,7 +84,7 @@ def test_loss_falls_and_the_adapter_reproduces_the_trained_model(tmp_path):
 
     # the adapter on a fresh base gives the trained model's validation loss
     tokenizer = load_tokenizer("preset:tiny-llama")
-    _, val, _ = load_datasets(recipe, tokenizer)
+    _, val, _ = load_datasets(recipe.data, recipe.train.seed, tokenizer)
     base = load_adapter(load_model("preset:tiny-llama", seed=recipe.train.seed), run / "adapter")
     total, count = token_loss_sums(base, val, tokenizer.pad_token_id, 8)
     assert abs(total / count - last["eval_loss"]) <= 1e-5 * last["eval_loss"]

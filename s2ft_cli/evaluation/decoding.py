@@ -1,8 +1,9 @@
 """Asking the model: batched generation, and likelihoods of candidate answers.
 
-Generation (the paper's protocol) left-pads a batch of prompts and decodes with the KV
-cache (``model.generate``): greedy by default, beam search or sampling when asked, each
-sequence ending at EOS. Prompts are sorted by length so a batch holds similar lengths.
+Generation (paper §4: generate, then extract the answer) left-pads a batch of prompts and
+decodes with the KV cache (``model.generate``): greedy by default (the fast default; the
+official scripts use 4 beams), beam search or sampling when asked, each sequence ending
+at EOS. Prompts are sorted by length so a batch holds similar lengths.
 
 Likelihood scoring (``loglik``) reads, for every label a question offers, the model's
 log-probability of the answer sentence ``the correct answer is <label>`` followed by EOS,
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data import alpaca_prompt, bos_token_id, build_examples, collate, user_message
+from ..data import alpaca_prompt, build_examples, collate, user_message
 from ..losses import example_losses
 from ..recipe import EvalSection
 from .tasks import ANSWER_SENTENCE, Task
@@ -31,15 +32,6 @@ def prompt_text(record: dict, tokenizer, template: str) -> str:
         message = {"role": "user", "content": user_message(instruction, extra)}
         return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
     return alpaca_prompt(instruction, extra)
-
-
-def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of prompts, with BOS in front exactly as training puts it."""
-    if not prompts:
-        return []
-    bos = bos_token_id(tokenizer)
-    ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [[bos] + x if bos is not None and x[:1] != [bos] else x for x in ids]
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

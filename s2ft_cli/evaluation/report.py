@@ -162,7 +162,8 @@ def comparison_table(named: dict[str, dict]) -> Table:
     first = next(iter(named.values()))
     for task in first["tasks"]:
         table.add_row(task, *(_percent(r["tasks"][task]["accuracy"]) for r in named.values()))
-    table.add_section()
+    if first["groups"]:
+        table.add_section()
     for group in first["groups"]:
         table.add_row(
             f"{group} (avg)", *(_percent(r["groups"][group]["accuracy"]) for r in named.values())

@@ -1,9 +1,11 @@
 """``s2ft eval``: a base model, with each adapter in turn, on the chosen test sets.
 
-The test sets are read and checked before the model loads. Each process of a
+The test sets are read and checked before the model loads: files of the paper's sets, or
+the held-out part of a built-in generator (``builtin:arithmetic``). Each process of a
 ``torchrun`` / ``accelerate launch`` run takes every ``world``-th example of a task; rank 0
 gathers the outputs, scores them and writes ``results.json`` and ``predictions.jsonl``
-(in ``out``, or in ``out/<adapter name>`` when several adapters are evaluated).
+(in ``out``, or in ``out/<name>`` when several models are evaluated: adapters, and the
+base itself as ``base`` when asked).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from rich.progress import (
 
 from .. import __version__
 from ..adapter import load_adapter, merge_adapter, unload_adapter, unmerge_adapter
-from ..data import read_record_file, require_chat_template
+from ..data import BUILTIN_PREFIX, load_records, read_record_file
 from ..distributed import Processes, setup_processes
 from ..errors import S2FTError
 from ..models import load_model, load_tokenizer
-from ..recipe import EvalSection
+from ..recipe import DataSource, EvalSection
+from ..tokenization import prompt_ids, require_chat_template
 from . import decoding
 from .report import (
     comparison_table,
@@ -40,15 +43,21 @@ from .report import (
     writable_folder,
     write_results,
 )
-from .tasks import Task, resolve_tasks, task_in_path, test_file
+from .tasks import TASKS, Task, resolve_tasks, task_in_path, test_file
+
+# Held-out problems a built-in source gives when eval.limit does not say how many.
+BUILTIN_TEST_SIZE = 500
+# The name of the base model's results when it is evaluated beside adapters.
+BASE = "base"
 
 
 @dataclass
 class TestSet:
-    """A task's test records (already cut to ``limit``) and the file they came from."""
+    """A task's test records (already cut to ``limit``) and the file (or built-in
+    source) they came from."""
 
     task: Task
-    path: Path
+    path: Path | str
     records: list[dict]
 
 
@@ -73,13 +82,31 @@ def _check_records(records: list, task: Task, path: Path) -> None:
             )
 
 
+def builtin_test_set(source: str, settings: EvalSection) -> TestSet:
+    """The held-out test part of a built-in generator (``builtin:arithmetic``): ``limit``
+    problems (500 unless told) none of which shares its operation and operands with a
+    training problem; scored as the task of the same name."""
+    limit = settings.limit or BUILTIN_TEST_SIZE
+    _, records = load_records(DataSource(path=source, split="test", limit=limit))
+    task = TASKS[source[len(BUILTIN_PREFIX) :]]
+    if settings.tasks is not None and resolve_tasks(settings.tasks) != [task]:
+        raise S2FTError(
+            f"{source} gives held-out problems of the task {task.name} only; leave out --tasks "
+            f"(eval.tasks) or give --tasks {task.name}."
+        )
+    return TestSet(task, source, records)
+
+
 def load_test_sets(settings: EvalSection) -> tuple[list[TestSet], list[str]]:
     """The test sets the settings name, checked, and notes on tasks left out."""
     if settings.data_dir is None:
         raise S2FTError(
             "No test data: give --data-dir (eval.data_dir), a folder of LLM-Adapters test sets "
-            "(<task>/test.json, e.g. LLM-Adapters' dataset/ folder) or one test file."
+            "(<task>/test.json, e.g. LLM-Adapters' dataset/ folder), one test file, or "
+            "builtin:arithmetic (held-out generated problems)."
         )
+    if settings.data_dir.startswith(BUILTIN_PREFIX):
+        return [builtin_test_set(settings.data_dir, settings)], []
     where = Path(settings.data_dir).expanduser()
     asked = resolve_tasks(settings.tasks) if settings.tasks is not None else None
     notes: list[str] = []
@@ -128,14 +155,15 @@ def load_test_sets(settings: EvalSection) -> tuple[list[TestSet], list[str]]:
     return sets, notes
 
 
-def adapter_names(adapters: list[Path]) -> list[str]:
-    """Short distinct names: the adapter's folder, or its run's folder for ``…/adapter``."""
+def adapter_names(adapters: list[Path], taken: tuple[str, ...] = ()) -> list[str]:
+    """Short distinct names, none of them in ``taken``: the adapter's folder, or its run's
+    folder for ``…/adapter``."""
     names: list[str] = []
     for path in adapters:
         path = path.resolve()
         base = path.parent.name if path.name == "adapter" else path.name
         name, k = base, 2
-        while name in names:
+        while name in names or name in taken:
             name, k = f"{base}-{k}", k + 1
         names.append(name)
     return names
@@ -205,7 +233,7 @@ class Evaluator:
         texts = decoding.generate(
             self.model,
             self.tokenizer,
-            decoding.prompt_ids(self.tokenizer, [prompts[i] for i in share]),
+            prompt_ids(self.tokenizer, [prompts[i] for i in share]),
             self.settings,
             test.task,
             self.procs.device,
@@ -293,17 +321,21 @@ def evaluate(
     model_seed: int = 0,
     console: Console | None = None,
 ) -> dict[str, dict]:
-    """Evaluate the base model (no adapters) or each adapter on it; write the results and
-    print tables on rank 0. Returns ``{name: results}`` on rank 0, ``{}`` elsewhere.
-    ``dtype`` None: bfloat16 on CUDA, float32 on a CPU. ``model_seed`` initialises a
-    preset model as its training run did."""
+    """Evaluate the base model (no adapters, or ``settings.include_base``) and each
+    adapter on it; write the results and print tables on rank 0 (a comparison table for
+    several). Returns ``{name: results}`` on rank 0, ``{}`` elsewhere; the base model is
+    named ``base``. ``dtype`` None: bfloat16 on CUDA, float32 on a CPU. ``model_seed``
+    initialises a preset model as its training run did."""
     console = console or Console()
     sets, notes = load_test_sets(settings)
     for adapter in adapters:
         if not adapter.is_dir():
             raise S2FTError(f"Adapter {adapter} does not exist; give an adapter directory.")
-    names = adapter_names(adapters)
-    folders = [out / name for name in names] if len(adapters) > 1 else [out]
+    # the base is simply "no adapter": first, when asked or when there is nothing else
+    with_base = settings.include_base or not adapters
+    targets: list[tuple[str, Path | None]] = [(BASE, None)] if with_base else []
+    targets += zip(adapter_names(adapters, (BASE,) if with_base else ()), adapters, strict=True)
+    folders = [out / name for name, _ in targets] if len(targets) > 1 else [out]
     for folder in folders:  # before hours of generation, not after
         writable_folder(folder)
     evaluator = Evaluator(
@@ -330,7 +362,6 @@ def evaluate(
         for adapter in adapters:  # a wrong adapter fails now, not after the others ran
             with adapter_applied(evaluator.model, adapter, force=settings.force):
                 pass
-        targets = list(zip(names, adapters, strict=True)) or [("base", None)]
         named: dict[str, dict] = {}
         for (name, adapter), folder in zip(targets, folders, strict=True):
             if procs.is_main and adapter is not None:
