@@ -41,6 +41,12 @@ from .models import (
     unit_index,
 )
 from .permute import apply_layout
+from .state import (
+    attach_save_pretrained,
+    detach_save_pretrained,
+    register_adapter_writer,
+    state_of,
+)
 
 ADAPTER_FORMAT = "s2ft-adapter"
 ADAPTER_VERSION = 1
@@ -147,9 +153,10 @@ def stored_positions(
     """For the matrices ``names`` of a model co-permuted for training (``s2ft_layout``),
     the original position of every stored row (producers) or column (consumers), as
     :func:`matrix_statistics` takes them; empty for a model in the original layout."""
-    layout = getattr(model, "s2ft_layout", None)
-    if layout is None:
+    conversion = state_of(model).conversion
+    if conversion is None:
         return {}
+    layout = conversion.layout
     shape = model_shape(model)
     names = set(names)
     positions = {}
@@ -418,25 +425,22 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     return adapter_of(model).save(path)
 
 
+# ``save_pretrained`` of a converted or loaded model writes its adapter (see state.py)
+register_adapter_writer(save_adapter)
+
+
 def adapter_of(model: nn.Module) -> Adapter:
     """The model's S²FT update (trained or loaded) as an :class:`Adapter` in the original
     layout, with its config and the base's fingerprint."""
+    state = state_of(model)
+    state.check("save")
     modules = _adapter_modules(model)
-    if not modules:
-        raise S2FTError(
-            "This model has no S²FT adapter to save: convert it with get_s2ft_model() (and "
-            "train it) or load an adapter first."
-        )
-    if getattr(model, "s2ft_config", None) is not None:
-        settings = model.s2ft_config.model_dump()
-        settings["selection"] = model.s2ft_selection.to_dict()["units"]
+    if state.conversion is not None:
+        settings = state.conversion.config.model_dump()
+        settings["selection"] = state.conversion.selection.to_dict()["units"]
     else:  # an adapter loaded onto a base: keep what it was trained with
         kept = ("targets", "strategy", "order", "allocation", "layers", "seed", "calibration")
-        settings = {
-            k: v
-            for k, v in getattr(model, "s2ft_adapter_config", {}).items()
-            if k in (*kept, "selection")
-        }
+        settings = {k: v for k, v in (state.loaded or {}).items() if k in (*kept, "selection")}
     weights = {name: m.weight for name, m in modules.items()}
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",
@@ -496,30 +500,25 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.Module:
     """Attach an adapter to a plain base model, unfused: the base weights stay untouched
-    and the update is applied on the fly by :class:`S2Linear` layers."""
-    if (
-        getattr(model, "s2ft_layout", None) is not None
-        or _adapter_modules(model)
-        or getattr(model, "s2ft_served", None)
-    ):
-        raise S2FTError(
-            "This model already carries an S²FT adapter or conversion; load adapters onto a "
-            "plain base model (merge_adapter() fuses the current one first)."
-        )
+    and the update is applied on the fly by :class:`S2Linear` layers;
+    ``model.save_pretrained(dir)`` writes it again."""
+    state = state_of(model)
+    state.check("load")
     adapter = Adapter.load(path)
     adapter.check_base(model, force)
     for name, u in adapter.updates.items():
         base = model.get_submodule(name)
         layer = S2Linear(base, u.axis, u.index, u.delta, False, delta_dtype=u.delta.dtype)
         replace_module(model, name, layer)
-    model.s2ft_adapter_config = adapter.config
+    state.loaded = adapter.config
+    attach_save_pretrained(model)
     return model
 
 
 def _fused(model: nn.Module) -> list[tuple[Adapter, dict[str, torch.Tensor]]]:
     """The adapters fused into the model, oldest first, each with the rows/columns its
     matrices had before."""
-    return model.__dict__.setdefault("s2ft_fused", [])
+    return state_of(model).fused
 
 
 @torch.no_grad()
@@ -528,6 +527,7 @@ def fuse(model: nn.Module, adapter: Adapter) -> None:
     values they had are kept so that :func:`unfuse` restores them exactly (paper §5).
     Check the adapter against the base once (``adapter.check_base``) and move it to the
     weights' device and dtype (``adapter.to``) before fusing and switching often."""
+    state_of(model).check("fuse")
     fused = _fused(model)
     if any(a is adapter for a, _ in fused):
         raise S2FTError(f"{adapter.source} is already fused into this model.")
@@ -559,6 +559,7 @@ def unfuse(model: nn.Module, adapter: Adapter) -> None:
     """Take a fused adapter out: its rows/columns get back exactly the values they had
     before :func:`fuse` (in any dtype). Adapters fused later onto the same matrices must
     be unfused first."""
+    state_of(model).check("unfuse")
     fused = _fused(model)
     at = next((k for k, (a, _) in enumerate(fused) if a is adapter), None)
     if at is None:
@@ -589,9 +590,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     ``merge_and_unload``). A co-permuted model is returned to the original layout, so the
     result is a plain model of the base's architecture; ``unmerge_adapter`` can take the
     update out again."""
+    state = state_of(model)
+    state.check("merge")
     modules = _adapter_modules(model)
-    if not modules:
-        raise S2FTError("This model has no S²FT adapter to merge.")
     twice = sorted({n for a, _ in _fused(model) for n in a.updates} & set(modules))
     if twice:
         raise S2FTError(
@@ -601,12 +602,11 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     adapter = Adapter({}, _updates_of(modules), "The merged adapter")
     for name, m in modules.items():
         replace_module(model, name, m.unload())
-    layout = getattr(model, "s2ft_layout", None)
-    if layout is not None:
-        apply_layout(model, layout, model_shape(model), inverse=True)
-    for attr in ("s2ft_layout", "s2ft_config", "s2ft_selection", "s2ft_adapter_config"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if state.conversion is not None:
+        apply_layout(model, state.conversion.layout, model_shape(model), inverse=True)
+        del model.s2ft_selection
+    state.conversion = state.loaded = None
+    detach_save_pretrained(model)
     fuse(model, adapter)
     return model
 
@@ -614,23 +614,19 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 def unload_adapter(model: nn.Module) -> nn.Module:
     """Remove an unfused adapter (from :func:`load_adapter`): the S² layers give way to
     plain linear layers on the untouched base weights."""
-    modules = _adapter_modules(model)
-    if not modules:
-        raise S2FTError("This model has no S²FT adapter to unload.")
-    if getattr(model, "s2ft_layout", None) is not None:
-        raise S2FTError(
-            "This model was converted for training (co-permuted); merge_adapter() it, or "
-            "reload the base model, instead of unloading."
-        )
-    for name, m in modules.items():
+    state = state_of(model)
+    state.check("unload")
+    for name, m in _adapter_modules(model).items():
         replace_module(model, name, m.unload())
-    del model.s2ft_adapter_config
+    state.loaded = None
+    detach_save_pretrained(model)
     return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Take every fused adapter out again, newest first: the rows/columns they changed get
     back the values they had (exactly, in any dtype). The plain base model."""
+    state_of(model).check("unfuse")
     fused = _fused(model)
     if not fused:
         raise S2FTError("This model has no fused S²FT adapter to unmerge.")

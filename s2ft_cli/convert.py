@@ -18,6 +18,7 @@ from .models import (
 )
 from .permute import apply_layout, plan_layout
 from .selection import Selection, select_units
+from .state import Conversion, attach_save_pretrained, state_of
 
 
 def get_s2ft_model(
@@ -32,17 +33,15 @@ def get_s2ft_model(
     trainable matrix, freezes every parameter and replaces each target matrix with an
     :class:`S2Linear` whose zero-initialised delta covers the selected block. The logits
     are unchanged until training updates a delta. ``model.s2ft_selection`` holds the
-    selection used, in the original layout. ``calibration`` (batches of ``input_ids``,
-    ``attention_mask``, ``labels``) is what the activation and gradient strategies measure.
+    selection used, in the original layout; the model's S²FT state records the conversion,
+    and ``model.save_pretrained(dir)`` writes the trained update as an S²FT adapter.
+    ``calibration`` (batches of ``input_ids``, ``attention_mask``, ``labels``) is what the
+    activation and gradient strategies measure.
     """
     if not isinstance(config, S2FTConfig):
         config = S2FTConfig(**config)
-    if getattr(model, "s2ft_layout", None) is not None:
-        raise S2FTError("This model is already converted to S²FT; convert a fresh base model.")
-    if any(isinstance(m, S2Linear) for m in model.modules()):
-        raise S2FTError(
-            "This model carries a loaded adapter; merge_adapter() or reload the base first."
-        )
+    state = state_of(model)
+    state.check("convert")
     shape = model_shape(model)
     if selection is None:
         selection = select_units(model, config, calibration)
@@ -69,7 +68,7 @@ def get_s2ft_model(
                 original_index=unit_index(plan.original_units(matrix), width),
             )
             replace_module(model, module_path(model, layer, matrix), module)
-    model.s2ft_config = config
-    model.s2ft_selection = selection
-    model.s2ft_layout = layout
+    state.conversion = Conversion(config, selection, layout)
+    model.s2ft_selection = selection  # the library API's name for state.conversion.selection
+    attach_save_pretrained(model)
     return model

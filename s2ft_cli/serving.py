@@ -26,8 +26,9 @@ from torch import nn
 
 from .adapter import Adapter, Update
 from .errors import S2FTError
-from .layers import S2Linear, linear_on
+from .layers import linear_on
 from .models import replace_module
+from .state import state_of
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,15 @@ class MultiAdapterLinear(nn.Module):
                 y.index_copy_(0, rows, ys)
         return y
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``: the served updates follow the weights (the
+        ids keep their dtype, as ``fn`` converts floating-point tensors only)."""
+        super()._apply(fn, recurse)
+        self.updates = {
+            name: Update(u.axis, fn(u.index), fn(u.delta)) for name, u in self.updates.items()
+        }
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -101,12 +111,9 @@ def serve_adapters(
 ) -> nn.Module:
     """Make ``model`` serve the named adapters, each checked against it first; the base
     weights are shared and untouched. Returns the model (changed in place)."""
-    if any(isinstance(m, S2Linear) for m in model.modules()):
-        raise S2FTError(
-            "This model carries an S²FT adapter or conversion; serve adapters from a plain "
-            "base model (unload_adapter() or merge_adapter() the current one first)."
-        )
-    twice = sorted(set(adapters) & set(getattr(model, "s2ft_served", [])))
+    state = state_of(model)
+    state.check("serve")
+    twice = sorted(set(adapters) & set(state.served))
     if twice:
         raise S2FTError(f"An adapter named {twice[0]!r} is served already; choose another name.")
     loaded = {}
@@ -125,18 +132,17 @@ def serve_adapters(
                 layers[module_name] = layer
             index = u.index.to(layer.weight.device)
             layer.updates[name] = Update(u.axis, index, u.delta.to(layer.weight))
-    model.s2ft_served = sorted({*getattr(model, "s2ft_served", []), *loaded})
+    state.served = sorted({*state.served, *loaded})
     return model
 
 
 def stop_serving(model: nn.Module) -> nn.Module:
     """Drop every served adapter: plain linear layers on the untouched base weights."""
-    layers = _serving_layers(model)
-    if not layers:
-        raise S2FTError("This model serves no S²FT adapters.")
-    for name, layer in layers.items():
+    state = state_of(model)
+    state.check("stop_serving")
+    for name, layer in _serving_layers(model).items():
         replace_module(model, name, linear_on(layer.weight, layer.bias))
-    del model.s2ft_served
+    state.served = []
     return model
 
 
@@ -145,7 +151,7 @@ def adapters_per_sequence(model: nn.Module, names: list[str | None]) -> Iterator
     """Within the block, sequence ``i`` of every batch given to ``model`` (``forward`` or
     ``generate``) uses adapter ``names[i]`` (None: the base model). The routing is state
     of the model's layers: one block at a time per model (not thread-safe)."""
-    served = set(getattr(model, "s2ft_served", []))
+    served = set(state_of(model).served)
     unknown = sorted({n for n in names if n is not None} - served)
     if unknown:
         raise S2FTError(

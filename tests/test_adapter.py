@@ -23,6 +23,7 @@ from s2ft_cli import (
 from s2ft_cli import adapter as adapter_module
 from s2ft_cli.adapter import Adapter, adapter_of, fingerprint, matrix_statistics
 from s2ft_cli.layers import S2Linear
+from s2ft_cli.state import state_of
 
 from .conftest import batch, stories_model, tiny_model
 
@@ -179,7 +180,7 @@ def test_merging_onto_matrices_with_a_fused_adapter_changes_nothing(tmp_path):
         merge_adapter(base)
     from s2ft_cli.layers import S2Linear
 
-    fused = {name for adapter, _ in base.s2ft_fused for name in adapter.updates}
+    fused = {name for adapter, _ in state_of(base).fused for name in adapter.updates}
     assert all(isinstance(m, S2Linear) for n, m in base.named_modules() if n in fused)
     for k, v in merged.items():
         assert torch.equal(base.state_dict()[k], v), k
@@ -189,7 +190,7 @@ def test_merging_onto_matrices_with_a_fused_adapter_changes_nothing(tmp_path):
             base.get_submodule(name.rpartition(".")[0]).__setattr__(
                 name.rpartition(".")[2], module.merge()
             )
-    del base.s2ft_fused
+    state_of(base).fused.clear()
     assert all(p.requires_grad for p in base.parameters())
     assert original.keys() == base.state_dict().keys()
 
@@ -292,7 +293,7 @@ def test_base_with_noise_or_reordered_values_is_refused_and_casts_are_accepted(t
 def test_fingerprint_of_a_co_permuted_model_is_that_of_its_original_layout(tmp_path, kind):
     base = base_of(kind)
     model = get_s2ft_model(copy.deepcopy(base), CFG)
-    assert model.s2ft_layout  # its adapted matrices hold permuted rows/columns
+    assert state_of(model).conversion.layout  # its adapted matrices hold permuted rows/columns
     saved = adapter_of(model).config["base_model"]["fingerprint"]
     plain = fingerprint(base, {n: base.get_submodule(n).weight for n in saved["matrices"]})
     assert saved["probes"]["values"].keys() == plain["probes"]["values"].keys()
