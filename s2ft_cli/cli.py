@@ -215,9 +215,9 @@ def data_command(
     """Show what the model will be trained on: examples with the trained tokens marked,
     and statistics of the set. Loads the tokenizer and the data, never the weights."""
     from .data import load_datasets
+    from .data.preview import show as show_data
+    from .data.preview import write_json
     from .models import load_tokenizer
-    from .preview import show as show_data
-    from .preview import write_json
     from .recipe import load_recipe
 
     r = load_recipe(recipe, overrides)

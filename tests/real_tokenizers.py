@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from s2ft_cli.arithmetic import arithmetic_problems
-from s2ft_cli.data import alpaca_prompt
+from s2ft_cli.data import alpaca_prompt, arithmetic_problems
 
 from .conftest import SHARED, STORIES
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from s2ft_cli.arithmetic import TEST_PERCENT, arithmetic_problems
 from s2ft_cli.cli import app
 from s2ft_cli.data import load_records
+from s2ft_cli.data.arithmetic import TEST_PERCENT, arithmetic_problems
 from s2ft_cli.errors import S2FTError
 from s2ft_cli.evaluation.runner import adapter_names
 from s2ft_cli.recipe import DataSource, load_recipe

@@ -12,8 +12,8 @@ import pytest
 
 from s2ft_cli import S2FTError
 from s2ft_cli.data import alpaca_prompt, build_examples
+from s2ft_cli.data.tokenization import IGNORE_INDEX, encode, prompt_ids
 from s2ft_cli.evaluation.decoding import prompt_text
-from s2ft_cli.tokenization import IGNORE_INDEX, encode, prompt_ids
 
 from . import real_tokenizers as rt
 

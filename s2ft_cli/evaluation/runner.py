@@ -28,12 +28,17 @@ from rich.progress import (
 
 from .. import __version__
 from ..adapter import load_adapter, merge_adapter, unload_adapter, unmerge_adapter
-from ..data import BUILTIN_PREFIX, load_records, read_record_file
+from ..data import (
+    BUILTIN_PREFIX,
+    load_records,
+    prompt_ids,
+    read_record_file,
+    require_chat_template,
+)
 from ..distributed import Processes, setup_processes
 from ..errors import S2FTError
 from ..models import load_model, load_tokenizer
 from ..recipe import DataSource, EvalSection
-from ..tokenization import prompt_ids, require_chat_template
 from . import decoding
 from .report import (
     comparison_table,

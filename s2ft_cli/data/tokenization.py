@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import S2FTError
+from ..errors import S2FTError
 
 IGNORE_INDEX = -100
 BATCH = 1024  # texts per tokenizer call

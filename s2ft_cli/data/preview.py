@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .data import Datasets, Example, epoch_order
-from .files import atomic_write_text
-from .tokenization import IGNORE_INDEX
+from ..files import atomic_write_text
+from .batches import epoch_order
+from .examples import Datasets
+from .tokenization import IGNORE_INDEX, Example
 
 TARGET_STYLE = "bold green"
 OPEN, CLOSE = "[[", "]]"  # marks of target tokens where the console shows no colour
