@@ -31,13 +31,11 @@ from .errors import AdapterMismatchError, S2FTError
 from .files import atomic_write_dir
 from .layers import S2Linear
 from .models import (
-    CONSUMERS,
-    TARGET_MATRICES,
+    TARGETS,
     get_architecture,
     model_shape,
     module_path,
     replace_module,
-    structure_of,
     unit_index,
 )
 from .permute import apply_layout
@@ -161,13 +159,13 @@ def stored_positions(
     names = set(names)
     positions = {}
     for layer, structures in layout.items():
-        for matrix in TARGET_MATRICES:
-            plan = structures.get(structure_of(matrix))
+        for matrix, target in TARGETS.items():
+            plan = structures.get(target.structure)
             path = module_path(model, layer, matrix)
             if plan is None or path not in names:
                 continue
             index = unit_index(plan.unit_perm(matrix), shape.unit_width(matrix))
-            positions[path] = (None, index) if matrix in CONSUMERS else (index, None)
+            positions[path] = (None, index) if target.consumer else (index, None)
     return positions
 
 

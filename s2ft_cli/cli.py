@@ -441,9 +441,9 @@ def export(
     console.print(f"{what} written to {path}", highlight=False)
 
 
-@app.command("merge")
+@app.command("combine")
 @user_errors
-def merge_command(
+def combine_command(
     adapters: Annotated[
         list[Path], typer.Argument(help="Adapter directories (two or more).", show_default=False)
     ],
@@ -478,6 +478,22 @@ def merge_command(
         f"adapter written to {out}",
         highlight=False,
     )
+
+
+# `s2ft merge`, the old name of `combine` (PEFT users read "merge" as fusing into the base):
+# hidden from --help, it says so and combines.
+@app.command(
+    "merge", hidden=True, help="Old name of s2ft combine, kept for this release; use combine."
+)
+@functools.wraps(combine_command)
+def merge_command(*args, **kwargs) -> None:
+    err_console.print(
+        "[yellow]note:[/] `s2ft merge` is now `s2ft combine`; the old name goes in the next "
+        "release.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    combine_command(*args, **kwargs)
 
 
 def _refuse_existing(out: Path) -> None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .models import ATTENTION_MATRICES, FFN_MATRICES, TARGET_MATRICES
+from .models import TARGET_MATRICES, structure_matrices
 
 # S²FT-R, -W, -A, -S (weight × activation) and -G of the paper's §4 / Table 5
 STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
@@ -75,14 +75,14 @@ class S2FTConfig(BaseModel):
                     f"the ratio of {name} is {ratio}; it must be in (0, 1] (the fraction of "
                     "units to train; leave a matrix out to freeze it)"
                 )
-        for structure, members, example in (
-            ("attention", ATTENTION_MATRICES, "v_proj + o_proj"),
-            ("FFN", FFN_MATRICES, "up_proj + down_proj"),
+        for structure, label, example in (
+            ("attention", "attention", "v_proj + o_proj"),
+            ("ffn", "FFN", "up_proj + down_proj"),
         ):
-            chosen = [m for m in members if m in targets]
+            chosen = [m for m in structure_matrices(structure) if m in targets]
             if len(chosen) > MAX_TARGETS_PER_STRUCTURE:
                 raise ValueError(
-                    f"{' + '.join(chosen)} are all in the {structure} structure; with independent "
+                    f"{' + '.join(chosen)} are all in the {label} structure; with independent "
                     f"selections at most {MAX_TARGETS_PER_STRUCTURE} trainable matrices per "
                     "structure can be co-permuted into contiguous blocks (order only_A + both + "
                     f"only_B + rest, paper §3.2). Keep two, e.g. {example}"

@@ -7,15 +7,7 @@ from torch import nn
 from .config import S2FTConfig
 from .errors import S2FTError
 from .layers import S2Linear
-from .models import (
-    CONSUMERS,
-    get_linear,
-    model_shape,
-    module_path,
-    replace_module,
-    structure_of,
-    unit_index,
-)
+from .models import TARGETS, get_linear, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout, plan_layout
 from .selection import Selection, select_units
 from .state import Conversion, attach_save_pretrained, state_of
@@ -58,12 +50,12 @@ def get_s2ft_model(
         p.requires_grad_(False)
     for layer, per_matrix in selection.units.items():
         for matrix in per_matrix:
-            plan = layout[layer][structure_of(matrix)]
+            plan = layout[layer][TARGETS[matrix].structure]
             start, stop = plan.blocks[matrix]
             width = shape.unit_width(matrix)
             module = S2Linear(
                 get_linear(model, layer, matrix),
-                axis="cols" if matrix in CONSUMERS else "rows",
+                axis=TARGETS[matrix].axis,
                 index=unit_index(range(start, stop), width),
                 original_index=unit_index(plan.original_units(matrix), width),
             )

@@ -25,14 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import S2FTError
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: autocast's when it is on, else the input's."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+from .models import compute_dtype
 
 
 class _ColumnBlockLinear(torch.autograd.Function):

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX
-from .layers import compute_dtype
-from .models import ARCHITECTURES
+from .models import ARCHITECTURES, compute_dtype
 
 # Logits formed at once: 16 Mi values (64 MiB in fp32) per chunk of rows.
 CHUNK_LOGITS = 1 << 24

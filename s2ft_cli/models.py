@@ -1,26 +1,80 @@
-"""Model loading and the architecture registry.
+"""Model loading, the architecture registry and the table of target matrices.
 
-The registry says, for each supported ``model_type``, where the coupled structures of a
-Transformer block live (paper §3: the attention heads shared by q/k/v/o, the FFN channels
-shared by gate/up/down) and how their units are laid out in the weight matrices.
+``TARGETS`` says, for each target matrix, which coupled structure of a Transformer block
+it belongs to (paper §3: the attention heads shared by q/k/v/o, the FFN channels shared by
+gate/up/down), along which axis its units lie and what a unit is; ``ModelShape`` gives
+their counts and widths for one model. The registry says, for each supported
+``model_type``, where the blocks live.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .errors import S2FTError
 
-ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
-TARGET_MATRICES = ATTENTION_MATRICES + FFN_MATRICES
-# Matrices that consume the structure's units through their input columns; the others
-# produce them as output rows.
-CONSUMERS = ("o_proj", "down_proj")
+
+class Unit(str, Enum):
+    """What a target matrix selects; the value is how the unit is named to users."""
+
+    QUERY_HEAD = "query head"
+    KV_HEAD = "key/value head"  # serves a GQA group of query heads
+    CHANNEL = "channel"  # an FFN intermediate channel
+
+
+@dataclass(frozen=True)
+class TargetMatrix:
+    """One target matrix of a Transformer block (paper §3.1).
+
+    ``structure``: the coupled structure it belongs to (``attention`` or ``ffn``);
+    ``axis``: ``rows`` for a producer of the structure's units (q/k/v, gate/up), ``cols``
+    for its consumer (o, down); ``unit``: what one selected unit is. How many units the
+    matrix has and how many rows/columns each spans depend on the model
+    (:meth:`ModelShape.num_units`, :meth:`ModelShape.unit_width`).
+    """
+
+    name: str
+    structure: Literal["attention", "ffn"]
+    axis: Literal["rows", "cols"]
+    unit: Unit
+
+    @property
+    def consumer(self) -> bool:
+        """Whether the matrix reads the structure's units through its input columns."""
+        return self.axis == "cols"
+
+
+# The one table of target matrices; every module reads it.
+TARGETS: dict[str, TargetMatrix] = {
+    t.name: t
+    for t in (
+        TargetMatrix("q_proj", "attention", "rows", Unit.QUERY_HEAD),
+        TargetMatrix("k_proj", "attention", "rows", Unit.KV_HEAD),
+        TargetMatrix("v_proj", "attention", "rows", Unit.KV_HEAD),
+        TargetMatrix("o_proj", "attention", "cols", Unit.QUERY_HEAD),
+        TargetMatrix("gate_proj", "ffn", "rows", Unit.CHANNEL),
+        TargetMatrix("up_proj", "ffn", "rows", Unit.CHANNEL),
+        TargetMatrix("down_proj", "ffn", "cols", Unit.CHANNEL),
+    )
+}
+TARGET_MATRICES = tuple(TARGETS)
+STRUCTURES = ("attention", "ffn")
+
+
+def structure_matrices(structure: str) -> tuple[str, ...]:
+    """The target matrices of a coupled structure, in table order."""
+    return tuple(m for m, t in TARGETS.items() if t.structure == structure)
+
+
+def structure_consumer(structure: str) -> str:
+    """The matrix that consumes a structure's units (o_proj, down_proj)."""
+    return next(m for m in structure_matrices(structure) if TARGETS[m].consumer)
 
 
 @dataclass(frozen=True)
@@ -62,18 +116,31 @@ class ModelShape:
         """Query heads per key/value head (1 for multi-head attention)."""
         return self.num_heads // self.num_kv_heads
 
+    def unit_count(self, unit: Unit) -> int:
+        """How many units of a kind a block has."""
+        return {
+            Unit.QUERY_HEAD: self.num_heads,
+            Unit.KV_HEAD: self.num_kv_heads,
+            Unit.CHANNEL: self.intermediate_size,
+        }[unit]
+
     def num_units(self, matrix: str) -> int:
         """How many selectable units a target matrix has: query heads for q/o, key/value
         heads for k/v, intermediate channels for gate/up/down."""
-        if matrix in ("q_proj", "o_proj"):
-            return self.num_heads
-        if matrix in ("k_proj", "v_proj"):
-            return self.num_kv_heads
-        return self.intermediate_size
+        return self.unit_count(TARGETS[matrix].unit)
 
     def unit_width(self, matrix: str) -> int:
         """Rows (producers) or columns (consumers) of the matrix per unit."""
-        return self.head_dim if matrix in ATTENTION_MATRICES else 1
+        return 1 if TARGETS[matrix].unit is Unit.CHANNEL else self.head_dim
+
+    def layout_units(self, structure: str) -> tuple[int, int]:
+        """The units a structure is co-permuted in, and their group size: the units of its
+        consumer (query heads, channels), grouped as a key/value head groups query heads
+        (1 for the FFN and for multi-head attention)."""
+        members = structure_matrices(structure)
+        grouped = any(TARGETS[m].unit is Unit.KV_HEAD for m in members)
+        count = self.num_units(structure_consumer(structure))
+        return count, self.group_size if grouped else 1
 
     def params_per_unit(self, matrix: str) -> int:
         """Weights of one unit's rows or columns (biases stay frozen)."""
@@ -82,7 +149,7 @@ class ModelShape:
     def matrix_shape(self, matrix: str) -> tuple[int, int]:
         """(out_features, in_features) of a target matrix."""
         inner = self.num_units(matrix) * self.unit_width(matrix)
-        if matrix in CONSUMERS:
+        if TARGETS[matrix].consumer:
             return (self.hidden_size, inner)
         return (inner, self.hidden_size)
 
@@ -142,15 +209,10 @@ def unit_index(units, width: int, device=None) -> torch.Tensor:
     return (ids[:, None] * width + torch.arange(width, device=device)).flatten()
 
 
-def structure_of(matrix: str) -> str:
-    """``attention`` or ``ffn``: the coupled structure a target matrix belongs to."""
-    return "attention" if matrix in ATTENTION_MATRICES else "ffn"
-
-
 def module_path(model: nn.Module, layer: int, matrix: str) -> str:
     """Full module path of a target matrix, e.g. ``model.layers.3.mlp.down_proj``."""
     arch = get_architecture(model)
-    block = arch.attention_name if matrix in ATTENTION_MATRICES else arch.ffn_name
+    block = arch.attention_name if TARGETS[matrix].structure == "attention" else arch.ffn_name
     return f"{arch.layers_path}.{layer}.{block}.{matrix}"
 
 
@@ -168,6 +230,15 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 # Loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on, else the input's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
 
 PRESET_PREFIX = "preset:"
 

@@ -23,11 +23,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import CONSUMERS, ModelShape, get_linear, structure_of, unit_index
+from .models import (
+    STRUCTURES,
+    TARGETS,
+    ModelShape,
+    Unit,
+    get_linear,
+    structure_matrices,
+    unit_index,
+)
 from .selection import Selection
 
-# Matrices whose units are key/value heads (groups of query heads).
-GROUP_MATRICES = ("k_proj", "v_proj")
+
+def _grouped(matrix: str) -> bool:
+    """Whether a matrix's units are key/value heads (groups of query heads)."""
+    return TARGETS[matrix].unit is Unit.KV_HEAD
 
 
 @dataclass
@@ -45,7 +55,7 @@ class StructureLayout:
 
     def unit_perm(self, matrix: str) -> list[int]:
         """The permutation in the matrix's own unit space."""
-        if matrix in GROUP_MATRICES:
+        if _grouped(matrix):
             return [h // self.group_size for h in self.perm[:: self.group_size]]
         return self.perm
 
@@ -60,7 +70,7 @@ Layout = dict[int, dict[str, StructureLayout]]
 
 def _heads(matrix: str, units: list[int], group_size: int) -> set[int]:
     """A matrix's selected units as query heads (or channels)."""
-    if matrix in GROUP_MATRICES:
+    if _grouped(matrix):
         return {g * group_size + j for g in units for j in range(group_size)}
     return set(units)
 
@@ -224,7 +234,7 @@ def _plan_structure(
     tiebreak = random.Random(seed).sample(range(n), n)
     matrices = list(units)
     heads = {m: _heads(m, ids, group_size) for m, ids in units.items()}
-    regroupable = [m for m in matrices if m not in GROUP_MATRICES and group_size > 1]
+    regroupable = [m for m in matrices if not _grouped(m) and group_size > 1]
     attempts: list[list[str]] = [[]] + [[m] for m in regroupable]
     if len(regroupable) == 2:
         attempts.append(regroupable)
@@ -239,8 +249,8 @@ def _plan_structure(
         if order is None:
             continue
         blocks = {m: _contiguous(order, trial[m]) for m in matrices}
-        for m in GROUP_MATRICES:
-            if m in blocks:
+        for m in matrices:
+            if _grouped(m):
                 blocks[m] = (blocks[m][0] // group_size, blocks[m][1] // group_size)
         layout = StructureLayout(perm=order, group_size=group_size, blocks=blocks)
         return layout, {m: sorted(layout.original_units(m)) for m in matrices}
@@ -256,12 +266,11 @@ def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
     adjustments = list(selection.adjustments)
     for layer, per_matrix in sorted(selection.units.items()):
         layout[layer], units[layer] = {}, {}
-        for structure in ("attention", "ffn"):
-            members = {m: ids for m, ids in per_matrix.items() if structure_of(m) == structure}
+        for structure in STRUCTURES:
+            members = {m: ids for m, ids in per_matrix.items() if TARGETS[m].structure == structure}
             if not members:
                 continue
-            n = shape.num_heads if structure == "attention" else shape.intermediate_size
-            group = shape.group_size if structure == "attention" else 1
+            n, group = shape.layout_units(structure)
             seed = selection.config.seed * 100_003 + layer
             layout[layer][structure], realised = _plan_structure(members, n, group, seed)
             units[layer].update(realised)
@@ -315,19 +324,11 @@ def apply_layout(
     """
     for layer, structures in layout.items():
         for structure, plan in structures.items():
-            if structure == "attention":
-                members = {
-                    "q_proj": plan.perm,
-                    "o_proj": plan.perm,
-                    "k_proj": plan.unit_perm("k_proj"),
-                    "v_proj": plan.unit_perm("v_proj"),
-                }
-            else:
-                members = {m: plan.perm for m in ("gate_proj", "up_proj", "down_proj")}
-            for matrix, perm in members.items():
+            for matrix in structure_matrices(structure):
+                perm = plan.unit_perm(matrix)
                 _permute_units(
                     get_linear(model, layer, matrix),
                     _inverse(perm) if inverse else perm,
                     shape.unit_width(matrix),
-                    matrix in CONSUMERS,
+                    TARGETS[matrix].consumer,
                 )

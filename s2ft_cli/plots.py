@@ -7,15 +7,8 @@ import os
 from pathlib import Path
 
 from .errors import S2FTError
+from .models import TARGETS
 from .selection import Selection
-
-UNIT_NAMES = {"query": "query head", "kv": "key/value head", "channel": "channel"}
-
-
-def structure_kind(matrix: str) -> str:
-    if matrix in ("q_proj", "o_proj"):
-        return "query"
-    return "kv" if matrix in ("k_proj", "v_proj") else "channel"
 
 
 def selection_heatmap(selection: Selection, path: str | Path) -> Path:
@@ -51,7 +44,7 @@ def selection_heatmap(selection: Selection, path: str | Path) -> Path:
             ax.scatter(xs, ys, marker="s", s=12, facecolors="none", edgecolors="red", linewidths=1)
         ax.set_yticks(range(len(layers)), [str(i) for i in layers])
         ax.set_ylabel("layer")
-        ax.set_xlabel(UNIT_NAMES[structure_kind(matrix)])
+        ax.set_xlabel(TARGETS[matrix].unit.value)
         ax.set_title(
             f"{matrix}: {sum(len(pm.get(matrix, [])) for pm in selection.units.values())} of "
             f"{n * len(layers)} units selected (red), strategy {config.strategy}, order "

@@ -28,7 +28,7 @@ from torch import nn
 from .config import S2FTConfig
 from .data import IGNORE_INDEX
 from .losses import example_losses
-from .models import CONSUMERS, ModelShape, get_linear
+from .models import STRUCTURES, TARGETS, ModelShape, Unit, get_linear, structure_consumer
 
 Batches = list[dict[str, torch.Tensor]]
 Scores = dict[str, torch.Tensor]
@@ -48,7 +48,7 @@ def unit_norms(matrix: str, tensor: torch.Tensor, shape: ModelShape) -> torch.Te
     ``(out, in)`` tensor shaped like the matrix."""
     n, width = shape.num_units(matrix), shape.unit_width(matrix)
     t = tensor.detach().double()
-    if matrix in CONSUMERS:
+    if TARGETS[matrix].consumer:
         return t.reshape(t.shape[0], n, width).square().sum((0, 2)).sqrt()
     return t.reshape(n, width, t.shape[1]).square().sum((1, 2)).sqrt()
 
@@ -82,7 +82,7 @@ def activation_scores(model, shape: ModelShape, config: S2FTConfig, layers, batc
     handles = [
         get_linear(model, i, consumer).register_forward_pre_hook(recorder((i, consumer)))
         for i in layers
-        for consumer in CONSUMERS
+        for consumer in map(structure_consumer, STRUCTURES)
     ]
     was_training = model.training
     model.eval()
@@ -102,14 +102,16 @@ def activation_scores(model, shape: ModelShape, config: S2FTConfig, layers, batc
         model.train(was_training)
     scores = {}
     for m in config.targets:
+        target = TARGETS[m]
+        consumer = structure_consumer(target.structure)
         rows = []
         for i in layers:
-            if m in ("gate_proj", "up_proj", "down_proj"):
-                rows.append(sums[(i, "down_proj")] / tokens)
+            if target.unit is Unit.CHANNEL:  # the FFN intermediate value: down_proj's input
+                rows.append(sums[(i, consumer)] / tokens)
             else:  # per query head: mean over its head_dim columns of o_proj's input
-                heads = (sums[(i, "o_proj")] / tokens).view(shape.num_heads, shape.head_dim)
+                heads = (sums[(i, consumer)] / tokens).view(shape.num_heads, shape.head_dim)
                 per_head = heads.mean(1)
-                if m in ("k_proj", "v_proj"):  # a key/value head: the mean of its group
+                if target.unit is Unit.KV_HEAD:  # a key/value head: the mean of its group
                     per_head = per_head.view(shape.num_kv_heads, shape.group_size).mean(1)
                 rows.append(per_head)
         scores[m] = torch.stack(rows).cpu()

@@ -86,3 +86,42 @@ def test_unsupported_model_fails_cleanly(tmp_path):
     result = s2ft("select", recipe)
     assert result.returncode == 1 and "'gpt2' is not supported" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_combine_is_listed_and_merge_is_its_hidden_old_name(tmp_path):
+    """`s2ft combine` writes the combined adapter; `s2ft merge` (kept for one release) is
+    missing from --help, says it was renamed and writes the same adapter."""
+    import torch
+
+    from s2ft_cli import get_s2ft_model, save_adapter
+    from s2ft_cli.adapter import Adapter
+
+    from .conftest import tiny_model
+
+    sources = []
+    for seed in (1, 2):
+        model = get_s2ft_model(
+            tiny_model("llama-gqa-bias"), {"targets": {"o_proj": 0.5}, "seed": seed}
+        )
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+        sources.append(str(save_adapter(model, tmp_path / f"a{seed}")))
+
+    listed = runner.invoke(app, ["--help"])
+    assert listed.exit_code == 0, listed.output
+    commands = [line.split()[1] for line in listed.output.splitlines() if line.startswith("│ ")]
+    assert "combine" in commands and "merge" not in commands, commands
+
+    new = runner.invoke(app, ["combine", *sources, "--out", str(tmp_path / "new")])
+    old = runner.invoke(app, ["merge", *sources, "--out", str(tmp_path / "old")])
+    assert new.exit_code == 0 and old.exit_code == 0, new.output + old.output
+    assert "is now `s2ft combine`" not in " ".join(new.output.split())
+    assert "`s2ft merge` is now `s2ft combine`" in " ".join(old.output.split())
+    a, b = Adapter.load(tmp_path / "new"), Adapter.load(tmp_path / "old")
+    assert a.updates.keys() == b.updates.keys() and a.updates
+    for name, u in a.updates.items():
+        assert torch.equal(u.index, b.updates[name].index), name
+        assert torch.equal(u.delta, b.updates[name].delta), name

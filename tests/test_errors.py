@@ -335,15 +335,15 @@ CASES = {
         lambda ws: ["export", ws.run, "--out", ws.run / "adapter"],
         ["already exists", "--out"],
     ),
-    "merge-different-bases": (
+    "combine-different-bases": (
         lambda ws: [
-            "merge",
+            "combine",
             ws.run / "adapter",
             adapter_with(
                 ws, "a-other-base", edit_fingerprint(lambda f: f["shape"].update(hidden_size=96))
             ),
             "--out",
-            ws.root / "merged",
+            ws.root / "combined",
         ],
         ["a-other-base", "different base models", "combine adapters of one base"],
     ),

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from s2ft_cli import S2FTError, get_s2ft_model
-from s2ft_cli.models import get_linear, load_model, model_shape
+from s2ft_cli.models import TARGETS, Unit, get_linear, load_model, model_shape
 
 from .conftest import TINY_CONFIGS, tiny_model
 
@@ -19,6 +19,31 @@ def test_shape_matches_the_modules(arch):
     for matrix in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         w = get_linear(model, 1, matrix).weight
         assert tuple(w.shape) == shape.matrix_shape(matrix), matrix
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_target_table_matches_the_modules(arch):
+    """Each matrix of the table sits in the block of its structure, and its units, counted
+    from the config, fill its axis; the other axis is the hidden size."""
+    model = tiny_model(arch)
+    config, shape = model.config, model_shape(model)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    counts = {
+        Unit.QUERY_HEAD: heads,
+        Unit.KV_HEAD: kv_heads,
+        Unit.CHANNEL: config.intermediate_size,
+    }
+    blocks = {"attention": model.model.layers[0].self_attn, "ffn": model.model.layers[0].mlp}
+    assert set(TARGETS) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"}  # fmt: skip
+    for name, target in TARGETS.items():
+        w = getattr(blocks[target.structure], name).weight
+        axis = {"rows": 0, "cols": 1}[target.axis]
+        assert w.shape[1 - axis] == config.hidden_size, name
+        assert shape.num_units(name) == counts[target.unit], name
+        assert w.shape[axis] == counts[target.unit] * shape.unit_width(name), name
+    assert shape.layout_units("attention") == (heads, heads // kv_heads)
+    assert shape.layout_units("ffn") == (config.intermediate_size, 1)
 
 
 def test_qwen3_head_dim_comes_from_the_config():

@@ -180,7 +180,7 @@ def test_combining_overlapping_adapters_counts_units_and_weights_the_sum(tmp_pat
     mb = random_adapter(base, tmp_path / "b", {"o_proj": 0.5, "down_proj": 0.5}, seed=2)
     result = runner.invoke(
         app,
-        ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]
+        ["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]
         + ["--weights", "0.5,2"],
     )
     assert result.exit_code == 0, result.output
@@ -209,7 +209,7 @@ def test_combining_overlapping_adapters_counts_units_and_weights_the_sum(tmp_pat
 def test_combining_adapters_of_different_bases_is_refused(tmp_path):
     random_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a", {"o_proj": 0.5}, seed=1)
     random_adapter(tiny_model("llama-mha"), tmp_path / "b", {"o_proj": 0.5}, seed=1)
-    args = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]
+    args = ["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "belong to different base models" in result.output
     result = runner.invoke(app, [*args[:3], "--weights", "1", "--out", str(tmp_path / "c")])
