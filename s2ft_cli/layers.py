@@ -108,6 +108,22 @@ def linear_on(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
     return linear
 
 
+class _Recast:
+    """A saved cast of a frozen weight, cast again when the backward pass needs it."""
+
+    __slots__ = ("weight", "dtype", "transposed")
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, transposed: bool):
+        self.weight, self.dtype, self.transposed = weight, dtype, transposed
+
+
+def _unpack(saved):
+    if isinstance(saved, _Recast):
+        w = saved.weight.detach().to(saved.dtype)
+        return w.t() if saved.transposed else w
+    return saved
+
+
 def _state_dict_names_of_base(module, state_dict, prefix, local_metadata) -> None:
     """State-dict post-hook: the wrapped module's entries under the layer's own name
     (``o_proj.weight``, not ``o_proj.base.weight``), then ``delta``."""
@@ -199,7 +215,7 @@ class S2Linear(nn.Module):
                 "only the deltas (partial back-propagation computes no gradient for the base). "
                 "Unfreeze nothing but the parameters named *.delta."
             )
-        y = self.base(x)  # the frozen product, by the wrapped module itself
+        y = self._frozen_product(x)
         if self.span is not None:
             fn = _RowBlockDelta if self.axis == "rows" else _ColumnBlockDelta
             return fn.apply(y.contiguous(), x, self.delta, *self.span)
@@ -207,6 +223,36 @@ class S2Linear(nn.Module):
         if self.axis == "cols":
             return y + F.linear(x.index_select(-1, self.index), delta)
         return y.index_add(-1, self.index, F.linear(x, delta))
+
+    def _frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)``, by the wrapped module itself. Under autocast a dense ``nn.Linear``
+        whose weight is in another dtype saves, for the input's gradient, the weight cast
+        to the compute dtype (autocast caches no cast of a frozen weight): a weight-sized
+        copy kept until backward. That copy is not saved but cast again in backward, as the
+        weight itself is saved by a plain ``nn.Linear``."""
+        device = x.device.type
+        weight = getattr(self.base, "weight", None)
+        if not (
+            type(self.base) is nn.Linear
+            and torch.is_autocast_enabled(device)
+            and torch.is_grad_enabled()
+            and weight.dtype != torch.get_autocast_dtype(device)
+        ):
+            return self.base(x)
+        dtype = torch.get_autocast_dtype(device)
+
+        def pack(t: torch.Tensor):
+            # the only weight-shaped, graph-less tensor of the compute dtype that
+            # F.linear saves here is the cast weight (or its transpose)
+            if t.dtype == dtype and t.grad_fn is None and not t.requires_grad:
+                if t.shape == weight.shape and t.is_contiguous():
+                    return _Recast(weight, dtype, False)
+                if t.shape == weight.t().shape and t.t().is_contiguous():
+                    return _Recast(weight, dtype, True)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return self.base(x)
 
     def _dense_weight(self) -> torch.Tensor:
         """The wrapped weight, if it is a plain dense ``(out, in)`` float tensor."""

@@ -364,3 +364,64 @@ def test_an_s2_layer_wraps_any_frozen_linear_module(axis, index):
     with pytest.raises(S2FTError, match="Cannot merge an S²FT delta into a CountingLinear"):
         layer.merge()
     assert layer.unload() is base and base.weight.requires_grad
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+@pytest.mark.parametrize("shape", [(32, 32), (48, 32)], ids=["square", "tall"])
+def test_autocast_keeps_no_cast_of_the_frozen_weight(axis, shape):
+    """Under bf16 autocast an fp32 nn.Linear would save its weight cast to bf16 for the
+    input's gradient; the S² layer casts it again in backward instead. Gradients match
+    dense autograd on the fused weight under the same autocast."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(shape[1], shape[0])
+    layer = S2Linear(base, axis, torch.arange(4, 12))
+    with torch.no_grad():
+        layer.delta.normal_(0, 0.1)
+    x = torch.randn(3, 5, shape[1], requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        y = layer(x)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    activations = [t for t in saved if t.untyped_storage().data_ptr() not in weights]
+    kept = (3, 5, shape[1]) if axis == "rows" else (3, 5, 8)
+    assert [tuple(t.shape) for t in activations] == [kept]
+    assert y.dtype == torch.bfloat16
+    (y.float() ** 2).sum().backward()
+
+    fused = base.weight.detach().clone()
+    block = fused[4:12] if axis == "rows" else fused[:, 4:12]
+    block += layer.delta.detach()
+    fused.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = torch.nn.functional.linear(x_ref, fused, base.bias.detach())
+    (y_ref.float() ** 2).sum().backward()
+    ref = fused.grad[4:12] if axis == "rows" else fused.grad[:, 4:12]
+    assert rel_err(x.grad, x_ref.grad) <= 0.02
+    assert rel_err(layer.delta.grad, ref) <= 0.02
+    assert base.weight.grad is None
+
+
+def test_autocast_with_checkpointing_same_gradients():
+    base = tiny_model("llama-gqa-bias")
+    cfg = {"targets": {"o_proj": 0.3, "up_proj": 0.1, "down_proj": 0.1}}
+    ids = batch(base)
+    grads = []
+    for checkpointing in (False, True):
+        model = get_s2ft_model(copy.deepcopy(base), cfg).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model, ids)
+        loss.backward()
+        grads.append(delta_grads(model))
+    for (name, a), b in zip(grads[0].items(), grads[1].values(), strict=True):
+        assert rel_err(b, a) <= 1e-6, name
