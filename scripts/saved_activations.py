@@ -13,18 +13,20 @@ batch, in one process:
 
     python scripts/saved_activations.py                       # the 12-layer benchmark shape
     python scripts/saved_activations.py --batch 1 --seq 512 --json out.json
+    python scripts/saved_activations.py --autocast bf16     # fp32 weights, bf16 autocast
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 
 import torch
 from bench_train import build, step_loss
 
 
-def saved_bytes(method: str, model, ids) -> tuple[int, int]:
+def saved_bytes(method: str, model, ids, autocast=nullcontext) -> tuple[int, int]:
     """(bytes of saved non-parameter storages, number of saved tensors) for one step."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -39,7 +41,7 @@ def saved_bytes(method: str, model, ids) -> tuple[int, int]:
         return t
 
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         loss = step_loss(method, model, batch)
     total = sum(storages.values())
     loss.backward()
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--targets", default='{"o_proj": 0.05, "down_proj": 0.02}')
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -63,6 +66,12 @@ def main() -> None:
         "targets": json.loads(args.targets),
         "layers": None,
     }
+    autocast = nullcontext
+    if args.autocast == "bf16":
+
+        def autocast():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
     results = {}
     for method in ("floor", "lean-floor", "lora", "s2ft"):
         model, params = build(method, spec)
@@ -70,11 +79,14 @@ def main() -> None:
         ids = torch.randint(
             0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
         )
-        nbytes, count = saved_bytes(method, model, ids)
+        nbytes, count = saved_bytes(method, model, ids, autocast)
         trainable = sum(p.numel() for p in params)
         results[method] = {"saved_bytes": nbytes, "saved_tensors": count, "trainable": trainable}
         del model
-    print(f"model {args.model}, batch {args.batch} x {args.seq}, S²FT targets {spec['targets']}")
+    print(
+        f"model {args.model}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
+        f"S²FT targets {spec['targets']}"
+    )
     header = ("method", "trainable", "saved MiB", "tensors", "/ floor", "/ lean", "/ lora")
     print("{:10} {:>12} {:>10} {:>8} {:>8} {:>7} {:>7}".format(*header))
     for method, r in results.items():

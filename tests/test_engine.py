@@ -250,7 +250,11 @@ def test_consumer_saves_only_its_input_slice():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
-    activations = [t for t in saved if t is not None and not isinstance(t, torch.nn.Parameter)]
+    # the frozen product saves the weight (as the view Wᵀ): not an activation
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    activations = [
+        t for t in saved if t is not None and t.untyped_storage().data_ptr() not in weights
+    ]
     assert [tuple(t.shape) for t in activations] == [(3, 5, 8)]
     assert activations[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     assert activations[0].untyped_storage().nbytes() == 3 * 5 * 8 * 4
@@ -282,3 +286,142 @@ def test_gradients_with_trained_deltas(arch):
     for name, (index, axis, grad) in got.items():
         ref = grads[name][index] if axis == "rows" else grads[name][:, index]
         assert rel_err(grad, ref) <= 1e-5, name
+
+
+def test_producer_saves_only_its_input():
+    """A row block keeps x alive (dΔ = g[..., s:e]ᵀ x) and nothing else (paper §3.3)."""
+    base = torch.nn.Linear(64, 32)
+    layer = S2Linear(base, "rows", torch.arange(8, 16))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages = {t.untyped_storage().data_ptr() for t in saved if t is not None} - weights
+    assert storages == {x.untyped_storage().data_ptr()}
+    y.sum().backward()
+    assert base.weight.grad is None and layer.delta.grad.shape == (8, 64)
+
+
+class CountingLinear(torch.nn.Module):
+    """A frozen linear map that is not an ``nn.Linear``: its own forward, counted."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features) / 8)
+        self.bias = torch.nn.Parameter(torch.randn(out_features))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.matmul(x, self.weight.t()) + self.bias
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+@pytest.mark.parametrize("index", [[8, 9, 10, 11], [3, 17, 5]], ids=["block", "scattered"])
+def test_an_s2_layer_wraps_any_frozen_linear_module(axis, index):
+    """The frozen product is the wrapped module's own forward; dΔ and dx equal dense
+    autograd on the weight with the delta fused in; the base gets no gradient."""
+    torch.manual_seed(0)
+    base = CountingLinear(24, 20)
+    layer = S2Linear(base, axis, torch.tensor(index))
+    with torch.no_grad():
+        layer.delta.normal_(0, 0.1)
+    assert (layer.span is not None) == (index == [8, 9, 10, 11])
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    y = layer(x)
+    assert base.calls == 1
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+
+    fused = base.weight.detach().clone()
+    if axis == "rows":
+        fused[index] += layer.delta.detach()
+    else:
+        fused[:, index] += layer.delta.detach()
+    fused.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ fused.t() + base.bias.detach()
+    (y_ref * g).sum().backward()
+    assert rel_err(y.detach(), y_ref.detach()) <= 1e-6
+    assert rel_err(x.grad, x_ref.grad) <= 1e-6
+    ref = fused.grad[index] if axis == "rows" else fused.grad[:, index]
+    assert rel_err(layer.delta.grad, ref) <= 1e-6
+
+    # the state dict keeps the wrapped module's names; merging needs a dense nn.Linear
+    assert list(layer.state_dict()) == ["weight", "bias", "delta"]
+    copy_ = S2Linear(CountingLinear(24, 20), axis, torch.tensor(index))
+    copy_.load_state_dict(layer.state_dict())
+    assert torch.equal(copy_.weight, base.weight) and torch.equal(copy_.delta, layer.delta)
+    from s2ft_cli import S2FTError
+
+    with pytest.raises(S2FTError, match="Cannot merge an S²FT delta into a CountingLinear"):
+        layer.merge()
+    assert layer.unload() is base and base.weight.requires_grad
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+@pytest.mark.parametrize("shape", [(32, 32), (48, 32)], ids=["square", "tall"])
+def test_autocast_keeps_no_cast_of_the_frozen_weight(axis, shape):
+    """Under bf16 autocast an fp32 nn.Linear would save its weight cast to bf16 for the
+    input's gradient; the S² layer casts it again in backward instead. Gradients match
+    dense autograd on the fused weight under the same autocast."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(shape[1], shape[0])
+    layer = S2Linear(base, axis, torch.arange(4, 12))
+    with torch.no_grad():
+        layer.delta.normal_(0, 0.1)
+    x = torch.randn(3, 5, shape[1], requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        y = layer(x)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    activations = [t for t in saved if t.untyped_storage().data_ptr() not in weights]
+    kept = (3, 5, shape[1]) if axis == "rows" else (3, 5, 8)
+    assert [tuple(t.shape) for t in activations] == [kept]
+    assert y.dtype == torch.bfloat16
+    (y.float() ** 2).sum().backward()
+
+    fused = base.weight.detach().clone()
+    block = fused[4:12] if axis == "rows" else fused[:, 4:12]
+    block += layer.delta.detach()
+    fused.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = torch.nn.functional.linear(x_ref, fused, base.bias.detach())
+    (y_ref.float() ** 2).sum().backward()
+    ref = fused.grad[4:12] if axis == "rows" else fused.grad[:, 4:12]
+    assert rel_err(x.grad, x_ref.grad) <= 0.02
+    assert rel_err(layer.delta.grad, ref) <= 0.02
+    assert base.weight.grad is None
+
+
+def test_autocast_with_checkpointing_same_gradients():
+    base = tiny_model("llama-gqa-bias")
+    cfg = {"targets": {"o_proj": 0.3, "up_proj": 0.1, "down_proj": 0.1}}
+    ids = batch(base)
+    grads = []
+    for checkpointing in (False, True):
+        model = get_s2ft_model(copy.deepcopy(base), cfg).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model, ids)
+        loss.backward()
+        grads.append(delta_grads(model))
+    for (name, a), b in zip(grads[0].items(), grads[1].values(), strict=True):
+        assert rel_err(b, a) <= 1e-6, name
