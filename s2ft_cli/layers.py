@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import S2FTError
-from .models import compute_dtype
 
 
 class _ColumnBlockDelta(torch.autograd.Function):
