@@ -245,6 +245,8 @@ def train(
     from .train import train as run_training
 
     r = load_recipe(recipe, overrides)
+    if r.eval is not None:  # a misspelt eval task is refused before training, not after
+        _known_tasks(r.eval.tasks, "eval.tasks")
     try:
         run_training(r, resume=resume, console=console)
     except TrainingInterrupted as stop:
@@ -253,6 +255,18 @@ def train(
             f"[yellow]stopped:[/] {stop} Resume with:\n  {command}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(stop.exit_code) from None
+
+
+def _known_tasks(tasks: list[str] | None, key: str) -> None:
+    """Refuse task names the evaluation does not know (the recipe schema leaves them to
+    the evaluation stage, which comes after it)."""
+    from .evaluation.tasks import resolve_tasks
+
+    if tasks is not None:
+        try:
+            resolve_tasks(tasks)
+        except S2FTError as err:
+            raise S2FTError(f"Invalid s2ft eval options: {key}: {err}") from None
 
 
 def _option(help: str, *names: str):
@@ -385,6 +399,7 @@ def eval_command(
             f"key=value overrides ({overrides[0]}) need a recipe; give one, or use the options."
         )
     settings = eval_settings(recipe.eval if recipe else None, options)
+    _known_tasks(settings.tasks, "--tasks (eval.tasks)")
     model_name = model or (recipe.model.name_or_path if recipe else None)
     if model_name is None:
         raise S2FTError(

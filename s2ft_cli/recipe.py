@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -174,18 +173,6 @@ class EvalSection(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     out: str | None = Field(None, description="Results folder; default: <output_dir>/eval.")
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
-        from .evaluation.tasks import resolve_tasks
-
-        if tasks is not None:
-            try:
-                resolve_tasks(tasks)
-            except S2FTError as err:
-                raise ValueError(str(err)) from None
-        return tasks
 
     @model_validator(mode="after")
     def _sampling_or_beams(self) -> EvalSection:

@@ -35,7 +35,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 from transformers import get_scheduler
 
-from .adapter import save_adapter
 from .checkpoints import CHECKPOINTS, checkpoints_of, read_checkpoint_file, write_failure
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
@@ -462,7 +461,7 @@ class Trainer:
 
     def _save_adapter(self) -> None:
         """(Rank 0.) The final adapter."""
-        save_adapter(self.model, self.out / "adapter")
+        self.model.save_pretrained(self.out / "adapter")  # the S²FT adapter (state.py)
         self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
 
     @staticmethod

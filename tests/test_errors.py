@@ -384,6 +384,10 @@ CASES = {
         lambda ws: ["eval", "--model", "preset:tiny-llama", "--tasks", "boolqq"],
         ["boolqq", "boolq"],
     ),
+    "train-unknown-eval-task": (
+        lambda ws: ["train", ws.recipe, "eval.tasks=[boolqq]"],
+        ["eval.tasks", "boolqq", "groups"],
+    ),
     "eval-missing-test-set": (
         lambda ws: [
             "eval",

@@ -1,0 +1,76 @@
+"""The one-way flow of the packages (README, "Architecture"): no module imports one of a
+later stage, not even inside a function, and every module has its place."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "s2ft_cli"
+# Stages in the order a recipe flows through them; a module may import its own stage and
+# earlier ones. models.py holds facts (architectures, the target table) the recipe's
+# schema checks names against, so it comes first.
+STAGES = [
+    ["errors", "files", "models", "__version__"],
+    ["config", "recipe"],
+    ["data", "losses"],
+    ["selection", "scores", "plots"],
+    ["permute"],
+    ["layers", "state"],
+    ["convert"],
+    ["distributed", "checkpoints", "train"],
+    ["adapter", "serving", "combine", "export"],
+    ["evaluation"],
+    ["cli", "__main__", ""],  # "": the package's __init__ (the library API)
+]
+STAGE = {name: k for k, names in enumerate(STAGES) for name in names}
+
+
+def stage(module: str) -> int:
+    """The stage of ``s2ft_cli.x.y`` (by its first part)."""
+    return STAGE[module.removeprefix("s2ft_cli").lstrip(".").split(".")[0]]
+
+
+def imports_of(path: Path, package: Path = PACKAGE) -> tuple[str, list[str]]:
+    """A module's dotted name and the s2ft_cli modules it imports, anywhere in it."""
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    home = (name if parts[-1] == "__init__" else name.rpartition(".")[0]).split(".")
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = home[: len(home) - node.level + 1]
+            if node.module:
+                found.append(".".join([*base, node.module]))
+            else:
+                found += [".".join([*base, alias.name]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("s2ft_cli"):
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("s2ft_cli")]
+    return name, found
+
+
+def test_no_module_imports_a_later_stage():
+    backwards = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name, found = imports_of(path)
+        for target in found:
+            if stage(target) > stage(name):
+                backwards.append(f"{name} imports {target}")
+    assert not backwards
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "s2ft_cli" / "recipe.py"
+    module.parent.mkdir()
+    module.write_text("def f():\n    from .evaluation.tasks import resolve_tasks\n")
+    name, found = imports_of(module, module.parent)
+    assert name == "s2ft_cli.recipe" and found == ["s2ft_cli.evaluation.tasks"]
+    assert stage(found[0]) > stage(name)
+
+
+def test_every_module_has_a_stage():
+    for path in PACKAGE.rglob("*.py"):
+        name, _ = imports_of(path)
+        stage(name)  # a KeyError names a module the stages do not place
