@@ -21,7 +21,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -32,17 +31,16 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import save_file
 from transformers import get_scheduler
 
 from .adapter import save_adapter
-from .checkpoints import CHECKPOINTS, checkpoints_of, read_checkpoint_file, write_failure
+from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
 from .data import IGNORE_INDEX, calibration_batches, collate, epoch_order, load_datasets
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
-from .files import atomic_write_dir, atomic_write_text
+from .files import atomic_write_text
 from .losses import ExampleLosses, example_losses
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
@@ -150,6 +148,7 @@ class Trainer:
         self.resume = resume
         self.out = Path(recipe.output_dir)
         self.console = console or Console()
+        self.checkpointer = Checkpointer(self.out, keep=recipe.train.keep_checkpoints)
 
     # -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -207,12 +206,12 @@ class Trainer:
     def _check_output_dir(self) -> Path | None:
         """(Rank 0.) The checkpoint a resumed run continues from, or None for a new run;
         refuses --resume without a checkpoint, and a new run into another run's folder."""
-        latest = self._latest_checkpoint()
+        latest = self.checkpointer.latest()
         if self.resume and latest is None:
             raise S2FTError(
-                f"--resume: no checkpoint in {self.out / CHECKPOINTS}; start without --resume."
+                f"--resume: no checkpoint in {self.checkpointer.folder}; start without --resume."
             )
-        if not self.resume and (self.out / CHECKPOINTS).exists():
+        if not self.resume and self.checkpointer.folder.exists():
             raise S2FTError(
                 f"{self.out} already holds checkpoints of a run. Continue it with --resume, or "
                 "choose another output_dir (output_dir=...)."
@@ -231,8 +230,7 @@ class Trainer:
     def _tidy_resumed_run(self) -> None:
         """(Rank 0.) Remove what a run killed while writing left behind: half-written
         checkpoints, and metrics.jsonl lines after the resumed step or cut short."""
-        for partial in (self.out / CHECKPOINTS).glob(".step-*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        self.checkpointer.remove_partial()
         self._trim_metrics()
 
     def _trim_metrics(self) -> None:
@@ -402,7 +400,7 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise S2FTError(
                         f"The training loss became {loss} at step {self.step + 1}; the run "
-                        f"stopped and did not save that state. {self._kept_checkpoint()} Lower "
+                        f"stopped and did not save that state. {self.checkpointer.kept()} Lower "
                         "train.lr (or set train.max_grad_norm), check the data, and start again "
                         "or resume with --resume."
                     )
@@ -443,7 +441,7 @@ class Trainer:
                         self.save_checkpoint()
                     raise TrainingInterrupted(
                         f"Interrupted at step {self.step} of {self.total_steps}; checkpoint "
-                        f"saved in {self._latest_checkpoint()}.",
+                        f"saved in {self.checkpointer.latest()}.",
                         exit_code=128 + stopped_by,
                     )
         self.procs.on_main(self._save_adapter)
@@ -525,53 +523,19 @@ class Trainer:
             "processes": self.world,
             "selection": self.model.s2ft_selection.to_dict()["units"],
         }
-
-        def write(tmp: Path) -> None:
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            torch.save(state, tmp / "trainer_state.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta))
-
-        folder = self.out / CHECKPOINTS
-        try:
-            atomic_write_dir(folder / f"step-{self.step:07d}", write)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-            raise S2FTError(
-                f"Could not write the checkpoint of step {self.step} in {folder}: "
-                f"{write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
-                "(or move output_dir) and continue with --resume."
-            ) from err
-        for old in self._checkpoints()[: -t.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _kept_checkpoint(self) -> str:
-        """Which checkpoint a failed or stopped run leaves to resume from."""
-        latest = self._latest_checkpoint()
-        if latest is None:
-            return "No checkpoint was saved before it."
-        return f"The newest complete checkpoint, {latest}, is kept."
-
-    def _checkpoints(self) -> list[Path]:
-        return checkpoints_of(self.out)
-
-    def _latest_checkpoint(self) -> Path | None:
-        found = self._checkpoints()
-        return found[-1] if found else None
+        self.checkpointer.write(self.step, trainable, state, meta)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (every process reads it)."""
-        meta = read_checkpoint_file(path / "meta.json")
+        meta = self.checkpointer.meta(path)
         self._check_batch_layout(path, meta)
         if meta["selection"] != self.model.s2ft_selection.to_dict()["units"]:
             raise S2FTError(
                 f"Checkpoint {path} was trained with another selection than this recipe makes; "
                 "resume with the recipe (and s2ft seed) of the run."
             )
-        trainable = read_checkpoint_file(path / "trainable.safetensors")
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(trainable[name])
-        state = read_checkpoint_file(path / "trainer_state.pt")
+        self.checkpointer.load_deltas(self.model, path)
+        state = self.checkpointer.trainer_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
