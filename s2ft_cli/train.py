@@ -17,7 +17,6 @@ every process's RNG states, step) and the batch layout it assumes.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import random
 import resource
@@ -42,11 +41,10 @@ from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_text
 from .losses import ExampleLosses, example_losses
+from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
 from .selection import Selection, select_units
-
-METRICS = "metrics.jsonl"
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -163,6 +161,7 @@ class Trainer:
         # preset's initialisation, the selection, the data order.
         torch.manual_seed(t.seed + self.rank)
         random.seed(t.seed + self.rank)
+        self.procs.on_main(lambda: check_report_to(t.report_to))
         checkpoint = self.procs.on_main(self._check_output_dir)
 
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
@@ -191,6 +190,9 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = get_scheduler(
             t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
+        )
+        self.logger = MetricLogger(
+            self.procs, self.out, self.console, self.total_steps, t.report_to
         )
         self.step = 0
         self._order: tuple[int, list[int]] = (-1, [])
@@ -225,40 +227,13 @@ class Trainer:
             self.out / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)
         )
         self.model.s2ft_selection.save(self.out / "selection.json")
-        (self.out / METRICS).unlink(missing_ok=True)
+        self.logger.start()
 
     def _tidy_resumed_run(self) -> None:
         """(Rank 0.) Remove what a run killed while writing left behind: half-written
-        checkpoints, and metrics.jsonl lines after the resumed step or cut short."""
+        checkpoints, and metrics logged after the resumed step or cut short."""
         self.checkpointer.remove_partial()
-        self._trim_metrics()
-
-    def _trim_metrics(self) -> None:
-        """(Rank 0.) Keep the metrics.jsonl lines up to the resumed step. A last line that
-        does not parse is an append a kill interrupted and is dropped; a damaged line
-        before it is an error, not silently lost."""
-        path = self.out / METRICS
-        if not path.exists():
-            return
-        lines = path.read_text().splitlines()
-        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-        kept = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                if i == last:  # the append a kill interrupted
-                    break
-                raise S2FTError(
-                    f"{path}: line {i + 1} is not valid JSON ({err.msg}); the metrics log is "
-                    "damaged (the checkpoints are not). Delete that line, or move the file "
-                    "away, and resume again."
-                ) from err
-            if record["step"] <= self.step:
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.logger.resume(self.step)
 
     def _selection(self, model) -> Selection | None:
         """A scoring strategy's selection, measured once (on rank 0, calibration batches
@@ -390,7 +365,7 @@ class Trainer:
         if self.step == 0 and self.val_set:  # where the validation loss starts from
             record = {"step": 0, "eval_loss": self.evaluate()}
             last.update(record)
-            self._write_metrics(record)
+            self.logger.log(record)
         with progress, StopRequest(self.console) as stop:
             task = progress.add_task(
                 "train", total=self.total_steps, completed=self.step, status=""
@@ -425,13 +400,8 @@ class Trainer:
                         record["eval_loss"] = self.evaluate()
                     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
                     last.update(record)
-                    self._write_metrics(record)
-                    if self.is_main and not self.console.is_terminal:  # logs of batch jobs
-                        self.console.print(
-                            f"step {self.step}/{self.total_steps}  " + self._status(record, loss),
-                            highlight=False,
-                        )
-                progress.update(task, advance=1, status=self._status(last, loss))
+                    self.logger.log(record, loss)
+                progress.update(task, advance=1, status=status_line(last, loss))
                 saved = final or (t.save_every and self.step % t.save_every == 0)
                 if saved:
                     self.save_checkpoint()
@@ -462,29 +432,6 @@ class Trainer:
         """(Rank 0.) The final adapter."""
         save_adapter(self.model, self.out / "adapter")
         self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
-
-    @staticmethod
-    def _status(last: dict, loss: float) -> str:
-        """Loss, validation loss, learning rate, throughput and peak memory, compactly."""
-        parts = [f"loss {loss:.3f}"]
-        if "eval_loss" in last:
-            parts.append(f"eval {last['eval_loss']:.3f}")
-        if "lr" in last:
-            parts.append(f"lr {last['lr']:.1e}")
-        if "tokens_per_s" in last:
-            parts.append(f"{last['tokens_per_s'] / 1000:.1f}k tok/s")
-        if "peak_mem_gb" in last:
-            parts.append(f"{last['peak_mem_gb']:.2f} GB")
-        return " ".join(parts)
-
-    def _write_metrics(self, record: dict) -> None:
-        """Append a line to metrics.jsonl (rank 0; every process calls this)."""
-
-        def append() -> None:
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-        self.procs.on_main(append)
 
     # -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -583,6 +530,8 @@ class Trainer:
         # which deadlocks with gloo's threads (pytorch/pytorch#56297): free it first.
         self.engine = None
         gc.collect()
+        if hasattr(self, "logger"):
+            self.logger.close()
         if hasattr(self, "procs"):
             self.procs.close()
 

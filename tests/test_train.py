@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from s2ft_cli import load_adapter
 from s2ft_cli.data import load_datasets
+from s2ft_cli.errors import S2FTError
 from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import token_loss_sums, train
@@ -231,3 +233,30 @@ def test_same_recipe_and_seed_give_byte_identical_adapters_on_cpu(tmp_path):
     for file in ("adapter_model.safetensors", "adapter_config.json"):
         first = (tmp_path / "first" / "adapter" / file).read_bytes()
         assert first == (tmp_path / "second" / "adapter" / file).read_bytes(), file
+
+
+def test_report_to_tensorboard_writes_the_metrics_jsonl_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = recipe_file(tmp_path)
+    train(load_recipe(path, ["train.max_steps=4", "train.report_to=[tensorboard]"]))
+    run = tmp_path / "run"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged: dict[tuple[str, int], float] = {}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            logged[tag, event.step] = event.value
+    expected = {(k, r["step"]): v for r in metrics(run) for k, v in r.items() if k != "step"}
+    assert logged.keys() == expected.keys()
+    assert ("eval_loss", 0) in logged and ("loss", 4) in logged
+    for key, value in expected.items():  # event files hold float32
+        assert abs(logged[key] - value) <= 1e-6 * max(1.0, abs(value)), key
+
+
+def test_report_to_tensorboard_without_the_package_is_one_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    path = recipe_file(tmp_path)
+    with pytest.raises(S2FTError, match="pip install tensorboard"):
+        train(load_recipe(path, ["train.report_to=[tensorboard]"]))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
