@@ -36,7 +36,7 @@ from .adapter import save_adapter
 from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
-from .data import IGNORE_INDEX, calibration_batches, collate, epoch_order, load_datasets
+from .data import IGNORE_INDEX, StepPlan, calibration_batches, collate, load_datasets
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_text
@@ -179,8 +179,8 @@ class Trainer:
         if self.world > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
         self.optimizer = adamw(self.params, t.lr, t.weight_decay)
-        self.global_batch = t.batch_size * self.world * t.grad_accum
-        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        self.plan = StepPlan(len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed)
+        self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise S2FTError(
                 f"The training set has {len(self.train_set)} examples, fewer than one optimizer "
@@ -195,7 +195,6 @@ class Trainer:
             self.procs, self.out, self.console, self.total_steps, t.report_to
         )
         self.step = 0
-        self._order: tuple[int, list[int]] = (-1, [])
         if self.resume:
             self._load_checkpoint(checkpoint)
             self.procs.on_main(self._tidy_resumed_run)
@@ -281,22 +280,11 @@ class Trainer:
             self.console.print(f"  [yellow]data:[/] {note}", highlight=False)
 
     # -----------------------------------------------------------------------------------
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """The seeded data order of an epoch (computed once per epoch)."""
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.train_set), self.recipe.train.seed, epoch))
-        return self._order[1]
-
     def _micro_batches(self, step: int) -> list[dict]:
-        """This process's micro-batches of optimizer step ``step``."""
-        t = self.recipe.train
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = within * self.global_batch
-        ids = self._epoch_order(epoch)[start : start + self.global_batch]
+        """This process's micro-batches of optimizer step ``step``, on its device."""
         batches = []
-        for m in range(t.grad_accum):
-            offset = (m * self.world + self.rank) * t.batch_size
-            chunk = [self.train_set[i] for i in ids[offset : offset + t.batch_size]]
+        for m in range(self.plan.grad_accum):
+            chunk = [self.train_set[i] for i in self.plan.micro_batch(step, self.rank, m)]
             batch = collate(chunk, self.tokenizer.pad_token_id)
             batches.append({name: v.to(self.device) for name, v in batch.items()})
         return batches
