@@ -36,7 +36,7 @@ from .adapter import save_adapter
 from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
-from .data import IGNORE_INDEX, StepPlan, calibration_batches, collate, load_datasets
+from .data import StepPlan, calibration_batches, collate, load_datasets, target_count
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_text
@@ -195,6 +195,8 @@ class Trainer:
             self.procs, self.out, self.console, self.total_steps, t.report_to
         )
         self.step = 0
+        self._stop: StopRequest | None = None  # set while train() runs
+        self._stopped_by: int | None = None  # the signal every process stops for
         if self.resume:
             self._load_checkpoint(checkpoint)
             self.procs.on_main(self._tidy_resumed_run)
@@ -280,37 +282,45 @@ class Trainer:
             self.console.print(f"  [yellow]data:[/] {note}", highlight=False)
 
     # -----------------------------------------------------------------------------------
-    def _micro_batches(self, step: int) -> list[dict]:
-        """This process's micro-batches of optimizer step ``step``, on its device."""
-        batches = []
-        for m in range(self.plan.grad_accum):
-            chunk = [self.train_set[i] for i in self.plan.micro_batch(step, self.rank, m)]
-            batch = collate(chunk, self.tokenizer.pad_token_id)
-            batches.append({name: v.to(self.device) for name, v in batch.items()})
-        return batches
+    def _micro_batch(self, step: int, m: int) -> dict:
+        """This process's micro-batch ``m`` of optimizer step ``step``, on its device."""
+        chunk = [self.train_set[i] for i in self.plan.micro_batch(step, self.rank, m)]
+        batch = collate(chunk, self.tokenizer.pad_token_id)
+        return {name: v.to(self.device) for name, v in batch.items()}
 
     def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns the mean token loss and the number of tokens."""
-        batches = self._micro_batches(step)
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        (targets,) = self.procs.all_sum(local_targets)
+        """One optimizer step; returns the mean token loss and the number of tokens.
+
+        The step's target and token counts come from its examples on the CPU (every
+        process counts the whole step's), so the loss scale is known before backward
+        without a device round trip; the loss sum stays on the device until the step's
+        one all-reduce. That also carries the stop requests: one on any process stops all
+        of them after the same step (torchrun forwards a signal to each, not at the same
+        instant), SIGTERM deciding the exit status over Ctrl-C."""
+        examples = [self.train_set[i] for i in self.plan.step_examples(step)]
+        targets = sum(target_count(e) for e in examples)
+        tokens = sum(len(e.input_ids) for e in examples)
         scale = self.world / max(targets, 1)  # DDP averages over processes
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.engine.train()
-        for m, batch in enumerate(batches):
-            with self._gradient_sync(last=m == len(batches) - 1):
+        for m in range(self.plan.grad_accum):
+            batch = self._micro_batch(step, m)
+            with self._gradient_sync(last=m == self.plan.grad_accum - 1):
                 with self.autocast():
                     loss = self.engine(batch)[0].sum()
                 (loss * scale).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().double()
         if self.recipe.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        loss_sum, tokens = self.procs.all_sum(loss_sum, tokens)
-        return loss_sum / max(targets, 1), int(tokens)
+        stop = self._stop.signal if self._stop is not None else None
+        loss_sum, sigint, sigterm = self.procs.all_sum(
+            loss_sum, int(stop == signal.SIGINT), int(stop == signal.SIGTERM)
+        )
+        self._stopped_by = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+        return loss_sum / max(targets, 1), tokens
 
     def _gradient_sync(self, last: bool):
         """The context of one micro-batch's forward and backward: DDP all-reduces the
@@ -354,7 +364,7 @@ class Trainer:
             record = {"step": 0, "eval_loss": self.evaluate()}
             last.update(record)
             self.logger.log(record)
-        with progress, StopRequest(self.console) as stop:
+        with progress, StopRequest(self.console) as self._stop:
             task = progress.add_task(
                 "train", total=self.total_steps, completed=self.step, status=""
             )
@@ -393,28 +403,16 @@ class Trainer:
                 saved = final or (t.save_every and self.step % t.save_every == 0)
                 if saved:
                     self.save_checkpoint()
-                stopped_by = self._agreed_stop(stop)
-                if stopped_by and not final:
+                if self._stopped_by and not final:  # agreed by every process
                     if not saved:
                         self.save_checkpoint()
                     raise TrainingInterrupted(
                         f"Interrupted at step {self.step} of {self.total_steps}; checkpoint "
                         f"saved in {self.checkpointer.latest()}.",
-                        exit_code=128 + stopped_by,
+                        exit_code=128 + self._stopped_by,
                     )
         self.procs.on_main(self._save_adapter)
         return last
-
-    def _agreed_stop(self, stop: StopRequest) -> int | None:
-        """The signal that stops every process after this step, or None. A request on any
-        process stops all of them at the same step (torchrun forwards a signal to each, not
-        at the same instant); SIGTERM decides the exit status over Ctrl-C."""
-        sigint, sigterm = self.procs.all_sum(
-            int(stop.signal == signal.SIGINT), int(stop.signal == signal.SIGTERM)
-        )
-        if sigterm:
-            return signal.SIGTERM
-        return signal.SIGINT if sigint else None
 
     def _save_adapter(self) -> None:
         """(Rank 0.) The final adapter."""

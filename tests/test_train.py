@@ -19,7 +19,7 @@ from s2ft_cli.data import load_datasets
 from s2ft_cli.errors import S2FTError
 from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import token_loss_sums, train
+from s2ft_cli.train import Trainer, token_loss_sums, train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = """\
@@ -260,3 +260,30 @@ def test_report_to_tensorboard_without_the_package_is_one_message(tmp_path, monk
     with pytest.raises(S2FTError, match="pip install tensorboard"):
         train(load_recipe(path, ["train.report_to=[tensorboard]"]))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_step_makes_one_all_reduce_and_counts_tokens_on_the_cpu(tmp_path, monkeypatch):
+    """Target and token counts come from the examples at collate time; the loss sum and
+    the stop requests travel in one all-reduce per step (evaluations add their own)."""
+    from s2ft_cli.distributed import Processes
+
+    calls, real = [], Processes.all_sum
+
+    def counted(self, *values):
+        calls.append(len(values))
+        return real(self, *values)
+
+    real_step, tokens = Trainer.train_step, []
+
+    def step_and_count(self, step):
+        loss, n = real_step(self, step)
+        masks = [self._micro_batch(step, m)["attention_mask"] for m in range(2)]
+        tokens.append((n, sum(int(mask.sum()) for mask in masks)))  # counted vs collated
+        return loss, n
+
+    monkeypatch.setattr(Processes, "all_sum", counted)
+    monkeypatch.setattr(Trainer, "train_step", step_and_count)
+    path = recipe_file(tmp_path)
+    train(load_recipe(path, ["train.max_steps=4", "train.eval_every=0", "train.grad_accum=2"]))
+    assert calls == [2] + [3] * 4 + [2]  # eval at step 0, 4 steps, eval at the end
+    assert len(tokens) == 4 and all(n == collated for n, collated in tokens)
