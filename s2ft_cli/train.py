@@ -1,10 +1,15 @@
 """The training loop: AdamW over the S² deltas only (paper §3.3, §4 set-up).
 
 One :class:`Trainer` with ``setup / train / save_checkpoint / cleanup``, readable top to
-bottom. It runs in one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where
-every process takes ``batch_size`` examples of each micro-batch and only rank 0 writes; what
-rank 0 alone checks or writes goes through ``Processes.on_main``, so that a refusal or a
-failure there stops every process instead of leaving the others waiting.
+bottom; set-up has a method per concern, and the loop leans on a :class:`StepPlan` (which
+examples each micro-batch of each process takes), a :class:`Checkpointer` (shared with
+export) and a :class:`MetricLogger` (metrics.jsonl, console, TensorBoard). It runs in
+one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where every process
+takes ``batch_size`` examples of each micro-batch and only rank 0 writes; what rank 0 alone
+checks or writes goes through ``Processes.on_main``, so that a refusal or a failure there
+stops every process instead of leaving the others waiting. A step's only host
+synchronisation is its one all-reduce (loss sum and stop requests); token counts are
+known on the CPU.
 
 Exactness: the data order of every epoch is a seeded permutation and each optimizer step
 takes the next ``batch_size × processes × grad_accum`` examples of it, the loss is the sum
@@ -150,9 +155,20 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Processes and seeds, data, model with its selection, optimizer and schedule; the
-        run's files, or the checkpoint a resumed run continues from."""
-        r, t = self.recipe, self.recipe.train
+        """Processes and seeds, data and its step plan, the model with its selection,
+        optimizer and schedule, metric logger; the run's files, or the checkpoint a resumed
+        run continues from."""
+        checkpoint = self._setup_processes()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_run(checkpoint)
+        self._log_setup()
+
+    def _setup_processes(self) -> Path | None:
+        """Join the processes, seed this one, and check the output folder (rank 0); returns
+        the checkpoint a resumed run continues from."""
+        t = self.recipe.train
         self.procs = setup_processes(t.device, key="train.device")
         self.world, self.rank, self.device = self.procs.world, self.procs.rank, self.procs.device
         self.is_main = self.procs.is_main
@@ -162,11 +178,28 @@ class Trainer:
         torch.manual_seed(t.seed + self.rank)
         random.seed(t.seed + self.rank)
         self.procs.on_main(lambda: check_report_to(t.report_to))
-        checkpoint = self.procs.on_main(self._check_output_dir)
+        return self.procs.on_main(self._check_output_dir)
 
+    def _setup_data(self) -> None:
+        """Tokenizer, training and validation examples, and the plan of the steps."""
+        r, t = self.recipe, self.recipe.train
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
         self.train_set, self.val_set, sources = load_datasets(r.data, t.seed, self.tokenizer)
         self.data_notes = [s.note for s in sources if s.note]
+        self.plan = StepPlan(len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed)
+        self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise S2FTError(
+                f"The training set has {len(self.train_set)} examples, fewer than one optimizer "
+                f"step's {self.global_batch} (batch_size × processes × grad_accum); lower "
+                "train.batch_size or train.grad_accum."
+            )
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+
+    def _setup_model(self) -> None:
+        """The model on this device, selected, co-permuted and converted (paper §3), its
+        loss wrapped in DDP under several processes; autocast as train.autocast says."""
+        r, t = self.recipe, self.recipe.train
         model = load_model(
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
         ).to(self.device)
@@ -178,21 +211,21 @@ class Trainer:
         self.engine = ExampleLosses(model)  # DDP wraps the loss too: its forward must run
         if self.world > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
+        use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the deltas and the learning-rate schedule."""
+        t = self.recipe.train
         self.optimizer = adamw(self.params, t.lr, t.weight_decay)
-        self.plan = StepPlan(len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed)
-        self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
-        if self.steps_per_epoch == 0:
-            raise S2FTError(
-                f"The training set has {len(self.train_set)} examples, fewer than one optimizer "
-                f"step's {self.global_batch} (batch_size × processes × grad_accum); lower "
-                "train.batch_size or train.grad_accum."
-            )
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = get_scheduler(
             t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
         )
+
+    def _setup_run(self, checkpoint: Path | None) -> None:
+        """The metric logger, and a new run's files or the resumed checkpoint's state."""
         self.logger = MetricLogger(
-            self.procs, self.out, self.console, self.total_steps, t.report_to
+            self.procs, self.out, self.console, self.total_steps, self.recipe.train.report_to
         )
         self.step = 0
         self._stop: StopRequest | None = None  # set while train() runs
@@ -202,9 +235,6 @@ class Trainer:
             self.procs.on_main(self._tidy_resumed_run)
         else:
             self.procs.on_main(self._start_run)
-        use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self._log_setup()
 
     def _check_output_dir(self) -> Path | None:
         """(Rank 0.) The checkpoint a resumed run continues from, or None for a new run;
