@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,3 +288,22 @@ def test_a_step_makes_one_all_reduce_and_counts_tokens_on_the_cpu(tmp_path, monk
     train(load_recipe(path, ["train.max_steps=4", "train.eval_every=0", "train.grad_accum=2"]))
     assert calls == [2] + [3] * 4 + [2]  # eval at step 0, 4 steps, eval at the end
     assert len(tokens) == 4 and all(n == collated for n, collated in tokens)
+
+
+def test_a_resumed_run_drops_the_tensorboard_scalars_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = recipe_file(tmp_path)  # a checkpoint every 4 steps, a metrics line every 2
+    overrides = ["train.max_steps=8", "train.report_to=[tensorboard]"]
+    train(load_recipe(path, overrides))
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-0000008")  # as if killed after step 8's log
+    shutil.rmtree(run / "adapter")
+    train(load_recipe(path, overrides), resume=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == [2, 4, 6, 8]  # steps 6 and 8 once, from the resumed run
+    values = {e.step: e.value for e in events.Scalars("loss")}
+    for row in metrics(run)[1:]:
+        assert abs(values[row["step"]] - row["loss"]) <= 1e-6 * max(1.0, row["loss"])
