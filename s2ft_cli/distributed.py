@@ -31,11 +31,14 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_sum(self, *values: float) -> list[float]:
-        """Each value summed over the processes."""
+    def all_sum(self, *values: float | torch.Tensor) -> list[float]:
+        """Each value (a number, or a one-element tensor on this process's device) summed
+        over the processes, in one all-reduce and one read back to the host."""
         if self.world == 1:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+            return [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+        tensor = torch.cat(
+            [torch.as_tensor(v, dtype=torch.float64).reshape(1).to(self.device) for v in values]
+        )
         dist.all_reduce(tensor)
         return tensor.tolist()
 

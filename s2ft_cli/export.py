@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import __version__
 from .adapter import Adapter, load_adapter, merge_adapter, save_adapter
-from .checkpoints import checkpoints_of, read_checkpoint_file
+from .checkpoints import Checkpointer
 from .convert import get_s2ft_model
 from .errors import S2FTError
 from .files import atomic_write_dir
@@ -22,15 +21,7 @@ from .selection import Selection
 
 def find_checkpoint(run: Path, name: str) -> Path:
     """A checkpoint of a run by its folder name (``step-0000200``) or step (``200``)."""
-    found = checkpoints_of(run)
-    for path in found:
-        if name in (path.name, str(int(path.name.removeprefix("step-")))):
-            return path
-    listed = ", ".join(p.name for p in found) or "none"
-    raise S2FTError(
-        f"{run} has no checkpoint {name!r}; its checkpoints: {listed} (give a step number or "
-        "a folder name)."
-    )
+    return Checkpointer(run).find(name)
 
 
 def _run_recipe(run: Path) -> Recipe:
@@ -52,23 +43,14 @@ def _trained_model(run: Path, recipe: Recipe, checkpoint: Path) -> nn.Module:
     if not (run / "selection.json").is_file():
         raise S2FTError(f"{run} has no selection.json; it is not a complete s2ft train run.")
     selection = Selection.from_json((run / "selection.json").read_text())
-    meta = read_checkpoint_file(checkpoint / "meta.json")
+    meta = Checkpointer.meta(checkpoint)
     if meta.get("selection") != selection.to_dict()["units"]:
         raise S2FTError(
             f"{checkpoint} was trained with another selection than {run / 'selection.json'}; "
             "the run directory is inconsistent."
         )
     model = get_s2ft_model(_base(recipe), recipe.s2ft, selection=selection)
-    deltas = read_checkpoint_file(checkpoint / "trainable.safetensors")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                if name not in deltas or deltas[name].shape != p.shape:
-                    raise S2FTError(
-                        f"{checkpoint} holds no {name} of shape {list(p.shape)}; the checkpoint "
-                        "does not belong to this run's recipe."
-                    )
-                p.copy_(deltas[name])
+    Checkpointer.load_deltas(model, checkpoint)
     return model
 
 
@@ -94,7 +76,7 @@ def export_run(
         model = load_adapter(_base(recipe), run / "adapter", force=force)
         source = str(run / "adapter")
     else:
-        names = ", ".join(p.name for p in checkpoints_of(run)) or "none"
+        names = ", ".join(p.name for p in Checkpointer(run).all()) or "none"
         raise S2FTError(
             f"{run} has no adapter/ yet (the run has not finished); export a checkpoint with "
             f"--checkpoint (its checkpoints: {names}), or resume the run."

@@ -105,6 +105,10 @@ class TrainSection(BaseModel):
         "auto", description="auto: bf16 autocast on CUDA, none on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="Also log to these (tensorboard: event files in <output_dir>/tensorboard/).",
+    )
 
     @model_validator(mode="after")
     def _check_scheduler(self) -> TrainSection:

@@ -1,10 +1,15 @@
 """The training loop: AdamW over the S² deltas only (paper §3.3, §4 set-up).
 
 One :class:`Trainer` with ``setup / train / save_checkpoint / cleanup``, readable top to
-bottom. It runs in one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where
-every process takes ``batch_size`` examples of each micro-batch and only rank 0 writes; what
-rank 0 alone checks or writes goes through ``Processes.on_main``, so that a refusal or a
-failure there stops every process instead of leaving the others waiting.
+bottom; set-up has a method per concern, and the loop leans on a :class:`StepPlan` (which
+examples each micro-batch of each process takes), a :class:`Checkpointer` (shared with
+export) and a :class:`MetricLogger` (metrics.jsonl, console, TensorBoard). It runs in
+one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where every process
+takes ``batch_size`` examples of each micro-batch and only rank 0 writes; what rank 0 alone
+checks or writes goes through ``Processes.on_main``, so that a refusal or a failure there
+stops every process instead of leaving the others waiting. A step's only host
+synchronisation is its one all-reduce (loss sum and stop requests); token counts are
+known on the CPU.
 
 Exactness: the data order of every epoch is a seeded permutation and each optimizer step
 takes the next ``batch_size × processes × grad_accum`` examples of it, the loss is the sum
@@ -17,11 +22,9 @@ every process's RNG states, step) and the batch layout it assumes.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import random
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -32,22 +35,20 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import save_file
 from transformers import get_scheduler
 
-from .checkpoints import CHECKPOINTS, checkpoints_of, read_checkpoint_file, write_failure
+from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
-from .data import IGNORE_INDEX, calibration_batches, collate, epoch_order, load_datasets
+from .data import StepPlan, calibration_batches, collate, load_datasets, target_count
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
-from .files import atomic_write_dir, atomic_write_text
+from .files import atomic_write_text
 from .losses import ExampleLosses, example_losses
+from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
 from .selection import Selection, select_units
-
-METRICS = "metrics.jsonl"
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -149,12 +150,24 @@ class Trainer:
         self.resume = resume
         self.out = Path(recipe.output_dir)
         self.console = console or Console()
+        self.checkpointer = Checkpointer(self.out, keep=recipe.train.keep_checkpoints)
 
     # -----------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Processes and seeds, data, model with its selection, optimizer and schedule; the
-        run's files, or the checkpoint a resumed run continues from."""
-        r, t = self.recipe, self.recipe.train
+        """Processes and seeds, data and its step plan, the model with its selection,
+        optimizer and schedule, metric logger; the run's files, or the checkpoint a resumed
+        run continues from."""
+        checkpoint = self._setup_processes()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_run(checkpoint)
+        self._log_setup()
+
+    def _setup_processes(self) -> Path | None:
+        """Join the processes, seed this one, and check the output folder (rank 0); returns
+        the checkpoint a resumed run continues from."""
+        t = self.recipe.train
         self.procs = setup_processes(t.device, key="train.device")
         self.world, self.rank, self.device = self.procs.world, self.procs.rank, self.procs.device
         self.is_main = self.procs.is_main
@@ -163,11 +176,29 @@ class Trainer:
         # preset's initialisation, the selection, the data order.
         torch.manual_seed(t.seed + self.rank)
         random.seed(t.seed + self.rank)
-        checkpoint = self.procs.on_main(self._check_output_dir)
+        self.procs.on_main(lambda: check_report_to(t.report_to))
+        return self.procs.on_main(self._check_output_dir)
 
+    def _setup_data(self) -> None:
+        """Tokenizer, training and validation examples, and the plan of the steps."""
+        r, t = self.recipe, self.recipe.train
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
         self.train_set, self.val_set, sources = load_datasets(r.data, t.seed, self.tokenizer)
         self.data_notes = [s.note for s in sources if s.note]
+        self.plan = StepPlan(len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed)
+        self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise S2FTError(
+                f"The training set has {len(self.train_set)} examples, fewer than one optimizer "
+                f"step's {self.global_batch} (batch_size × processes × grad_accum); lower "
+                "train.batch_size or train.grad_accum."
+            )
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+
+    def _setup_model(self) -> None:
+        """The model on this device, selected, co-permuted and converted (paper §3), its
+        loss wrapped in DDP under several processes; autocast as train.autocast says."""
+        r, t = self.recipe, self.recipe.train
         model = load_model(
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
         ).to(self.device)
@@ -179,39 +210,40 @@ class Trainer:
         self.engine = ExampleLosses(model)  # DDP wraps the loss too: its forward must run
         if self.world > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
+        use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the deltas and the learning-rate schedule."""
+        t = self.recipe.train
         self.optimizer = adamw(self.params, t.lr, t.weight_decay)
-        self.global_batch = t.batch_size * self.world * t.grad_accum
-        self.steps_per_epoch = len(self.train_set) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise S2FTError(
-                f"The training set has {len(self.train_set)} examples, fewer than one optimizer "
-                f"step's {self.global_batch} (batch_size × processes × grad_accum); lower "
-                "train.batch_size or train.grad_accum."
-            )
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = get_scheduler(
             t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
         )
+
+    def _setup_run(self, checkpoint: Path | None) -> None:
+        """The metric logger, and a new run's files or the resumed checkpoint's state."""
+        self.logger = MetricLogger(
+            self.procs, self.out, self.console, self.total_steps, self.recipe.train.report_to
+        )
         self.step = 0
-        self._order: tuple[int, list[int]] = (-1, [])
+        self._stop: StopRequest | None = None  # set while train() runs
+        self._stopped_by: int | None = None  # the signal every process stops for
         if self.resume:
             self._load_checkpoint(checkpoint)
             self.procs.on_main(self._tidy_resumed_run)
         else:
             self.procs.on_main(self._start_run)
-        use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self._log_setup()
 
     def _check_output_dir(self) -> Path | None:
         """(Rank 0.) The checkpoint a resumed run continues from, or None for a new run;
         refuses --resume without a checkpoint, and a new run into another run's folder."""
-        latest = self._latest_checkpoint()
+        latest = self.checkpointer.latest()
         if self.resume and latest is None:
             raise S2FTError(
-                f"--resume: no checkpoint in {self.out / CHECKPOINTS}; start without --resume."
+                f"--resume: no checkpoint in {self.checkpointer.folder}; start without --resume."
             )
-        if not self.resume and (self.out / CHECKPOINTS).exists():
+        if not self.resume and self.checkpointer.folder.exists():
             raise S2FTError(
                 f"{self.out} already holds checkpoints of a run. Continue it with --resume, or "
                 "choose another output_dir (output_dir=...)."
@@ -225,41 +257,13 @@ class Trainer:
             self.out / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)
         )
         self.model.s2ft_selection.save(self.out / "selection.json")
-        (self.out / METRICS).unlink(missing_ok=True)
+        self.logger.start()
 
     def _tidy_resumed_run(self) -> None:
         """(Rank 0.) Remove what a run killed while writing left behind: half-written
-        checkpoints, and metrics.jsonl lines after the resumed step or cut short."""
-        for partial in (self.out / CHECKPOINTS).glob(".step-*"):
-            shutil.rmtree(partial, ignore_errors=True)
-        self._trim_metrics()
-
-    def _trim_metrics(self) -> None:
-        """(Rank 0.) Keep the metrics.jsonl lines up to the resumed step. A last line that
-        does not parse is an append a kill interrupted and is dropped; a damaged line
-        before it is an error, not silently lost."""
-        path = self.out / METRICS
-        if not path.exists():
-            return
-        lines = path.read_text().splitlines()
-        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-        kept = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                if i == last:  # the append a kill interrupted
-                    break
-                raise S2FTError(
-                    f"{path}: line {i + 1} is not valid JSON ({err.msg}); the metrics log is "
-                    "damaged (the checkpoints are not). Delete that line, or move the file "
-                    "away, and resume again."
-                ) from err
-            if record["step"] <= self.step:
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        checkpoints, and metrics logged after the resumed step or cut short."""
+        self.checkpointer.remove_partial()
+        self.logger.resume(self.step)
 
     def _selection(self, model) -> Selection | None:
         """A scoring strategy's selection, measured once (on rank 0, calibration batches
@@ -307,48 +311,47 @@ class Trainer:
             self.console.print(f"  [yellow]data:[/] {note}", highlight=False)
 
     # -----------------------------------------------------------------------------------
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """The seeded data order of an epoch (computed once per epoch)."""
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.train_set), self.recipe.train.seed, epoch))
-        return self._order[1]
-
-    def _micro_batches(self, step: int) -> list[dict]:
-        """This process's micro-batches of optimizer step ``step``."""
-        t = self.recipe.train
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = within * self.global_batch
-        ids = self._epoch_order(epoch)[start : start + self.global_batch]
-        batches = []
-        for m in range(t.grad_accum):
-            offset = (m * self.world + self.rank) * t.batch_size
-            chunk = [self.train_set[i] for i in ids[offset : offset + t.batch_size]]
-            batch = collate(chunk, self.tokenizer.pad_token_id)
-            batches.append({name: v.to(self.device) for name, v in batch.items()})
-        return batches
+    def _micro_batch(self, step: int, m: int) -> dict:
+        """This process's micro-batch ``m`` of optimizer step ``step``, on its device."""
+        chunk = [self.train_set[i] for i in self.plan.micro_batch(step, self.rank, m)]
+        batch = collate(chunk, self.tokenizer.pad_token_id)
+        if self.device.type == "cuda":  # pinned, so that the copy does not wait (nanoGPT)
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
 
     def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns the mean token loss and the number of tokens."""
-        batches = self._micro_batches(step)
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        (targets,) = self.procs.all_sum(local_targets)
+        """One optimizer step; returns the mean token loss and the number of tokens.
+
+        The step's target and token counts come from its examples on the CPU (every
+        process counts the whole step's), so the loss scale is known before backward
+        without a device round trip; the loss sum stays on the device until the step's
+        one all-reduce. That also carries the stop requests: one on any process stops all
+        of them after the same step (torchrun forwards a signal to each, not at the same
+        instant), SIGTERM deciding the exit status over Ctrl-C."""
+        examples = [self.train_set[i] for i in self.plan.step_examples(step)]
+        targets = sum(target_count(e) for e in examples)
+        tokens = sum(len(e.input_ids) for e in examples)
         scale = self.world / max(targets, 1)  # DDP averages over processes
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.engine.train()
-        for m, batch in enumerate(batches):
-            with self._gradient_sync(last=m == len(batches) - 1):
+        for m in range(self.plan.grad_accum):
+            batch = self._micro_batch(step, m)
+            with self._gradient_sync(last=m == self.plan.grad_accum - 1):
                 with self.autocast():
                     loss = self.engine(batch)[0].sum()
                 (loss * scale).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().double()
         if self.recipe.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        loss_sum, tokens = self.procs.all_sum(loss_sum, tokens)
-        return loss_sum / max(targets, 1), int(tokens)
+        stop = self._stop.signal if self._stop is not None else None
+        loss_sum, sigint, sigterm = self.procs.all_sum(
+            loss_sum, int(stop == signal.SIGINT), int(stop == signal.SIGTERM)
+        )
+        self._stopped_by = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+        return loss_sum / max(targets, 1), tokens
 
     def _gradient_sync(self, last: bool):
         """The context of one micro-batch's forward and backward: DDP all-reduces the
@@ -391,8 +394,8 @@ class Trainer:
         if self.step == 0 and self.val_set:  # where the validation loss starts from
             record = {"step": 0, "eval_loss": self.evaluate()}
             last.update(record)
-            self._write_metrics(record)
-        with progress, StopRequest(self.console) as stop:
+            self.logger.log(record)
+        with progress, StopRequest(self.console) as self._stop:
             task = progress.add_task(
                 "train", total=self.total_steps, completed=self.step, status=""
             )
@@ -401,7 +404,7 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise S2FTError(
                         f"The training loss became {loss} at step {self.step + 1}; the run "
-                        f"stopped and did not save that state. {self._kept_checkpoint()} Lower "
+                        f"stopped and did not save that state. {self.checkpointer.kept()} Lower "
                         "train.lr (or set train.max_grad_norm), check the data, and start again "
                         "or resume with --resume."
                     )
@@ -426,66 +429,26 @@ class Trainer:
                         record["eval_loss"] = self.evaluate()
                     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
                     last.update(record)
-                    self._write_metrics(record)
-                    if self.is_main and not self.console.is_terminal:  # logs of batch jobs
-                        self.console.print(
-                            f"step {self.step}/{self.total_steps}  " + self._status(record, loss),
-                            highlight=False,
-                        )
-                progress.update(task, advance=1, status=self._status(last, loss))
+                    self.logger.log(record, loss)
+                progress.update(task, advance=1, status=status_line(last, loss))
                 saved = final or (t.save_every and self.step % t.save_every == 0)
                 if saved:
                     self.save_checkpoint()
-                stopped_by = self._agreed_stop(stop)
-                if stopped_by and not final:
+                if self._stopped_by and not final:  # agreed by every process
                     if not saved:
                         self.save_checkpoint()
                     raise TrainingInterrupted(
                         f"Interrupted at step {self.step} of {self.total_steps}; checkpoint "
-                        f"saved in {self._latest_checkpoint()}.",
-                        exit_code=128 + stopped_by,
+                        f"saved in {self.checkpointer.latest()}.",
+                        exit_code=128 + self._stopped_by,
                     )
         self.procs.on_main(self._save_adapter)
         return last
-
-    def _agreed_stop(self, stop: StopRequest) -> int | None:
-        """The signal that stops every process after this step, or None. A request on any
-        process stops all of them at the same step (torchrun forwards a signal to each, not
-        at the same instant); SIGTERM decides the exit status over Ctrl-C."""
-        sigint, sigterm = self.procs.all_sum(
-            int(stop.signal == signal.SIGINT), int(stop.signal == signal.SIGTERM)
-        )
-        if sigterm:
-            return signal.SIGTERM
-        return signal.SIGINT if sigint else None
 
     def _save_adapter(self) -> None:
         """(Rank 0.) The final adapter."""
         self.model.save_pretrained(self.out / "adapter")  # the S²FT adapter (state.py)
         self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
-
-    @staticmethod
-    def _status(last: dict, loss: float) -> str:
-        """Loss, validation loss, learning rate, throughput and peak memory, compactly."""
-        parts = [f"loss {loss:.3f}"]
-        if "eval_loss" in last:
-            parts.append(f"eval {last['eval_loss']:.3f}")
-        if "lr" in last:
-            parts.append(f"lr {last['lr']:.1e}")
-        if "tokens_per_s" in last:
-            parts.append(f"{last['tokens_per_s'] / 1000:.1f}k tok/s")
-        if "peak_mem_gb" in last:
-            parts.append(f"{last['peak_mem_gb']:.2f} GB")
-        return " ".join(parts)
-
-    def _write_metrics(self, record: dict) -> None:
-        """Append a line to metrics.jsonl (rank 0; every process calls this)."""
-
-        def append() -> None:
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-        self.procs.on_main(append)
 
     # -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -524,53 +487,19 @@ class Trainer:
             "processes": self.world,
             "selection": self.model.s2ft_selection.to_dict()["units"],
         }
-
-        def write(tmp: Path) -> None:
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            torch.save(state, tmp / "trainer_state.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta))
-
-        folder = self.out / CHECKPOINTS
-        try:
-            atomic_write_dir(folder / f"step-{self.step:07d}", write)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-            raise S2FTError(
-                f"Could not write the checkpoint of step {self.step} in {folder}: "
-                f"{write_failure(err, folder)}. {self._kept_checkpoint()} Free some space "
-                "(or move output_dir) and continue with --resume."
-            ) from err
-        for old in self._checkpoints()[: -t.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _kept_checkpoint(self) -> str:
-        """Which checkpoint a failed or stopped run leaves to resume from."""
-        latest = self._latest_checkpoint()
-        if latest is None:
-            return "No checkpoint was saved before it."
-        return f"The newest complete checkpoint, {latest}, is kept."
-
-    def _checkpoints(self) -> list[Path]:
-        return checkpoints_of(self.out)
-
-    def _latest_checkpoint(self) -> Path | None:
-        found = self._checkpoints()
-        return found[-1] if found else None
+        self.checkpointer.write(self.step, trainable, state, meta)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (every process reads it)."""
-        meta = read_checkpoint_file(path / "meta.json")
+        meta = self.checkpointer.meta(path)
         self._check_batch_layout(path, meta)
         if meta["selection"] != self.model.s2ft_selection.to_dict()["units"]:
             raise S2FTError(
                 f"Checkpoint {path} was trained with another selection than this recipe makes; "
                 "resume with the recipe (and s2ft seed) of the run."
             )
-        trainable = read_checkpoint_file(path / "trainable.safetensors")
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(trainable[name])
-        state = read_checkpoint_file(path / "trainer_state.pt")
+        self.checkpointer.load_deltas(self.model, path)
+        state = self.checkpointer.trainer_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
@@ -618,6 +547,8 @@ class Trainer:
         # which deadlocks with gloo's threads (pytorch/pytorch#56297): free it first.
         self.engine = None
         gc.collect()
+        if hasattr(self, "logger"):
+            self.logger.close()
         if hasattr(self, "procs"):
             self.procs.close()
 

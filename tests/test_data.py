@@ -9,10 +9,12 @@ import pytest
 from s2ft_cli import S2FTError
 from s2ft_cli.data import (
     IGNORE_INDEX,
+    StepPlan,
     alpaca_prompt,
     arithmetic_problems,
     build_examples,
     collate,
+    epoch_order,
     load_records,
     split_validation,
 )
@@ -175,3 +177,31 @@ def test_hf_format_reads_local_files_through_datasets(tmp_path):
     _, records = load_records(DataSource(path=str(tmp_path / "c.json"), format="hf"))
     with pytest.raises(S2FTError, match="chat template"):  # rows read as chat by their keys
         examples(records, fmt="hf")
+
+
+@pytest.mark.parametrize("world, batch_size, grad_accum", [(1, 8, 1), (2, 2, 2), (3, 1, 2)])
+def test_step_plan_takes_each_example_once_per_epoch_in_the_epoch_order(
+    world, batch_size, grad_accum
+):
+    """Over the steps of an epoch, the micro-batches of all processes take the epoch's
+    order, each example once (the remainder that fills no step is left out), and a step
+    takes the same examples however it is split into processes and micro-batches."""
+    examples, seed = 53, 4
+    plan = StepPlan(examples, batch_size, world, grad_accum, seed)
+    one = StepPlan(examples, plan.global_batch, 1, 1, seed)  # the same step, unsplit
+    assert plan.steps_per_epoch == examples // (batch_size * world * grad_accum)
+    for epoch in range(2):
+        taken = []
+        for step in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch):
+            in_step = []
+            for m in range(grad_accum):
+                for rank in range(world):
+                    ids = plan.micro_batch(step, rank, m)
+                    assert len(ids) == batch_size
+                    in_step += ids
+            assert in_step == one.micro_batch(step, 0, 0) == plan.step_examples(step)
+            taken += in_step
+        order = epoch_order(examples, seed, epoch)
+        assert taken == order[: len(taken)] and len(set(taken)) == len(taken)
+        assert len(taken) == examples - examples % plan.global_batch
+    assert plan.epoch_order(0) != plan.epoch_order(1)  # a new order each epoch

@@ -149,7 +149,7 @@ def _seeds_worker(recipe_path: str) -> None:
     drawn = {
         "first": logits_in_training(with_attention_dropout(trainer.model)),
         "selection": trainer.model.s2ft_selection.to_dict()["units"],
-        "order": trainer._epoch_order(0),
+        "order": trainer.plan.epoch_order(0),
     }
     trainer.engine = None  # see Trainer.cleanup: free DDP's reducer before the group goes
     resumed = Trainer(recipe, resume=True)

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from s2ft_cli import train as train_module
+from s2ft_cli import checkpoints as checkpoints_module
 from s2ft_cli.checkpoints import checkpoints_of
 from s2ft_cli.cli import app
 from s2ft_cli.errors import S2FTError
@@ -81,15 +81,15 @@ def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
 
 KILL_WHILE_WRITING = """\
 import os, signal, sys
-import s2ft_cli.train as t
+import s2ft_cli.checkpoints as c
 from s2ft_cli.cli import main
-real, calls = t.save_file, []
+real, calls = c.save_file, []
 def save_then_die(tensors, filename, *args, **kwargs):
     calls.append(filename)
     real(tensors, filename, *args, **kwargs)
     if len(calls) == 2:  # the second checkpoint: its tensors are written, the rest is not
         os.kill(os.getpid(), signal.SIGKILL)
-t.save_file = save_then_die
+c.save_file = save_then_die
 sys.argv = ["s2ft", "train", sys.argv[1]]
 main()
 """
@@ -192,7 +192,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 def test_a_full_disk_is_reported_and_loses_nothing_saved(tmp_path, monkeypatch):
     path = recipe_file(tmp_path)
-    real_save, calls = train_module.save_file, []
+    real_save, calls = checkpoints_module.save_file, []
 
     def disk_full_at_second_checkpoint(tensors, filename, *args, **kwargs):
         calls.append(filename)
@@ -201,7 +201,7 @@ def test_a_full_disk_is_reported_and_loses_nothing_saved(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real_save(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_file", disk_full_at_second_checkpoint)
+    monkeypatch.setattr(checkpoints_module, "save_file", disk_full_at_second_checkpoint)
     run = tmp_path / "run"
     with pytest.raises(S2FTError) as err:
         train(load_recipe(path))
@@ -222,11 +222,11 @@ def test_a_full_disk_anywhere_is_one_message_from_the_cli(tmp_path):
     script = textwrap.dedent(
         """\
         import errno, os, sys
-        import s2ft_cli.train as t
+        from s2ft_cli.adapter import Adapter
         from s2ft_cli.cli import main
-        def full(model, folder, *args, **kwargs):
+        def full(adapter, folder):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
-        t.save_adapter = full
+        Adapter.save = full
         sys.argv = ["s2ft", "train", sys.argv[1], "train.max_steps=2", "train.save_every=0"]
         main()
         """

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from s2ft_cli import load_adapter
 from s2ft_cli.data import load_datasets
+from s2ft_cli.errors import S2FTError
 from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import token_loss_sums, train
+from s2ft_cli.train import Trainer, token_loss_sums, train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = """\
@@ -231,3 +234,76 @@ def test_same_recipe_and_seed_give_byte_identical_adapters_on_cpu(tmp_path):
     for file in ("adapter_model.safetensors", "adapter_config.json"):
         first = (tmp_path / "first" / "adapter" / file).read_bytes()
         assert first == (tmp_path / "second" / "adapter" / file).read_bytes(), file
+
+
+def test_report_to_tensorboard_writes_the_metrics_jsonl_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = recipe_file(tmp_path)
+    train(load_recipe(path, ["train.max_steps=4", "train.report_to=[tensorboard]"]))
+    run = tmp_path / "run"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged: dict[tuple[str, int], float] = {}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            logged[tag, event.step] = event.value
+    expected = {(k, r["step"]): v for r in metrics(run) for k, v in r.items() if k != "step"}
+    assert logged.keys() == expected.keys()
+    assert ("eval_loss", 0) in logged and ("loss", 4) in logged
+    for key, value in expected.items():  # event files hold float32
+        assert abs(logged[key] - value) <= 1e-6 * max(1.0, abs(value)), key
+
+
+def test_report_to_tensorboard_without_the_package_is_one_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    path = recipe_file(tmp_path)
+    with pytest.raises(S2FTError, match="pip install tensorboard"):
+        train(load_recipe(path, ["train.report_to=[tensorboard]"]))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_step_makes_one_all_reduce_and_counts_tokens_on_the_cpu(tmp_path, monkeypatch):
+    """Target and token counts come from the examples at collate time; the loss sum and
+    the stop requests travel in one all-reduce per step (evaluations add their own)."""
+    from s2ft_cli.distributed import Processes
+
+    calls, real = [], Processes.all_sum
+
+    def counted(self, *values):
+        calls.append(len(values))
+        return real(self, *values)
+
+    real_step, tokens = Trainer.train_step, []
+
+    def step_and_count(self, step):
+        loss, n = real_step(self, step)
+        masks = [self._micro_batch(step, m)["attention_mask"] for m in range(2)]
+        tokens.append((n, sum(int(mask.sum()) for mask in masks)))  # counted vs collated
+        return loss, n
+
+    monkeypatch.setattr(Processes, "all_sum", counted)
+    monkeypatch.setattr(Trainer, "train_step", step_and_count)
+    path = recipe_file(tmp_path)
+    train(load_recipe(path, ["train.max_steps=4", "train.eval_every=0", "train.grad_accum=2"]))
+    assert calls == [2] + [3] * 4 + [2]  # eval at step 0, 4 steps, eval at the end
+    assert len(tokens) == 4 and all(n == collated for n, collated in tokens)
+
+
+def test_a_resumed_run_drops_the_tensorboard_scalars_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = recipe_file(tmp_path)  # a checkpoint every 4 steps, a metrics line every 2
+    overrides = ["train.max_steps=8", "train.report_to=[tensorboard]"]
+    train(load_recipe(path, overrides))
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-0000008")  # as if killed after step 8's log
+    shutil.rmtree(run / "adapter")
+    train(load_recipe(path, overrides), resume=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == [2, 4, 6, 8]  # steps 6 and 8 once, from the resumed run
+    values = {e.step: e.value for e in events.Scalars("loss")}
+    for row in metrics(run)[1:]:
+        assert abs(values[row["step"]] - row["loss"]) <= 1e-6 * max(1.0, row["loss"])

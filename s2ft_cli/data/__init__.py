@@ -10,7 +10,7 @@
 """
 
 from .arithmetic import arithmetic_problems
-from .batches import calibration_batches, collate, epoch_order
+from .batches import StepPlan, calibration_batches, collate, epoch_order, target_count
 from .examples import Datasets, SourceStats, build_examples, load_datasets, split_validation
 from .records import BUILTIN_PREFIX, FORMATS, load_records, read_record_file
 from .templates import alpaca_prompt, user_message
@@ -23,6 +23,7 @@ __all__ = [
     "Datasets",
     "Example",
     "SourceStats",
+    "StepPlan",
     "alpaca_prompt",
     "arithmetic_problems",
     "build_examples",
@@ -35,5 +36,6 @@ __all__ = [
     "read_record_file",
     "require_chat_template",
     "split_validation",
+    "target_count",
     "user_message",
 ]

@@ -1,7 +1,10 @@
-"""Examples in batches: the data order of an epoch, right-padded batches, and the
-calibration draw of the data-driven selection strategies."""
+"""Examples in batches: the data order of an epoch, the step plan (which examples each
+micro-batch of each process takes), right-padded batches, and the calibration draw of the
+data-driven selection strategies."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +15,52 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     """The seeded order in which an epoch takes the training examples."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(count, generator=g).tolist()
+
+
+@dataclass
+class StepPlan:
+    """Which training examples each micro-batch of each process takes at each optimizer
+    step. An epoch is a seeded order of the ``examples``; step ``s`` takes the next
+    ``global_batch = batch_size × world × grad_accum`` of it (an epoch's remainder is
+    left out), and micro-batch ``m`` of process ``r`` is the ``m·world + r``-th slice of
+    ``batch_size`` in it. So the examples of a step do not depend on how it is split."""
+
+    examples: int
+    batch_size: int
+    world: int
+    grad_accum: int
+    seed: int
+    _order: tuple[int, list[int]] = field(default=(-1, []), init=False, repr=False)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.examples // self.global_batch
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The seeded data order of an epoch (computed once per epoch)."""
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.examples, self.seed, epoch))
+        return self._order[1]
+
+    def step_examples(self, step: int) -> list[int]:
+        """The example ids of optimizer step ``step`` (0-based), over all processes."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self.epoch_order(epoch)[start : start + self.global_batch]
+
+    def micro_batch(self, step: int, rank: int, m: int) -> list[int]:
+        """The example ids micro-batch ``m`` of process ``rank`` takes at ``step``."""
+        offset = (m * self.world + rank) * self.batch_size
+        return self.step_examples(step)[offset : offset + self.batch_size]
+
+
+def target_count(example: Example) -> int:
+    """The tokens whose next-token loss is taken (labels shifted by one, as the loss is)."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
