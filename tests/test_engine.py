@@ -237,11 +237,9 @@ def test_unfreezing_the_base_weight_is_refused():
         model(batch(model))
 
 
-def test_consumer_saves_only_its_input_slice():
-    """A column block keeps x[..., s:e] alive, as its own tensor, and not x (paper §3.3)."""
-    base = torch.nn.Linear(64, 32)
-    layer = S2Linear(base, "cols", torch.arange(8, 16))
-    x = torch.randn(3, 5, 64, requires_grad=True)
+def forward_saving(layer, x):
+    """The layer's output and the tensors its forward saves for backward, the layer's own
+    parameters (the frozen product saves the weight, as the view Wᵀ) left out."""
     saved = []
 
     def pack(t):
@@ -250,11 +248,16 @@ def test_consumer_saves_only_its_input_slice():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
-    # the frozen product saves the weight (as the view Wᵀ): not an activation
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    activations = [
-        t for t in saved if t is not None and t.untyped_storage().data_ptr() not in weights
-    ]
+    return y, [t for t in saved if t is not None and t.untyped_storage().data_ptr() not in weights]
+
+
+def test_consumer_saves_only_its_input_slice():
+    """A column block keeps x[..., s:e] alive, as its own tensor, and not x (paper §3.3)."""
+    base = torch.nn.Linear(64, 32)
+    layer = S2Linear(base, "cols", torch.arange(8, 16))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y, activations = forward_saving(layer, x)
     assert [tuple(t.shape) for t in activations] == [(3, 5, 8)]
     assert activations[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     assert activations[0].untyped_storage().nbytes() == 3 * 5 * 8 * 4
@@ -293,16 +296,8 @@ def test_producer_saves_only_its_input():
     base = torch.nn.Linear(64, 32)
     layer = S2Linear(base, "rows", torch.arange(8, 16))
     x = torch.randn(3, 5, 64, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    storages = {t.untyped_storage().data_ptr() for t in saved if t is not None} - weights
+    y, activations = forward_saving(layer, x)
+    storages = {t.untyped_storage().data_ptr() for t in activations}
     assert storages == {x.untyped_storage().data_ptr()}
     y.sum().backward()
     assert base.weight.grad is None and layer.delta.grad.shape == (8, 64)
