@@ -30,8 +30,12 @@ from .conftest import batch, stories_model, tiny_model
 CFG = {"targets": {"v_proj": 0.5, "o_proj": 0.5, "down_proj": 0.1}, "seed": 4}
 
 
-def trained(arch="llama-gqa-bias", seed=0):
+def trained(arch="llama-gqa-bias", seed=0, delta_seed=None):
+    """A converted tiny model whose deltas are drawn as if trained (from ``delta_seed``
+    when given, else right after the base's own draw)."""
     model = get_s2ft_model(tiny_model(arch, seed=seed), CFG)
+    if delta_seed is not None:
+        torch.manual_seed(delta_seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -4,6 +4,7 @@ not ship says so and names the missing path; the paper recipes evaluate as the p
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -93,6 +94,17 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert (work / "runs" / "q" / "adapter" / "adapter_model.safetensors").is_file()
     assert (work / "runs" / "q" / "adapter" / "adapter_config.json").is_file()
     assert not list(venv.rglob("runs")), "a run wrote into the installed package"
+    # the data package, from the wheel: s2ft data's tokens equal the library's
+    _run([s2ft, "data", "q.yaml", "data.train.limit=120", "--json", "d.json"], work, env)
+    library = (
+        "import json, sys; from s2ft_cli.data import load_datasets; "
+        "from s2ft_cli.models import load_tokenizer; from s2ft_cli.recipe import load_recipe; "
+        "r = load_recipe('q.yaml', ['data.train.limit=120']); "
+        "d = load_datasets(r.data, r.train.seed, load_tokenizer(r.model.name_or_path)); "
+        "print(json.dumps([{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train]))"
+    )
+    rows = json.loads(_run([python, "-c", library], work, env).stdout)
+    assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 20
 
 
 def test_recipes_that_need_outside_files_say_so_and_name_the_missing_path(tmp_path):

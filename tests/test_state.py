@@ -58,20 +58,9 @@ def test_fusing_into_a_co_permuted_model_is_refused(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
-def another_update(seed: int):
-    """A converted model of the tiny GQA base with deltas of its own."""
-    model = trained()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.01)
-    return model
-
-
 def test_served_updates_follow_the_model_to_another_dtype_and_device(tmp_path):
-    another_update(1).save_pretrained(tmp_path / "a")
-    another_update(2).save_pretrained(tmp_path / "b")
+    trained(delta_seed=1).save_pretrained(tmp_path / "a")
+    trained(delta_seed=2).save_pretrained(tmp_path / "b")
     base = tiny_model("llama-gqa-bias")
     ids = batch(base, size=3)
     alone = {}
@@ -110,3 +99,34 @@ def test_save_pretrained_of_a_converted_model_writes_its_adapter(tmp_path):
     assert Adapter.load(tmp_path / "again").updates.keys() == adapter_of(model).updates.keys()
     with pytest.raises(S2FTError, match="no S²FT adapter to save"):
         state_of(tiny_model("mistral")).check("save")
+
+
+def test_hugging_face_trainer_saves_the_adapter_it_trained(tmp_path):
+    """A Trainer (or TRL) user converts the model, trains it with ``Trainer`` and saves it
+    with ``save_model``: the folder is the S²FT adapter, and it loads back onto a fresh
+    base to the trained model's logits; Trainer's checkpoints hold it too."""
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_model("llama-gqa-bias")
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch(base, size=16, seed=3).tolist()]
+    model = get_s2ft_model(copy.deepcopy(base), CFG)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    Trainer(model=model, args=args).save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
+        assert (folder / "adapter_config.json").is_file(), sorted(folder.iterdir())
+        assert not any(folder.glob("model*.safetensors"))  # no permuted base weights
+    ids = batch(base)
+    want = model(ids).logits
+    got = load_adapter(copy.deepcopy(base), tmp_path / "final")(ids).logits
+    assert (got - want).abs().max() <= logit_tol(want)
+    assert (want - base(ids).logits).abs().max() > 1e-3  # the training moved the logits
