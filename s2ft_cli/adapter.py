@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterMismatchError, S2FTError
-from .files import atomic_write_dir
+from .files import atomic_write_dir, read_json
 from .layers import S2Linear
 from .models import (
     TARGETS,
@@ -470,13 +470,10 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{path} is not an s2ft adapter directory: it needs {CONFIG_NAME} and "
             f"{WEIGHTS_NAME} (written by save_adapter or `s2ft export`)."
         )
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
-        raise S2FTError(
-            f"{path / CONFIG_NAME} is not valid JSON ({err}); the file is damaged — re-export "
-            "the adapter (s2ft export RUN_DIR --out DIR)."
-        ) from err
+    config = read_json(
+        path / CONFIG_NAME,
+        "the file is damaged — re-export the adapter (s2ft export RUN_DIR --out DIR).",
+    )
     if not isinstance(config, dict):
         config = {}
     if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import S2FTError
+
+
+def read_json(path: Path, advice: str):
+    """The JSON value in ``path``; a file that does not parse is a user error that names
+    it and ends with ``advice``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise S2FTError(f"{path} is not valid JSON ({err}); {advice}") from None
 
 
 def _umask() -> int:

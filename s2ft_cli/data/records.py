@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import S2FTError
+from ..files import read_json
 from .arithmetic import arithmetic_problems
 
 FORMATS = ("llm-adapters", "alpaca", "chat", "text", "hf")
@@ -38,13 +39,7 @@ def read_record_file(path: Path) -> list:
                     ".jsonl file holds one JSON record per line)."
                 ) from None
         return records
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise S2FTError(
-            f"{path} is not valid JSON ({err}); give a JSON list of records or a .jsonl file "
-            "with one record per line."
-        ) from None
+    data = read_json(path, "give a JSON list of records or a .jsonl file with one record per line.")
     if not isinstance(data, list):
         raise S2FTError(
             f"{path} must hold a JSON list of records, not a {type(data).__name__}; wrap the "
