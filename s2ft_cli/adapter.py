@@ -169,16 +169,12 @@ def stored_positions(
     return positions
 
 
-def fingerprint(
-    model: nn.Module,
-    weights: dict[str, torch.Tensor],
-    positions: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
-) -> dict:
+def fingerprint(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict:
     """What identifies the base an adapter belongs to: architecture, shapes and, per
-    adapted matrix, its statistics in the original layout (``positions``: see
-    :func:`stored_positions`)."""
+    adapted matrix, its statistics in the original layout (a co-permuted model's stored
+    rows and columns are placed by :func:`stored_positions`)."""
     shape = model_shape(model)
-    positions = positions or {}
+    positions = stored_positions(model, weights)
     stats = {
         name: matrix_statistics(w, *positions.get(name, (None, None)))
         for name, w in sorted(weights.items())
@@ -442,7 +438,7 @@ def adapter_of(model: nn.Module) -> Adapter:
     weights = {name: m.weight for name, m in modules.items()}
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",
-        fingerprint(model, weights, stored_positions(model, weights)),
+        fingerprint(model, weights),
         settings,
         next(iter(modules.values())).delta.dtype,
     )
@@ -510,12 +506,6 @@ def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.
     return model
 
 
-def _fused(model: nn.Module) -> list[tuple[Adapter, dict[str, torch.Tensor]]]:
-    """The adapters fused into the model, oldest first, each with the rows/columns its
-    matrices had before."""
-    return state_of(model).fused
-
-
 @torch.no_grad()
 def fuse(model: nn.Module, adapter: Adapter) -> None:
     """Add the adapter's update into the weights, touching only its rows/columns; the
@@ -523,7 +513,7 @@ def fuse(model: nn.Module, adapter: Adapter) -> None:
     Check the adapter against the base once (``adapter.check_base``) and move it to the
     weights' device and dtype (``adapter.to``) before fusing and switching often."""
     state_of(model).check("fuse")
-    fused = _fused(model)
+    fused = state_of(model).fused
     if any(a is adapter for a, _ in fused):
         raise S2FTError(f"{adapter.source} is already fused into this model.")
     weights = {}
@@ -555,7 +545,7 @@ def unfuse(model: nn.Module, adapter: Adapter) -> None:
     before :func:`fuse` (in any dtype). Adapters fused later onto the same matrices must
     be unfused first."""
     state_of(model).check("unfuse")
-    fused = _fused(model)
+    fused = state_of(model).fused
     at = next((k for k, (a, _) in enumerate(fused) if a is adapter), None)
     if at is None:
         raise S2FTError(f"{adapter.source} is not fused into this model.")
@@ -588,7 +578,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     state = state_of(model)
     state.check("merge")
     modules = _adapter_modules(model)
-    twice = sorted({n for a, _ in _fused(model) for n in a.updates} & set(modules))
+    twice = sorted({n for a, _ in state_of(model).fused for n in a.updates} & set(modules))
     if twice:
         raise S2FTError(
             f"{twice[0]} already has a fused adapter; unmerge_adapter() it before merging "
@@ -622,7 +612,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Take every fused adapter out again, newest first: the rows/columns they changed get
     back the values they had (exactly, in any dtype). The plain base model."""
     state_of(model).check("unfuse")
-    fused = _fused(model)
+    fused = state_of(model).fused
     if not fused:
         raise S2FTError("This model has no fused S²FT adapter to unmerge.")
     while fused:

@@ -201,7 +201,7 @@ class S2Linear(nn.Module):
         return getattr(self.base, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(p.requires_grad for p in self.base.parameters()):
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
             raise S2FTError(
                 "The frozen weight or bias of an S² layer was set to require grad; S²FT trains "
                 "only the deltas (partial back-propagation computes no gradient for the base). "

@@ -145,8 +145,8 @@ def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     """``model.save_pretrained(dir)`` of a converted or loaded model: the S²FT adapter in
     the original layout (``adapter_config.json`` + ``adapter_model.safetensors``), which
     ``load_adapter`` reads back onto the base; Hugging Face's other arguments (state dict,
-    serialisation, sharding) do not apply to it."""
-    state_of(model).check("save")
+    serialisation, sharding) do not apply to it; the writer refuses a model with no
+    adapter (``check("save")``)."""
     return _adapter_writer[0](model, save_directory)
 
 

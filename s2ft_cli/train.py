@@ -185,6 +185,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
         self.train_set, self.val_set, sources = load_datasets(r.data, t.seed, self.tokenizer)
         self.data_notes = [s.note for s in sources if s.note]
+        # target and token counts of each example, counted once: a step sums its examples'
+        self.counts = [(target_count(e), len(e.input_ids)) for e in self.train_set]
         self.plan = StepPlan(len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed)
         self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
         if self.steps_per_epoch == 0:
@@ -328,9 +330,8 @@ class Trainer:
         one all-reduce. That also carries the stop requests: one on any process stops all
         of them after the same step (torchrun forwards a signal to each, not at the same
         instant), SIGTERM deciding the exit status over Ctrl-C."""
-        examples = [self.train_set[i] for i in self.plan.step_examples(step)]
-        targets = sum(target_count(e) for e in examples)
-        tokens = sum(len(e.input_ids) for e in examples)
+        counts = [self.counts[i] for i in self.plan.step_examples(step)]
+        targets, tokens = (sum(column) for column in zip(*counts, strict=True))
         scale = self.world / max(targets, 1)  # DDP averages over processes
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.engine.train()

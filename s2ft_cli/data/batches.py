@@ -58,6 +58,12 @@ class StepPlan:
         return self.step_examples(step)[offset : offset + self.batch_size]
 
 
+def seeded_subset(count: int, size: int, seed: int) -> list[int]:
+    """``size`` of ``count`` ids drawn with ``seed``, in ascending order."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:size].tolist())
+
+
 def target_count(example: Example) -> int:
     """The tokens whose next-token loss is taken (labels shifted by one, as the loss is)."""
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
@@ -82,6 +88,5 @@ def calibration_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """A seeded draw of ``samples`` examples (in their order in the set), in padded batches:
     what the data-driven selection strategies measure on (``s2ft.calibration``)."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    chosen = [examples[i] for i in sorted(order[:samples].tolist())]
+    chosen = [examples[i] for i in seeded_subset(len(examples), samples, seed)]
     return [collate(chosen[i : i + batch_size], pad_id) for i in range(0, len(chosen), batch_size)]

@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
-
 from ..errors import S2FTError
+from .batches import seeded_subset
 from .records import load_records
 from .templates import parse_record
 from .tokenization import (
@@ -150,6 +149,6 @@ def split_validation(
             f"data.val_size is {val_size} but the training set has only {len(examples)} "
             "records; lower val_size or give data.validation."
         )
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    val = set(order[:val_size].tolist())
-    return ([e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)])
+    val = seeded_subset(len(examples), val_size, seed)
+    held = set(val)
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in val]

@@ -127,6 +127,8 @@ def instruction_examples(
 ) -> list[Example | None]:
     """Examples of instruction records (see the module's docstring); None for one whose
     response no tokenisation reproduces after its prompt."""
+    if not items:
+        return []
     bos, eos = bos_token_id(tokenizer), tokenizer.eos_token_id
     prompts = encode(tokenizer, [it.prompt for it in items])
     wholes = encode(tokenizer, [it.prompt + it.response for it in items])
@@ -146,6 +148,8 @@ def instruction_examples(
 
 def document_examples(texts: list[str], tokenizer, max_seq_len: int) -> list[Example]:
     """Examples of plain texts: BOS (not a target), every token of the text, EOS."""
+    if not texts:
+        return []
     bos, eos = bos_token_id(tokenizer), tokenizer.eos_token_id
     return [_finish(ids, ids, bos, eos, max_seq_len) for ids in encode(tokenizer, texts)]
 
@@ -250,11 +254,20 @@ def chat_examples(
         return []
     require_chat_template(tokenizer)
     bos, specials = bos_token_id(tokenizer), special_ids(tokenizer)
-    out = []
-    for k, messages in enumerate(conversations):
+    texts, failures = [], {}
+    for k, messages in enumerate(conversations):  # rendered first, tokenised in batches
         try:
-            text = render(tokenizer, messages)
-            ((ids, offsets),) = encode(tokenizer, [text], offsets=True)
+            texts.append(render(tokenizer, messages))
+        except ChatTemplateError as err:
+            texts.append("")
+            failures[k] = err
+    out = []
+    for k, (messages, text, (ids, offsets)) in enumerate(
+        zip(conversations, texts, encode(tokenizer, texts, offsets=True), strict=True)
+    ):
+        try:
+            if k in failures:  # the first failing record is reported, as it comes
+                raise failures[k]
             spans, closed = assistant_spans(tokenizer, messages, text, ids, offsets, specials)
         except ChatTemplateError as err:
             raise ChatRecordError(k, str(err)) from None

@@ -371,7 +371,8 @@ def evaluate(
         for (name, adapter), folder in zip(targets, folders, strict=True):
             if procs.is_main and adapter is not None:
                 console.print(f"adapter {name}: {adapter}", highlight=False)
-            with adapter_applied(evaluator.model, adapter, settings.merge, settings.force):
+            # checked against the base above: the fingerprint is not computed again
+            with adapter_applied(evaluator.model, adapter, settings.merge, force=True):
                 done = evaluator.run(sets, str(adapter) if adapter else "none")
             if done is None:
                 continue
