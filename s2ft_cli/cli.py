@@ -99,11 +99,11 @@ def select(
 
     from .config import DATA_STRATEGIES
     from .data import load_datasets
+    from .methods import calibration_data
     from .models import load_model, load_tokenizer
     from .permute import plan_layout
     from .recipe import load_recipe
     from .selection import select_units
-    from .train import calibration_data
 
     r = load_recipe(recipe, overrides)
     cfg = r.s2ft

@@ -170,10 +170,9 @@ class S2Linear(nn.Module):
         base.requires_grad_(False)
         self.axis = axis
         device = weight.device
-        index = index.to(device=device, dtype=torch.long)
-        self.register_buffer("index", index, persistent=False)
+        index = index.to(device="cpu", dtype=torch.long)  # read here: not on the meta device
         # The same rows/columns in the model's original (un-permuted) layout, for export.
-        self.original_index = (index if original_index is None else original_index).cpu()
+        self.original_index = index if original_index is None else original_index.cpu()
         shape = (
             (len(index), self.in_features) if axis == "rows" else (self.out_features, len(index))
         )
@@ -187,6 +186,7 @@ class S2Linear(nn.Module):
             index, torch.arange(int(index[0]), int(index[0]) + n, device=index.device)
         )
         self.span = (int(index[0]), int(index[0]) + n) if contiguous else None
+        self.register_buffer("index", index.to(device), persistent=False)
         self.register_state_dict_post_hook(_state_dict_names_of_base)
         self.register_load_state_dict_pre_hook(_load_names_of_base)
 

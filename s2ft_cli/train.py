@@ -1,7 +1,9 @@
 """The training loop: AdamW over the S² deltas only (paper §3.3, §4 set-up).
 
 One :class:`Trainer` with ``setup / train / save_checkpoint / cleanup``, readable top to
-bottom; set-up has a method per concern, and the loop leans on a :class:`StepPlan` (which
+bottom; set-up has a method per concern. What trains is a :class:`TrainingMethod`
+(``methods.py``): S²FT, or a benchmark's baseline through this same loop. The loop leans
+on a :class:`StepPlan` (which
 examples each micro-batch of each process takes), a :class:`Checkpointer` (shared with
 export) and a :class:`MetricLogger` (metrics.jsonl, console, TensorBoard). It runs in
 one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where every process
@@ -38,17 +40,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from .checkpoints import Checkpointer
-from .config import DATA_STRATEGIES, S2FTConfig
-from .convert import get_s2ft_model
-from .data import StepPlan, calibration_batches, collate, load_datasets, target_count
+from .data import Datasets, StepPlan, collate, load_datasets, target_count
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_text
-from .losses import ExampleLosses, example_losses
+from .losses import example_losses
+from .methods import S2FT, TrainingMethod
 from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
-from .selection import Selection, select_units
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -75,15 +75,6 @@ def token_loss_sums(
             loss, n = token_loss(model, batch)
         total, count = total + loss.item(), count + n
     return total, count
-
-
-def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
-    """The batches a data-driven strategy measures on (a seeded draw of
-    ``s2ft.calibration.samples`` training examples); None for the other strategies."""
-    if config.strategy not in DATA_STRATEGIES:
-        return None
-    c = config.calibration
-    return calibration_batches(train_set, c.samples, c.batch_size, config.seed, pad_id)
 
 
 def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -141,13 +132,23 @@ class StopRequest:
 
 
 class Trainer:
-    """Fine-tune a model with S²FT as a recipe says."""
+    """Fine-tune a model as a recipe says: with S²FT, or with another ``method`` (the
+    benchmarks' baselines); on the recipe's data, or on ready ``datasets``."""
 
-    def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None):
-        if recipe.data is None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        resume: bool = False,
+        console: Console | None = None,
+        method: TrainingMethod | None = None,
+        datasets: Datasets | None = None,
+    ):
+        if recipe.data is None and datasets is None:
             raise S2FTError("s2ft train needs a data: section in the recipe (data.train at least).")
         self.recipe = recipe
         self.resume = resume
+        self.method = method or S2FT()
+        self.datasets = datasets
         self.out = Path(recipe.output_dir)
         self.console = console or Console()
         self.checkpointer = Checkpointer(self.out, keep=recipe.train.keep_checkpoints)
@@ -183,7 +184,8 @@ class Trainer:
         """Tokenizer, training and validation examples, and the plan of the steps."""
         r, t = self.recipe, self.recipe.train
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        self.train_set, self.val_set, sources = load_datasets(r.data, t.seed, self.tokenizer)
+        datasets = self.datasets or load_datasets(r.data, t.seed, self.tokenizer)
+        self.train_set, self.val_set, sources = datasets
         self.data_notes = [s.note for s in sources if s.note]
         # target and token counts of each example, counted once: a step sums its examples'
         self.counts = [(target_count(e), len(e.input_ids)) for e in self.train_set]
@@ -198,18 +200,18 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
 
     def _setup_model(self) -> None:
-        """The model on this device, selected, co-permuted and converted (paper §3), its
-        loss wrapped in DDP under several processes; autocast as train.autocast says."""
+        """The model on this device, with the method's trainable parameters (S²FT:
+        selected, co-permuted and converted, paper §3), its loss wrapped in DDP under
+        several processes; autocast as train.autocast says."""
         r, t = self.recipe, self.recipe.train
         model = load_model(
             r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
         ).to(self.device)
-        model = get_s2ft_model(model, r.s2ft, selection=self._selection(model))
         if r.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.engine = ExampleLosses(model)  # DDP wraps the loss too: its forward must run
+        self.model = self.method.prepare(model, self)
+        self.params = self.method.parameters(self.model)
+        self.engine = self.method.losses(self.model)  # DDP wraps the loss: its forward runs
         if self.world > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
         use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
@@ -258,7 +260,7 @@ class Trainer:
         atomic_write_text(
             self.out / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)
         )
-        self.model.s2ft_selection.save(self.out / "selection.json")
+        self.method.start_run(self.model, self.out)
         self.logger.start()
 
     def _tidy_resumed_run(self) -> None:
@@ -266,23 +268,6 @@ class Trainer:
         checkpoints, and metrics logged after the resumed step or cut short."""
         self.checkpointer.remove_partial()
         self.logger.resume(self.step)
-
-    def _selection(self, model) -> Selection | None:
-        """A scoring strategy's selection, measured once (on rank 0, calibration batches
-        from the training data) and shared, so that every process trains the same units;
-        a resumed run reads its selection.json. None for random selection: the seed alone
-        fixes it everywhere."""
-        c = self.recipe.s2ft
-        if c.strategy == "random":
-            return None
-        if self.resume:  # the run's own choice: measuring again could move a tie
-            return Selection.from_json((self.out / "selection.json").read_text())
-
-        def measure() -> Selection:
-            calibration = calibration_data(c, self.train_set, self.tokenizer.pad_token_id)
-            return select_units(model, c, calibration)
-
-        return self.procs.on_main(measure)
 
     def autocast(self):
         """A fresh autocast context (bf16 on CUDA by default), or a no-op."""
@@ -293,22 +278,19 @@ class Trainer:
     def _log_setup(self) -> None:
         if not self.is_main:
             return
-        sel = self.model.s2ft_selection
         total = sum(p.numel() for p in self.model.parameters())
-        trainable = sel.trainable_params()
+        trainable = sum(p.numel() for p in self.params)
         self.console.print(
             f"[bold]s2ft train[/] {self.recipe.model.name_or_path} on {self.device} "
             f"({self.world} process{'es' if self.world > 1 else ''})\n"
-            f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%), "
-            f"targets {self.recipe.s2ft.targets}\n"
-            f"  {len(self.train_set)} training / {len(self.val_set)} validation examples, "
+            f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+            + "".join(f"\n  {line}" for line in self.method.describe(self.model))
+            + f"\n  {len(self.train_set)} training / {len(self.val_set)} validation examples, "
             f"global batch {self.global_batch}, {self.total_steps} steps"
             + (f", resuming at step {self.step}" if self.step else "")
             + f"\n  output: {self.out}",
             highlight=False,
         )
-        for note in sel.adjustments:
-            self.console.print(f"  [yellow]adjusted:[/] {note}", highlight=False)
         for note in self.data_notes:
             self.console.print(f"  [yellow]data:[/] {note}", highlight=False)
 
@@ -443,13 +425,13 @@ class Trainer:
                         f"saved in {self.checkpointer.latest()}.",
                         exit_code=128 + self._stopped_by,
                     )
-        self.procs.on_main(self._save_adapter)
+        self.procs.on_main(self._save_result)
         return last
 
-    def _save_adapter(self) -> None:
-        """(Rank 0.) The final adapter."""
-        self.model.save_pretrained(self.out / "adapter")  # the S²FT adapter (state.py)
-        self.console.print(f"adapter written to {self.out / 'adapter'}", highlight=False)
+    def _save_result(self) -> None:
+        """(Rank 0.) The run's result: S²FT's adapter."""
+        written = self.method.save(self.model, self.out)
+        self.console.print(written, highlight=False)
 
     # -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -486,7 +468,7 @@ class Trainer:
             "batch_size": t.batch_size,
             "grad_accum": t.grad_accum,
             "processes": self.world,
-            "selection": self.model.s2ft_selection.to_dict()["units"],
+            **self.method.checkpoint_meta(self.model),
         }
         self.checkpointer.write(self.step, trainable, state, meta)
 
@@ -494,11 +476,7 @@ class Trainer:
         """Continue from checkpoint ``path`` (every process reads it)."""
         meta = self.checkpointer.meta(path)
         self._check_batch_layout(path, meta)
-        if meta["selection"] != self.model.s2ft_selection.to_dict()["units"]:
-            raise S2FTError(
-                f"Checkpoint {path} was trained with another selection than this recipe makes; "
-                "resume with the recipe (and s2ft seed) of the run."
-            )
+        self.method.check_resume(self.model, meta, path)
         self.checkpointer.load_deltas(self.model, path)
         state = self.checkpointer.trainer_state(path)
         self.optimizer.load_state_dict(state["optimizer"])

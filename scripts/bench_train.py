@@ -1,21 +1,25 @@
 """Training-step cost of S²FT against full fine-tuning, PEFT LoRA and the frozen floor.
 
-Each method runs in its own subprocess on the same model and the same random batch, so
-that peak memory (RSS on a CPU, ``torch.cuda.max_memory_allocated`` on CUDA) is its own:
+Every method trains through s2ft's own loop (``s2ft_cli.train.Trainer.train_step``: the
+step ``s2ft train`` runs, fused AdamW, gradient clipping at 1.0), with the baselines of
+``scripts/baselines.py`` as other sets of trainable parameters, on random token batches
+(one per step). Each method runs in its own subprocess, so that its peak memory is its
+own, and the high-water mark is reset after set-up, so that the peak is the training
+phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU,
+``torch.cuda.max_memory_allocated`` after a reset on CUDA):
 
-* ``full``: AdamW on every weight, transformers' loss (full-vocabulary logits);
+* ``full``: every weight trains, transformers' loss (full-vocabulary logits);
 * ``lora``: PEFT LoRA r=16 on all seven linear projections, transformers' loss;
 * ``floor``: every weight frozen, back-propagation through every layer (the input
-  embeddings require grad) and no weight gradient, transformers' loss: the least any
-  partial method costs with that loss (the floor *before* this project's loss);
+  embeddings' output requires grad) and no weight gradient, transformers' loss: the least
+  any partial method costs with that loss (the floor *before* this project's loss);
 * ``lean-floor``: the same with s2ft's memory-lean loss (the floor *after*);
-* ``s2ft``: ``get_s2ft_model`` with the targets, s2ft's loss and fused AdamW over the
-  deltas: the step ``s2ft train`` runs.
+* ``s2ft``: the recipe's targets through ``get_s2ft_model``, s2ft's loss.
 
 It reports trainable parameters, the median step time over ``--steps`` steps after
 ``--warmup`` (forward, backward, optimizer step), peak memory, and the ratios to full
 fine-tuning, LoRA and both floors; with ``--repeats N`` the ratios are medians over N
-rounds. Every method uses fused AdamW where it trains something.
+rounds.
 
     python scripts/bench_train.py                    # CPU: bench-llama fp32, 4×256 and 1×512
     python scripts/bench_train.py --device cuda      # LLaMA-3.2-1B-like, bf16, 2×1024
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,87 +46,109 @@ DEFAULTS = {  # device -> model, dtype, shapes, activation checkpointing setting
 
 
 # ------------------------------------------------------------------------- one method
-def build(method: str, spec: dict):
-    """The model of a method and the tensors its optimizer updates."""
-    from s2ft_cli import get_s2ft_model
-    from s2ft_cli.models import TARGET_MATRICES, enable_activation_checkpointing, load_model
+def training_method(name: str):
+    """The method's trainable parameters and loss, for s2ft's own training loop."""
+    from baselines import Floor, FullFineTuning, LoRA
 
-    model = load_model(spec["model"], spec["dtype"]).to(spec["device"]).train()
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
+    from s2ft_cli.methods import S2FT
 
-        model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGET_MATRICES))
-        )
-    elif method in ("floor", "lean-floor"):
-        model.requires_grad_(False)
-    elif method == "s2ft":
-        get_s2ft_model(model, {"targets": spec["targets"], "layers": spec["layers"]})
-    if spec["checkpointing"]:
-        if method == "s2ft":
-            enable_activation_checkpointing(model)  # as `s2ft train` does
-        else:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
-    if method in ("floor", "lean-floor"):
-        model.enable_input_require_grads()  # back-propagate through every layer
-    return model, [p for p in model.parameters() if p.requires_grad]
+    return {
+        "full": lambda: FullFineTuning(transformers_loss=True),
+        "lora": lambda: LoRA(r=16, alpha=32, transformers_loss=True),
+        "floor": lambda: Floor(transformers_loss=True),
+        "lean-floor": lambda: Floor(),
+        "s2ft": lambda: S2FT(),
+    }[name]()
 
 
-def step_loss(method: str, model, batch: dict) -> torch.Tensor:
-    """The mean token loss of the batch: transformers' for the baselines, s2ft's lean one
-    for ``lean-floor`` and ``s2ft``."""
-    if method in ("lean-floor", "s2ft"):
-        from s2ft_cli.losses import example_losses
+def trainer_for(method: str, spec: dict, out: str):
+    """A set-up :class:`Trainer` of ``method`` on random token batches of the spec's shape
+    (one distinct batch per step, every token a target, no padding)."""
+    from rich.console import Console
 
-        losses, counts = example_losses(model, batch)
-        return losses.sum() / counts.sum()
-    return model(**batch, use_cache=False).loss
+    from s2ft_cli.data import Datasets, Example
+    from s2ft_cli.models import load_model
+    from s2ft_cli.recipe import Recipe
+    from s2ft_cli.train import Trainer
+
+    steps = spec["warmup"] + spec["steps"]
+    recipe = Recipe.model_validate(
+        {
+            "model": {
+                "name_or_path": spec["model"],
+                "dtype": spec["dtype"],
+                "gradient_checkpointing": spec["checkpointing"],
+            },
+            "s2ft": {"targets": spec["targets"], "layers": spec["layers"]},
+            "train": {
+                "batch_size": spec["batch"],
+                "max_steps": steps,
+                "lr": 1e-5,
+                "warmup_steps": 0,
+                "device": spec["device"],
+            },
+            "output_dir": out,
+        }
+    )
+    vocab = load_model(spec["model"], weights=False).config.vocab_size  # meta: no weights
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (steps * spec["batch"], spec["seq"]), generator=g).tolist()
+    examples = [Example(row, row) for row in ids]
+    trainer = Trainer(
+        recipe,
+        console=Console(quiet=True),
+        method=training_method(method),
+        datasets=Datasets(examples, [], []),
+    )
+    trainer.setup()
+    return trainer
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start the high-water mark afresh: the training phase's own peak, not the load's."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
 
 def peak_memory_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
 
 
 def run_method(method: str, spec: dict) -> dict:
-    """Build, train ``warmup + steps`` steps, measure."""
-    from s2ft_cli.train import adamw
+    """Set up the loop, run ``warmup + steps`` optimizer steps, measure."""
+    import tempfile
 
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model, params = build(method, spec)
-    optimizer = adamw(params, lr=1e-5, weight_decay=0.0) if params else None
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trainer_for(method, spec, out)
+        reset_peak_memory(device)
 
-    def synchronize():
-        if device == "cuda":
-            torch.cuda.synchronize()
+        def synchronize():
+            if device == "cuda":
+                torch.cuda.synchronize()
 
-    times = []
-    for _ in range(spec["warmup"] + spec["steps"]):
-        synchronize()
-        start = time.perf_counter()
-        with autocast:
-            loss = step_loss(method, model, batch)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        synchronize()
-        times.append(time.perf_counter() - start)
+        times = []
+        for step in range(spec["warmup"] + spec["steps"]):
+            synchronize()
+            start = time.perf_counter()
+            loss, _ = trainer.train_step(step)
+            synchronize()
+            times.append(time.perf_counter() - start)
+        peak = peak_memory_bytes(device)
+        trainer.cleanup()
     return {
-        "trainable": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "step_s": statistics.median(times[spec["warmup"] :]),
         "step_times": times,
-        "peak_bytes": peak_memory_bytes(device),
-        "loss": loss.item(),
+        "peak_bytes": peak,
+        "loss": loss,
     }
 
 

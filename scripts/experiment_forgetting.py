@@ -23,18 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import get_scheduler
+from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from s2ft_cli import S2FTConfig, example_losses, get_s2ft_model, merge_adapter
-from s2ft_cli.data import Example, collate, load_datasets
-from s2ft_cli.models import TARGET_MATRICES, load_model, load_tokenizer
+from s2ft_cli import merge_adapter
+from s2ft_cli.data import Datasets, Example, load_datasets
+from s2ft_cli.methods import S2FT
+from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import adamw, token_loss_sums
+from s2ft_cli.train import Trainer, token_loss_sums
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -104,20 +106,16 @@ def new_domain(recipe_path: Path, tokenizer, args) -> tuple[list, list, list]:
 
 
 # ------------------------------------------------------------------------------ methods
-def prepare(method: str, budget, base):
-    """The model a method trains, and its trainable tensors."""
-    if method == "s2ft":
-        model = get_s2ft_model(base, S2FTConfig(targets=budget, seed=0))
-    elif method == "lora":
-        from peft import LoraConfig, get_peft_model
+def training_method(method: str, budget):
+    """What a method trains at a budget: S²FT's targets come with the recipe, LoRA's rank
+    and full fine-tuning's scope with the baselines of ``scripts/baselines.py``."""
+    from baselines import FullFineTuning, LoRA
 
-        config = LoraConfig(r=budget, lora_alpha=2 * budget, target_modules=list(TARGET_MATRICES))
-        model = get_peft_model(base, config)
-    else:
-        model = base
-        for name, p in model.named_parameters():
-            p.requires_grad_(budget == "all" or name.split(".")[-2] in TARGET_MATRICES)
-    return model, [p for p in model.parameters() if p.requires_grad]
+    if method == "s2ft":
+        return S2FT()
+    if method == "lora":
+        return LoRA(r=budget, alpha=2 * budget)
+    return FullFineTuning(scope=budget)
 
 
 def merged(method: str, model):
@@ -146,25 +144,42 @@ def mean_loss(model, examples, pad_id, device) -> float:
 
 
 def run(method, budget, lr, args, data, reference, pad_id) -> dict:
+    """Train one method at one budget and learning rate through s2ft's own loop (cosine
+    schedule with 10% warm-up, clipping at 1.0), then measure learning, forgetting, drift."""
     train, val, test, stories = data
-    torch.manual_seed(args.seed)  # LoRA's initialisation: the same whatever ran before
-    base = load_model(args.model).to(args.device)
-    model, params = prepare(method, budget, base)
-    optimizer = adamw(params, lr, weight_decay=0.0)
-    schedule = get_scheduler("cosine", optimizer, args.steps // 10, args.steps)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    model.train()
-    start = time.perf_counter()
-    for step in range(args.steps):
-        ids = order[(step * args.batch) % len(train) :][: args.batch].tolist()
-        batch = {k: v.to(args.device) for k, v in collate([train[i] for i in ids], pad_id).items()}
-        losses, counts = example_losses(model, batch)
-        (losses.sum() / counts.sum()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
+    settings = {
+        "s2ft.targets": json.dumps(budget) if method == "s2ft" else None,
+        "s2ft.seed": 0,
+        "train.max_steps": args.steps,
+        "train.batch_size": args.batch,
+        "train.lr": lr,
+        "train.scheduler": "cosine",
+        "train.warmup_steps": args.steps // 10,
+        "train.max_grad_norm": 1.0,
+        "train.weight_decay": 0.0,
+        "train.eval_every": 0,
+        "train.seed": args.seed,
+        "train.device": args.device,
+    }
+    overrides = [f"{k}={v}" for k, v in settings.items() if v is not None]
+    with tempfile.TemporaryDirectory() as out:
+        recipe = load_recipe(
+            args.recipe, [*overrides, f"model.name_or_path={args.model}", f"output_dir={out}"]
+        )
+        trainer = Trainer(
+            recipe,
+            console=Console(quiet=True),
+            method=training_method(method, budget),
+            datasets=Datasets(train, [], []),
+        )
+        try:
+            trainer.setup()
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+        finally:
+            trainer.cleanup()
+    model, params = trainer.model, trainer.params
     model = merged(method, model).eval()
     return {
         "method": method,

@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from s2ft_cli import load_adapter
 from s2ft_cli.data import load_datasets
 from s2ft_cli.errors import S2FTError
+from s2ft_cli.methods import TrainingMethod
 from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import Trainer, token_loss_sums, train
@@ -307,3 +309,53 @@ def test_a_resumed_run_drops_the_tensorboard_scalars_logged_after_its_checkpoint
     values = {e.step: e.value for e in events.Scalars("loss")}
     for row in metrics(run)[1:]:
         assert abs(values[row["step"]] - row["loss"]) <= 1e-6 * max(1.0, row["loss"])
+
+
+class TrainNorms(TrainingMethod):
+    """Another set of trainable parameters: the RMSNorm weights of every layer."""
+
+    def prepare(self, model, trainer):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("layernorm.weight"))
+        return model
+
+    def checkpoint_meta(self, model):
+        return {"trains": "norms"}
+
+    def save(self, model, out):
+        model.save_pretrained(out / "model")
+        return "saved"
+
+
+def test_another_method_trains_through_the_same_loop_and_resumes_exactly(tmp_path):
+    """The loop is the method's: only its parameters move, on the given examples, and its
+    checkpoints continue exactly (what the benchmarks' baselines rely on)."""
+    path = recipe_file(tmp_path)
+    recipe = load_recipe(path, ["train.max_steps=8"])
+    tokenizer = load_tokenizer(recipe.model.name_or_path)
+    datasets = load_datasets(recipe.data, recipe.train.seed, tokenizer)
+
+    def run(out: str, resume: bool = False, steps: int = 8) -> Trainer:
+        r = load_recipe(path, [f"train.max_steps={steps}", f"output_dir={tmp_path / out}"])
+        trainer = Trainer(r, resume=resume, method=TrainNorms(), datasets=datasets)
+        try:
+            trainer.setup()
+            trainer.train()
+        finally:
+            trainer.cleanup()
+        return trainer
+
+    straight = run("straight")
+    base = load_model(recipe.model.name_or_path, seed=recipe.train.seed).state_dict()
+    trained = straight.model.state_dict()
+    moved = {n for n in base if not torch.equal(base[n], trained[n])}
+    assert moved == {n for n in base if n.endswith("layernorm.weight")}
+    assert (tmp_path / "straight" / "model" / "config.json").is_file()
+    assert not (tmp_path / "straight" / "selection.json").exists()
+    meta = json.loads((tmp_path / "straight/checkpoints/step-0000008/meta.json").read_text())
+    assert meta["trains"] == "norms" and "selection" not in meta
+
+    run("halves", steps=8)  # the same schedule, killed after step 4's checkpoint:
+    shutil.rmtree(tmp_path / "halves" / "checkpoints" / "step-0000008")
+    resumed = run("halves", resume=True).model.state_dict()
+    assert all(torch.equal(resumed[n], trained[n]) for n in moved)

@@ -1,0 +1,91 @@
+"""The baselines of the benchmarks and experiments as training methods of s2ft's own loop
+(``s2ft_cli.methods``): PEFT LoRA, full fine-tuning and the frozen floor train through
+the very ``Trainer`` that ``s2ft train`` runs, with another set of trainable parameters.
+Each can use s2ft's memory-lean loss (the loop's default) or transformers' own loss, the
+one a user of those libraries computes with ``model(**batch, labels=...)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s2ft_cli.data import IGNORE_INDEX
+from s2ft_cli.methods import TrainingMethod
+from s2ft_cli.models import TARGET_MATRICES
+
+
+class TransformersLoss(nn.Module):
+    """transformers' loss of a batch (full-vocabulary logits, mean over target tokens) in
+    the loop's terms: the batch's token-loss sum as one element, and per-example target
+    counts."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+        loss = self.model(**batch, use_cache=False).loss
+        return (loss * counts.sum()).reshape(1), counts
+
+
+class Baseline(TrainingMethod):
+    """A method whose result is the trained model's own ``save_pretrained`` folder."""
+
+    def __init__(self, transformers_loss: bool = False):
+        self.transformers_loss = transformers_loss
+
+    def losses(self, model: nn.Module) -> nn.Module:
+        return TransformersLoss(model) if self.transformers_loss else super().losses(model)
+
+    def save(self, model: nn.Module, out: Path) -> str:
+        model.save_pretrained(out / "model")
+        return f"model written to {out / 'model'}"
+
+
+class LoRA(Baseline):
+    """PEFT LoRA of rank ``r`` on the seven linear projections (QLoRA's choice)."""
+
+    def __init__(self, r: int = 16, alpha: int = 32, transformers_loss: bool = False):
+        super().__init__(transformers_loss)
+        self.r, self.alpha = r, alpha
+
+    def prepare(self, model: nn.Module, trainer) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(TARGET_MATRICES))
+        return get_peft_model(model, config)
+
+    def describe(self, model: nn.Module) -> list[str]:
+        return [f"LoRA r={self.r}, alpha={self.alpha} on {', '.join(TARGET_MATRICES)}"]
+
+
+class FullFineTuning(Baseline):
+    """Every weight (``scope="all"``) or the seven projections' (``"blocks"``)."""
+
+    def __init__(self, scope: str = "all", transformers_loss: bool = False):
+        super().__init__(transformers_loss)
+        self.scope = scope
+
+    def prepare(self, model: nn.Module, trainer) -> nn.Module:
+        for name, p in model.named_parameters():
+            p.requires_grad_(self.scope == "all" or name.split(".")[-2] in TARGET_MATRICES)
+        return model
+
+
+class Floor(Baseline):
+    """Every weight frozen, yet the backward pass runs through every layer (the input
+    embeddings' output requires grad) and forms no weight gradient: the least any partial
+    method costs. The optimizer needs a tensor: it holds one scalar, outside the model,
+    that never gets a gradient."""
+
+    def prepare(self, model: nn.Module, trainer) -> nn.Module:
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        self.anchor = nn.Parameter(torch.zeros(1, device=model.device))
+        return model
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [self.anchor]
