@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from . import __version__
 from .errors import AdapterMismatchError, S2FTError
@@ -39,10 +40,11 @@ from .models import (
     unit_index,
 )
 from .permute import apply_layout
+from .sharding import full_tensor
 from .state import (
     attach_save_pretrained,
     detach_save_pretrained,
-    register_adapter_writer,
+    register_adapter_io,
     state_of,
 )
 
@@ -403,7 +405,7 @@ def _updates_of(modules: dict[str, S2Linear]) -> dict[str, Update]:
     updates = {}
     for name, m in modules.items():
         order = torch.argsort(m.original_index)
-        delta = m.delta.detach()
+        delta = full_tensor(m.delta.detach())  # every process gathers a sharded one
         delta = (
             delta[order.to(delta.device)] if m.axis == "rows" else delta[:, order.to(delta.device)]
         )
@@ -419,8 +421,21 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     return adapter_of(model).save(path)
 
 
-# ``save_pretrained`` of a converted or loaded model writes its adapter (see state.py)
-register_adapter_writer(save_adapter)
+def _write_adapter(model: nn.Module, path: str | Path, is_main_process: bool = True):
+    """``save_pretrained`` of a converted or loaded model (see state.py): every process of
+    a sharded model gathers the deltas, the main one writes."""
+    sharded = any(isinstance(m.delta, DTensor) for m in _adapter_modules(model).values())
+    if not (is_main_process or sharded):
+        return None
+    adapter = adapter_of(model)
+    return adapter.save(path) if is_main_process else None
+
+
+def _base_fingerprint(model: nn.Module) -> dict:
+    return fingerprint(model, {name: m.weight for name, m in _adapter_modules(model).items()})
+
+
+register_adapter_io(_write_adapter, _base_fingerprint)
 
 
 def adapter_of(model: nn.Module) -> Adapter:
@@ -435,10 +450,10 @@ def adapter_of(model: nn.Module) -> Adapter:
     else:  # an adapter loaded onto a base: keep what it was trained with
         kept = ("targets", "strategy", "order", "allocation", "layers", "seed", "calibration")
         settings = {k: v for k, v in (state.loaded or {}).items() if k in (*kept, "selection")}
-    weights = {name: m.weight for name, m in modules.items()}
+    remembered = state.conversion.base_fingerprint if state.conversion is not None else None
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",
-        fingerprint(model, weights),
+        remembered or _base_fingerprint(model),
         settings,
         next(iter(modules.values())).delta.dtype,
     )

@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import S2FTError
 from .files import atomic_write_dir
+from .sharding import shard_like
 
 CHECKPOINTS = "checkpoints"
 
@@ -152,4 +153,4 @@ class Checkpointer:
                             f"{checkpoint} holds no {name} of shape {list(p.shape)}; the "
                             "checkpoint does not belong to this run's recipe."
                         )
-                    p.copy_(deltas[name])
+                    p.copy_(shard_like(deltas[name], p))

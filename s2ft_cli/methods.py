@@ -14,9 +14,11 @@ from torch import nn
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
 from .data import calibration_batches
+from .distributed import Processes
 from .errors import S2FTError
 from .losses import ExampleLosses
 from .selection import Selection, select_units
+from .state import base_fingerprint, state_of
 
 
 def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
@@ -47,6 +49,9 @@ class TrainingMethod:
         counts (what DDP wraps): the memory-lean loss by default."""
         return ExampleLosses(model)
 
+    def before_sharding(self, model: nn.Module, procs: Processes) -> None:
+        """What must be read from the whole weights (rank 0's) before FSDP shards them."""
+
     def describe(self, model: nn.Module) -> list[str]:
         """Lines (rich markup) for the set-up summary, after the trainable-parameter count."""
         return []
@@ -61,9 +66,10 @@ class TrainingMethod:
     def check_resume(self, model: nn.Module, meta: dict, checkpoint: Path) -> None:
         """Refuse to resume from a checkpoint whose trainable parameters are others."""
 
-    def save(self, model: nn.Module, out: Path) -> str:
-        """(Rank 0.) Write the run's result into the run folder ``out``; returns what was
-        written, in words."""
+    def save(self, model: nn.Module, out: Path, trainer) -> str:
+        """Write the run's result into the run folder ``out`` (every process calls it: a
+        sharded model is gathered by all; rank 0 writes); returns what was written, in
+        words."""
         raise NotImplementedError
 
 
@@ -92,6 +98,10 @@ class S2FT(TrainingMethod):
 
         return trainer.procs.on_main(measure)
 
+    def before_sharding(self, model: nn.Module, procs: Processes) -> None:
+        """The adapter's fingerprint of the base is taken from the weights as loaded."""
+        state_of(model).conversion.base_fingerprint = procs.on_main(lambda: base_fingerprint(model))
+
     def describe(self, model: nn.Module) -> list[str]:
         return [f"targets {model.s2ft_selection.config.targets}"] + [
             f"[yellow]adjusted:[/] {note}" for note in model.s2ft_selection.adjustments
@@ -110,6 +120,10 @@ class S2FT(TrainingMethod):
                 "makes; resume with the recipe (and s2ft seed) of the run."
             )
 
-    def save(self, model: nn.Module, out: Path) -> str:
-        model.save_pretrained(out / "adapter")  # the S²FT adapter (state.py)
-        return f"adapter written to {out / 'adapter'}"
+    def save(self, model: nn.Module, out: Path, trainer) -> str:
+        path = out / "adapter"  # model.save_pretrained writes the S²FT adapter (state.py)
+        if trainer.sharded:  # every process gathers the deltas
+            model.save_pretrained(path, is_main_process=trainer.is_main)
+        else:
+            trainer.procs.on_main(lambda: model.save_pretrained(path))
+        return f"adapter written to {path}"

@@ -105,6 +105,14 @@ class TrainSection(BaseModel):
         "auto", description="auto: bf16 autocast on CUDA, none on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Under torchrun: ddp (every process holds the whole model; auto) or fsdp "
+        "(FSDP2: every layer's weights, frozen and trained, sharded over the processes).",
+    )
+    fsdp_offload: bool = Field(
+        False, description="fsdp: keep the parameter shards in CPU memory between uses."
+    )
     report_to: list[Literal["tensorboard"]] = Field(
         default_factory=list,
         description="Also log to these (tensorboard: event files in <output_dir>/tensorboard/).",
@@ -117,6 +125,15 @@ class TrainSection(BaseModel):
         names = [s.value for s in SchedulerType]
         if self.scheduler not in names:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; one of {', '.join(names)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> TrainSection:
+        if self.fsdp_offload and self.distributed != "fsdp":
+            raise ValueError(
+                "fsdp_offload keeps FSDP's shards in CPU memory, so it needs distributed: fsdp "
+                "(train.distributed=fsdp)"
+            )
         return self
 
 

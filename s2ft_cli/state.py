@@ -89,6 +89,9 @@ class Conversion:
     config: object
     selection: object
     layout: dict
+    # the base's fingerprint taken from the weights as loaded, before they were sharded
+    # or quantized; None: taken from the weights when the adapter is written
+    base_fingerprint: dict | None = None
 
 
 @dataclass
@@ -133,21 +136,27 @@ def state_of(model: nn.Module) -> S2FTState:
 
 # A converted or loaded model's ``save_pretrained`` writes an S²FT adapter: what Hugging
 # Face's Trainer and TRL call at a checkpoint and at the end. The adapter module (above
-# this one in the pipeline) registers the writer.
-_adapter_writer: list[Callable] = []
+# this one in the pipeline) registers the writer, and how the base's fingerprint is taken.
+_adapter_io: dict[str, Callable] = {}
 
 
-def register_adapter_writer(write: Callable) -> None:
-    _adapter_writer[:] = [write]
+def register_adapter_io(write: Callable, base_fingerprint: Callable) -> None:
+    _adapter_io.update(write=write, base_fingerprint=base_fingerprint)
 
 
-def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
+def base_fingerprint(model: nn.Module) -> dict:
+    """The fingerprint of a converted model's base, from its weights as they are now."""
+    return _adapter_io["base_fingerprint"](model)
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, is_main_process=True, **kwargs):
     """``model.save_pretrained(dir)`` of a converted or loaded model: the S²FT adapter in
     the original layout (``adapter_config.json`` + ``adapter_model.safetensors``), which
-    ``load_adapter`` reads back onto the base; Hugging Face's other arguments (state dict,
-    serialisation, sharding) do not apply to it; the writer refuses a model with no
-    adapter (``check("save")``)."""
-    return _adapter_writer[0](model, save_directory)
+    ``load_adapter`` reads back onto the base. Of Hugging Face's other arguments only
+    ``is_main_process`` applies (several processes call it; one writes); state dict,
+    serialisation and sharding do not. The writer refuses a model with no adapter
+    (``check("save")``)."""
+    return _adapter_io["write"](model, save_directory, is_main_process=is_main_process)
 
 
 def attach_save_pretrained(model: nn.Module) -> None:

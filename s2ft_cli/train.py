@@ -49,6 +49,7 @@ from .methods import S2FT, TrainingMethod
 from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .recipe import Recipe
+from .sharding import full_tensor, shard_like, shard_model
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -204,16 +205,29 @@ class Trainer:
         selected, co-permuted and converted, paper §3), its loss wrapped in DDP under
         several processes; autocast as train.autocast says."""
         r, t = self.recipe, self.recipe.train
+        self.sharded = t.distributed == "fsdp" and self.world > 1
+        # Sharded, rank 0 alone reads the weights (to the CPU) and the others build the
+        # model on the meta device; sharding hands them rank 0's values.
         model = load_model(
-            r.model.name_or_path, r.model.dtype, r.model.trust_remote_code, seed=t.seed
-        ).to(self.device)
+            r.model.name_or_path,
+            r.model.dtype,
+            r.model.trust_remote_code,
+            seed=t.seed,
+            weights=self.is_main or not self.sharded,
+        )
+        if not self.sharded:
+            model = model.to(self.device)
         if r.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.model = self.method.prepare(model, self)
-        self.params = self.method.parameters(self.model)
-        self.engine = self.method.losses(self.model)  # DDP wraps the loss: its forward runs
-        if self.world > 1:
+        # DDP and FSDP wrap the loss module: its forward is the one that runs
+        self.engine = self.method.losses(self.model)
+        if self.sharded:
+            self.method.before_sharding(self.model, self.procs)
+            shard_model(self.engine, self.model, self.procs, t.fsdp_offload)
+        elif self.world > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
+        self.params = self.method.parameters(self.model)
         use_bf16 = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
@@ -337,26 +351,36 @@ class Trainer:
         return loss_sum / max(targets, 1), tokens
 
     def _gradient_sync(self, last: bool):
-        """The context of one micro-batch's forward and backward: DDP all-reduces the
-        accumulated gradients in the backward of the last micro-batch only (a fresh
-        ``no_sync()`` for each earlier one: a context manager is entered once)."""
-        if self.world > 1 and not last:
+        """The context of one micro-batch's forward and backward: DDP all-reduces (FSDP
+        reduce-scatters) the accumulated gradients in the backward of the last micro-batch
+        only (a fresh ``no_sync()`` for each earlier one: a context manager is entered
+        once)."""
+        if self.sharded:
+            self.engine.set_requires_gradient_sync(last)
+        elif self.world > 1 and not last:
             return self.engine.no_sync()
         return nullcontext()
 
     def evaluate(self) -> float | None:
-        """Mean token loss over the validation set (shared out among processes)."""
+        """Mean token loss over the validation set, shared out among processes. Each
+        process runs the same number of forwards (a sharded model gathers its layers in
+        every one): one short of examples repeats its first batch and counts nothing."""
         if not self.val_set:
             return None
         self.engine.eval()
-        total, count = token_loss_sums(
-            self.model,
-            self.val_set[self.rank :: self.world],
-            self.tokenizer.pad_token_id,
-            self.recipe.train.batch_size,
-            self.device,
-            self.autocast,
-        )
+        size = self.recipe.train.batch_size
+        mine = self.val_set[self.rank :: self.world]
+        batches = math.ceil(math.ceil(len(self.val_set) / self.world) / size)
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        with torch.no_grad():
+            for i in range(batches):
+                chunk = mine[i * size : (i + 1) * size]
+                batch = collate(chunk or self.val_set[:size], self.tokenizer.pad_token_id)
+                with self.autocast():
+                    losses, counts = self.engine({k: v.to(self.device) for k, v in batch.items()})
+                if chunk:
+                    total += losses.sum().double()
+                    count += int(counts.sum())
         total, count = self.procs.all_sum(total, count)
         return total / max(count, 1)
 
@@ -425,19 +449,17 @@ class Trainer:
                         f"saved in {self.checkpointer.latest()}.",
                         exit_code=128 + self._stopped_by,
                     )
-        self.procs.on_main(self._save_result)
+        written = self.method.save(self.model, self.out, self)  # S²FT: the adapter
+        if self.is_main:
+            self.console.print(written, highlight=False)
         return last
-
-    def _save_result(self) -> None:
-        """(Rank 0.) The run's result: S²FT's adapter."""
-        written = self.method.save(self.model, self.out)
-        self.console.print(written, highlight=False)
 
     # -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step-N/`` atomically (rank 0) and keep the newest few. It
         holds every process's RNG states (each continues its own dropout stream) and, in
-        meta.json, the batch layout that maps steps to examples."""
+        meta.json, the batch layout that maps steps to examples. Sharded tensors are
+        gathered whole (by every process), so the files are those of an unsharded run."""
         rng = self.procs.gather(
             {
                 "torch": torch.get_rng_state(),
@@ -445,19 +467,24 @@ class Trainer:
                 "python": random.getstate(),
             }
         )
-        self.procs.on_main(lambda: self._write_checkpoint(rng))
-
-    def _write_checkpoint(self, rng: list[dict]) -> None:
-        """(Rank 0.) The checkpoint folder of this step, with ``rng`` in rank order."""
-        t = self.recipe.train
         trainable = {
-            n: p.detach().cpu().contiguous()
+            n: full_tensor(p.detach()).cpu().contiguous()
             for n, p in self.model.named_parameters()
             if p.requires_grad
         }
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {
+            i: {k: full_tensor(v) for k, v in s.items()}
+            for i, s in sorted(optimizer["state"].items())
+        }
+        self.procs.on_main(lambda: self._write_checkpoint(trainable, optimizer, rng))
+
+    def _write_checkpoint(self, trainable: dict, optimizer: dict, rng: list[dict]) -> None:
+        """(Rank 0.) The checkpoint folder of this step, with ``rng`` in rank order."""
+        t = self.recipe.train
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
         }
@@ -479,7 +506,11 @@ class Trainer:
         self.method.check_resume(self.model, meta, path)
         self.checkpointer.load_deltas(self.model, path)
         state = self.checkpointer.trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        for i, p in enumerate(self.params):  # each process takes its slices of sharded ones
+            s = optimizer["state"].get(i, {})
+            s.update({k: shard_like(v, p) for k, v in s.items() if v.shape == p.shape})
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         rng = rng[self.rank] if isinstance(rng, list) else rng  # older: one state for all

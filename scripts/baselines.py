@@ -40,8 +40,8 @@ class Baseline(TrainingMethod):
     def losses(self, model: nn.Module) -> nn.Module:
         return TransformersLoss(model) if self.transformers_loss else super().losses(model)
 
-    def save(self, model: nn.Module, out: Path) -> str:
-        model.save_pretrained(out / "model")
+    def save(self, model: nn.Module, out: Path, trainer) -> str:
+        trainer.procs.on_main(lambda: model.save_pretrained(out / "model"))
         return f"model written to {out / 'model'}"
 
 

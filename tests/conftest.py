@@ -74,3 +74,18 @@ def batch(model, size: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor
 def logit_tol(logits: torch.Tensor) -> float:
     """GUIDE: unchanged within 1e-5 × max(1, max |logit|) in fp32."""
     return 1e-5 * max(1.0, logits.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def one_process_batch_8(tmp_path_factory) -> Path:
+    """The reference recipe and run of the multi-process tests: one process, batch 8, no
+    accumulation, 6 steps."""
+    from s2ft_cli.recipe import load_recipe
+    from s2ft_cli.train import train
+
+    from .test_train import RECIPE, recipe_file
+
+    folder = tmp_path_factory.mktemp("single")
+    path = recipe_file(folder, RECIPE.replace("max_steps: 12", "max_steps: 6"))
+    train(load_recipe(path, [f"output_dir={folder / 'run'}", "train.batch_size=8"]))
+    return path

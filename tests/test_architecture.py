@@ -18,7 +18,7 @@ STAGES = [
     ["permute"],
     ["layers", "state"],
     ["convert"],
-    ["distributed", "checkpoints", "metrics", "methods", "train"],
+    ["distributed", "sharding", "checkpoints", "metrics", "methods", "train"],
     ["adapter", "serving", "combine", "export"],
     ["evaluation"],
     ["cli", "__main__", ""],  # "": the package's __init__ (the library API)

@@ -96,15 +96,6 @@ def test_ddp_gradients_equal_single_process(tmp_path):
             assert ((ddp[name] - p.grad).norm() / p.grad.norm()).item() <= 1e-5, name
 
 
-@pytest.fixture(scope="module")
-def one_process_batch_8(tmp_path_factory) -> Path:
-    """The reference recipe and run: one process, batch 8, no accumulation, 6 steps."""
-    folder = tmp_path_factory.mktemp("single")
-    path = recipe_file(folder, RECIPE.replace("max_steps: 12", "max_steps: 6"))
-    train(load_recipe(path, [f"output_dir={folder / 'run'}", "train.batch_size=8"]))
-    return path
-
-
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
 def test_torchrun_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8, checkpointing):
     """2 processes × batch 2 × accumulation 2 = one process × batch 8 (the same examples
@@ -137,6 +128,21 @@ def logits_in_training(model) -> torch.Tensor:
     return model(input_ids=batch(model, size=2, length=16)).logits
 
 
+def save_gathered(trainer: Trainer, view: dict, path: Path) -> None:
+    """Every process's ``view`` of a set-up run, in rank order, saved by rank 0."""
+    gathered = trainer.procs.gather(view)
+    if trainer.is_main:
+        torch.save(gathered, path)
+
+
+def gathered_views(module: str, worker: str, recipe: Path) -> list:
+    """Run a worker of ``module`` under torchrun on ``recipe`` (whose run folder is
+    ``run/``); what it saved with :func:`save_gathered` in ``run/views.pt``."""
+    result = finish(launch(module, worker, recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(recipe.parent / "run" / "views.pt", weights_only=True)
+
+
 def _seeds_worker(recipe_path: str) -> None:
     """One process of ``torchrun``: set up a run of the recipe and draw dropout masks right
     after a checkpoint, then resume from that checkpoint and draw again; rank 0 saves what
@@ -156,18 +162,13 @@ def _seeds_worker(recipe_path: str) -> None:
     try:
         resumed.setup()
         drawn["again"] = logits_in_training(with_attention_dropout(resumed.model))
-        gathered = resumed.procs.gather(drawn)
-        if resumed.is_main:
-            torch.save(gathered, Path(recipe.output_dir) / "drawn.pt")
+        save_gathered(resumed, drawn, Path(recipe.output_dir) / "views.pt")
     finally:
         resumed.cleanup()
 
 
 def test_each_process_draws_its_own_dropout_and_shares_selection_and_data(tmp_path):
-    path = recipe_file(tmp_path)
-    result = finish(launch("tests.test_ddp", "seeds", path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = torch.load(tmp_path / "run" / "drawn.pt", weights_only=True)
+    rank0, rank1 = gathered_views("tests.test_ddp", "seeds", recipe_file(tmp_path))
     assert not torch.allclose(rank0["first"], rank1["first"])  # other dropout masks
     assert torch.equal(rank0["again"], rank0["first"])  # a resumed process continues its
     assert torch.equal(rank1["again"], rank1["first"])  # own stream
@@ -195,14 +196,17 @@ def test_a_refusal_on_rank_0_stops_every_process_with_the_message(tmp_path):
     assert "this run has global batch 8 (batch_size 4 × 2 processes × grad_accum 1)" in stderr
 
 
-def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path, distributed):
     """torchrun passes SIGTERM on to each process; they stop at the same step, save, and
-    the resumed run ends where one process with the same global batch does."""
+    the resumed run ends where one process with the same global batch does (under DDP and
+    under FSDP, whose checkpoints hold the gathered deltas and optimizer state)."""
     long = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
     path = recipe_file(tmp_path, long)
     train(load_recipe(path, [f"output_dir={tmp_path / 'single'}"]))  # batch 8, one process
 
-    proc = launch("s2ft_cli", "train", path, "train.batch_size=4")
+    args = ("train.batch_size=4", f"train.distributed={distributed}")
+    proc = launch("s2ft_cli", "train", path, *args)
     marker = tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json"
     deadline = time.monotonic() + TORCHRUN_TIMEOUT
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -217,7 +221,7 @@ def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path):
     stderr = " ".join(result.stderr.split())
     assert stderr.count(f"Interrupted at step {step} of 40") == 2  # both, at the same step
 
-    result = torchrun("train", path, "train.batch_size=4", "--resume")
+    result = torchrun("train", path, *args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert max_diff(tmp_path / "run" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
 

@@ -169,6 +169,10 @@ CASES = {
         lambda ws: ["train", ws.recipe, "train.batch_size=many"],
         ["train.batch_size", "valid integer"],
     ),
+    "recipe-offload-without-fsdp": (
+        lambda ws: ["train", ws.recipe, "train.fsdp_offload=true"],
+        ["train: fsdp_offload", "train.distributed=fsdp"],
+    ),
     "recipe-override-syntax": (
         lambda ws: ["train", ws.recipe, "train.lr"],
         ["'train.lr'", "key=value"],

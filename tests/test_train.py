@@ -322,7 +322,7 @@ class TrainNorms(TrainingMethod):
     def checkpoint_meta(self, model):
         return {"trains": "norms"}
 
-    def save(self, model, out):
+    def save(self, model, out, trainer):
         model.save_pretrained(out / "model")
         return "saved"
 

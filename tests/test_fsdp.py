@@ -1,0 +1,108 @@
+"""`train.distributed: fsdp` (FSDP2 on CPU with gloo): every tensor sharded, rank 0 alone
+reads the weights, and the run trains like one process and like DDP with the same global
+batch (accumulation, activation checkpointing, offload and a measured selection
+included), writing the same checkpoint and adapter files. Stopping on SIGTERM and the
+exact resume are in test_ddp, for DDP and FSDP alike."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from s2ft_cli.checkpoints import checkpoints_of
+from s2ft_cli.recipe import load_recipe
+from s2ft_cli.train import train
+
+from .test_ddp import gathered_views, save_gathered, torchrun
+from .test_train import RECIPE, max_diff, recipe_file
+
+FSDP = "train.distributed=fsdp"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["model.gradient_checkpointing=false", "model.gradient_checkpointing=true",
+     "train.fsdp_offload=true"],
+    ids=["plain", "activation-checkpointing", "offload"],
+)  # fmt: skip
+def test_fsdp_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8, setting):
+    """2 processes × batch 2 × accumulation 2 = one process × batch 8 (as DDP is, in
+    test_ddp); the checkpoint holds the whole deltas, like the one-process run's."""
+    run = tmp_path / "fsdp"
+    result = torchrun("train", one_process_batch_8, f"output_dir={run}", "train.batch_size=2",
+                      "train.grad_accum=2", setting, FSDP)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = one_process_batch_8.parent / "run"
+    assert max_diff(run / "adapter", single / "adapter") <= 1e-4
+    ours, theirs = (
+        load_file(checkpoints_of(r)[-1] / "trainable.safetensors") for r in (run, single)
+    )
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    reference = json.loads((single / "adapter" / "adapter_config.json").read_text())
+    probes = config["base_model"]["fingerprint"]["probes"]["values"]
+    for name, want in reference["base_model"]["fingerprint"]["probes"]["values"].items():
+        assert probes[name]["z"] == pytest.approx(want["z"], abs=1e-9)  # the unsharded base's
+
+
+def test_fsdp_trains_the_selection_rank_0_measured_on_the_whole_weights(tmp_path):
+    text = RECIPE.replace("max_steps: 12", "max_steps: 2")
+    text = text.replace("seed: 1}", "seed: 1, strategy: gradient, calibration: {samples: 16}}")
+    path = recipe_file(tmp_path, text)
+    train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
+    result = torchrun("train", path, f"output_dir={tmp_path / 'fsdp'}", "train.batch_size=4", FSDP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = json.loads((tmp_path / "single" / "selection.json").read_text())["units"]
+    assert json.loads((tmp_path / "fsdp" / "selection.json").read_text())["units"] == single
+    assert max_diff(tmp_path / "fsdp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
+
+
+def _shards_worker(recipe_path: str) -> None:
+    """One process of ``torchrun``: set up a sharded run, recording which processes read
+    weights; rank 0 saves every process's view of the parameters."""
+    import s2ft_cli.train as train_module
+    from s2ft_cli.train import Trainer
+
+    torch.set_num_threads(1)
+    reads, load = [], train_module.load_model
+
+    def recording_load(*args, **kwargs):
+        reads.append(kwargs.get("weights", True))
+        return load(*args, **kwargs)
+
+    train_module.load_model = recording_load
+    trainer = Trainer(load_recipe(Path(recipe_path), [FSDP]))
+    try:
+        trainer.setup()
+        view = {
+            "reads": reads,
+            "params": {
+                name: (type(p).__name__, p.to_local().numel(), p.numel(), p.requires_grad)
+                for name, p in trainer.model.named_parameters()
+            },
+            "buffers_meta": any(b.is_meta for b in trainer.model.buffers()),
+        }
+        save_gathered(trainer, view, trainer.out / "views.pt")
+    finally:
+        trainer.cleanup()
+
+
+def test_fsdp_shards_every_tensor_and_only_rank_0_reads_the_weights(tmp_path):
+    rank0, rank1 = gathered_views("tests.test_fsdp", "shards", recipe_file(tmp_path))
+    assert rank0["reads"] == [True] and rank1["reads"] == [False]  # rank 1: meta device
+    assert rank0["params"].keys() == rank1["params"].keys()
+    assert any(name.endswith(".delta") for name in rank0["params"])
+    for name, (kind, local0, whole, trains) in rank0["params"].items():
+        _, local1, _, _ = rank1["params"][name]
+        assert kind == "DTensor" and local0 + local1 == whole and local1 < whole, name
+        assert trains == name.endswith(".delta"), name
+    assert not rank0["buffers_meta"] and not rank1["buffers_meta"]
+
+
+if __name__ == "__main__":
+    {"shards": _shards_worker}[sys.argv[1]](*sys.argv[2:])
