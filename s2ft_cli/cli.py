@@ -175,6 +175,55 @@ def select(
         console.print(f"heatmap written to {plot}")
 
 
+@app.command()
+@user_errors
+def plan(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    gpus: Annotated[
+        int, typer.Option("--gpus", min=1, help="Processes (GPUs) the run will use.")
+    ] = 1,
+) -> None:
+    """Show the memory a recipe's training run needs per GPU, before it starts (no weights
+    are read: the model is built on the meta device)."""
+    from .memory import GIB, plan_memory
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    p = plan_memory(r, gpus)
+    seq = r.data.max_seq_len if r.data else 2048
+    how = "FSDP" if r.train.distributed == "fsdp" and gpus > 1 else "DDP" if gpus > 1 else ""
+    table = Table(
+        title=f"Memory per GPU — {r.model.name_or_path}",
+        title_justify="left",
+        caption=f"batch {r.train.batch_size} × {seq} tokens per process, weights "
+        f"{r.model.dtype}, linears {r.model.quantization}, {gpus} process"
+        + ("es " + how if gpus > 1 else ""),
+        caption_justify="left",
+    )
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    rows = [
+        ("frozen weights", p.weights),
+        ("deltas, gradients, AdamW (fp32)", p.trainable),
+        ("layers gathered while they run (FSDP)", p.gathered),
+        ("saved activations", p.activations),
+        ("saved activations, activation checkpointing", p.activations_checkpointed),
+        ("working memory (loss chunk or one layer's gradients)", p.working),
+    ]
+    for part, size in rows:
+        if size or "FSDP" not in part:
+            table.add_row(part, f"{size / GIB:.2f}")
+    table.add_section()
+    table.add_row("total", f"{p.total(False) / GIB:.2f}")
+    table.add_row("total with activation checkpointing", f"{p.total(True) / GIB:.2f}")
+    console.print(table)
+    for note in p.notes:
+        console.print(f"  {note}", highlight=False)
+    current = "on" if r.model.gradient_checkpointing else "off"
+    console.print(f"  this recipe: activation checkpointing {current}", highlight=False)
+
+
 def _score_table(selection) -> Table:
     """Per target matrix, the distribution of the strategy's unit scores and where the
     selected ones lie."""
@@ -448,12 +497,18 @@ def export(
     ] = False,
 ) -> None:
     """Export a run's adapter (of its end or of a checkpoint), or a merged model."""
+    import json
+
     from .export import export_run
 
     _refuse_existing(out)
     path = export_run(run, out, checkpoint, merged, force)
     what = "merged model" if merged else "adapter"
     console.print(f"{what} written to {path}", highlight=False)
+    if merged and (
+        fused_into := json.loads((path / "s2ft_export.json").read_text()).get("fused_into")
+    ):
+        console.print(f"  the update is fused into {fused_into}", highlight=False)
 
 
 @app.command("combine")

@@ -63,7 +63,8 @@ def export_run(
 ) -> Path:
     """Write the run's adapter (GUIDE format), of its end or of ``checkpoint``; with
     ``merged``, a Hugging Face model directory with the update fused into the weights in the
-    original layout (config, safetensors, tokenizer, generation config). ``force`` accepts
+    original layout (config, safetensors, tokenizer, generation config); a run trained on a
+    quantized base fuses into the base's original weights, read again. ``force`` accepts
     a base whose weights' checksums moved since training (shapes must match)."""
     run, out = Path(run), Path(out)
     recipe = _run_recipe(run)
@@ -86,6 +87,11 @@ def export_run(
     model = merge_adapter(model)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     provenance = {"merged_from": source, "tool_version": f"s2ft {__version__}"}
+    if recipe.model.quantization != "none":  # the base as loaded, never a dequantized one
+        provenance["fused_into"] = (
+            f"the original weights of {recipe.model.name_or_path}, read again: the run trained "
+            f"on a {recipe.model.quantization}-quantized copy of them"
+        )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -210,7 +210,12 @@ class S2Linear(nn.Module):
         y = self._frozen_product(x)
         if self.span is not None:
             fn = _RowBlockDelta if self.axis == "rows" else _ColumnBlockDelta
-            return fn.apply(y.contiguous(), x, self.delta, *self.span)
+            # The block is added in place, which autograd forbids on a view made inside a
+            # custom autograd function or under no_grad, as bitsandbytes' products with a
+            # bias return: such a module's view is copied (a dense nn.Linear's never).
+            foreign_view = y._is_view() and type(self.base) is not nn.Linear
+            y = y.clone() if foreign_view else y.contiguous()
+            return fn.apply(y, x, self.delta, *self.span)
         delta = self.delta.to(y.dtype)
         if self.axis == "cols":
             return y + F.linear(x.index_select(-1, self.index), delta)

@@ -14,9 +14,9 @@ from torch import nn
 from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
 from .data import calibration_batches
-from .distributed import Processes
 from .errors import S2FTError
 from .losses import ExampleLosses
+from .quantization import quantize_frozen_linears
 from .selection import Selection, select_units
 from .state import base_fingerprint, state_of
 
@@ -36,8 +36,9 @@ class TrainingMethod:
     processes, training examples and tokenizer are ready when :meth:`prepare` runs."""
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
-        """Make the parameters that train require grad (and only those); returns the
-        model the loop trains."""
+        """Make the parameters that train require grad (and only those), and quantize the
+        frozen base as ``model.quantization`` says (``quantize_frozen_linears``); returns
+        the model the loop trains."""
         raise NotImplementedError
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -48,9 +49,6 @@ class TrainingMethod:
         """The module whose forward gives a batch's per-example loss sums and target
         counts (what DDP wraps): the memory-lean loss by default."""
         return ExampleLosses(model)
-
-    def before_sharding(self, model: nn.Module, procs: Processes) -> None:
-        """What must be read from the whole weights (rank 0's) before FSDP shards them."""
 
     def describe(self, model: nn.Module) -> list[str]:
         """Lines (rich markup) for the set-up summary, after the trainable-parameter count."""
@@ -78,7 +76,19 @@ class S2FT(TrainingMethod):
     selection.json and its adapter."""
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
-        return get_s2ft_model(model, trainer.recipe.s2ft, selection=self._selection(model, trainer))
+        """Select, co-permute and convert; then quantize the frozen linears (permuting
+        quantized blocks would mix their scales). The adapter's fingerprint of the base is
+        taken first from the weights as loaded (rank 0's), so that it matches the
+        unsharded, unquantized base the adapter is loaded onto."""
+        model = get_s2ft_model(
+            model, trainer.recipe.s2ft, selection=self._selection(model, trainer)
+        )
+        quantization = trainer.recipe.model.quantization
+        if trainer.sharded or quantization != "none":
+            fingerprint = trainer.procs.on_main(lambda: base_fingerprint(model))
+            state_of(model).conversion.base_fingerprint = fingerprint
+        quantize_frozen_linears(model, quantization)
+        return model
 
     @staticmethod
     def _selection(model: nn.Module, trainer) -> Selection | None:
@@ -97,10 +107,6 @@ class S2FT(TrainingMethod):
             return select_units(model, c, calibration_data(c, trainer.train_set, pad_id))
 
         return trainer.procs.on_main(measure)
-
-    def before_sharding(self, model: nn.Module, procs: Processes) -> None:
-        """The adapter's fingerprint of the base is taken from the weights as loaded."""
-        state_of(model).conversion.base_fingerprint = procs.on_main(lambda: base_fingerprint(model))
 
     def describe(self, model: nn.Module) -> list[str]:
         return [f"targets {model.s2ft_selection.config.targets}"] + [

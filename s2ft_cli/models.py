@@ -272,7 +272,7 @@ def _preset_configs() -> dict:
             max_position_embeddings=2048,
         ),
         # The CUDA benchmark shapes: LLaMA-3.2-1B's dimensions, and LLaMA-2-7B's cut to
-        # eight layers.
+        # eight layers (two and four: the CPU benchmark at 7B layer width).
         "bench-llama3-1b": LlamaConfig(
             hidden_size=2048,
             intermediate_size=8192,
@@ -284,15 +284,18 @@ def _preset_configs() -> dict:
             rope_theta=500000.0,
             tie_word_embeddings=True,
         ),
-        "bench-llama2-7b-8l": LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=8,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32000,
-            max_position_embeddings=4096,
-        ),
+        **{
+            f"bench-llama2-7b-{layers}l": LlamaConfig(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=layers,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                vocab_size=32000,
+                max_position_embeddings=4096,
+            )
+            for layers in (8, 2, 4)
+        },
     }
 
 

@@ -38,6 +38,11 @@ class ModelSection(BaseModel):
         "float32", description="Weights' dtype when loaded."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="Store the frozen linear weights in 4-bit NormalFloat (nf4) or 8 bits "
+        "(int8) with bitsandbytes; the deltas train in float32.",
+    )
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code.")
 
 
@@ -216,6 +221,17 @@ class Recipe(BaseModel):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output_dir: str | None = Field(None, description="Where a run writes its files.")
+
+    @model_validator(mode="after")
+    def _check_sharded_quantization(self) -> Recipe:
+        if self.model.quantization != "none" and self.train.distributed == "fsdp":
+            raise ValueError(
+                f"model.quantization {self.model.quantization} with train.distributed fsdp is "
+                "not supported (sharding bitsandbytes' packed weights is not proven here); "
+                "train a quantized base under ddp (each process holds the whole quantized "
+                "model), or shard an unquantized one with fsdp"
+            )
+        return self
 
 
 def _fields_at(loc: tuple) -> list[str]:

@@ -48,6 +48,7 @@ from .losses import example_losses
 from .methods import S2FT, TrainingMethod
 from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
+from .quantization import require_bitsandbytes, weight_count
 from .recipe import Recipe
 from .sharding import full_tensor, shard_like, shard_model
 
@@ -206,6 +207,8 @@ class Trainer:
         several processes; autocast as train.autocast says."""
         r, t = self.recipe, self.recipe.train
         self.sharded = t.distributed == "fsdp" and self.world > 1
+        if r.model.quantization != "none":
+            require_bitsandbytes()  # before loading weights
         # Sharded, rank 0 alone reads the weights (to the CPU) and the others build the
         # model on the meta device; sharding hands them rank 0's values.
         model = load_model(
@@ -219,11 +222,10 @@ class Trainer:
             model = model.to(self.device)
         if r.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        self.model = self.method.prepare(model, self)
+        self.model = self.method.prepare(model, self)  # quantizes as model.quantization says
         # DDP and FSDP wrap the loss module: its forward is the one that runs
         self.engine = self.method.losses(self.model)
         if self.sharded:
-            self.method.before_sharding(self.model, self.procs)
             shard_model(self.engine, self.model, self.procs, t.fsdp_offload)
         elif self.world > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(self.engine)
@@ -292,21 +294,27 @@ class Trainer:
     def _log_setup(self) -> None:
         if not self.is_main:
             return
-        total = sum(p.numel() for p in self.model.parameters())
+        r = self.recipe
+        total = sum(weight_count(p) for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.params)
-        self.console.print(
-            f"[bold]s2ft train[/] {self.recipe.model.name_or_path} on {self.device} "
-            f"({self.world} process{'es' if self.world > 1 else ''})\n"
-            f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
-            + "".join(f"\n  {line}" for line in self.method.describe(self.model))
-            + f"\n  {len(self.train_set)} training / {len(self.val_set)} validation examples, "
-            f"global batch {self.global_batch}, {self.total_steps} steps"
-            + (f", resuming at step {self.step}" if self.step else "")
-            + f"\n  output: {self.out}",
-            highlight=False,
-        )
-        for note in self.data_notes:
-            self.console.print(f"  [yellow]data:[/] {note}", highlight=False)
+        processes = f"{self.world} process{'es' if self.world > 1 else ''}"
+        if self.sharded:
+            processes += ", FSDP"
+        lines = [
+            f"[bold]s2ft train[/] {r.model.name_or_path} on {self.device} ({processes})",
+            f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
+            *self.method.describe(self.model),
+        ]
+        if r.model.quantization != "none":
+            lines.append(f"frozen linear weights in {r.model.quantization} (bitsandbytes)")
+        lines += [
+            f"{len(self.train_set)} training / {len(self.val_set)} validation examples, global "
+            f"batch {self.global_batch}, {self.total_steps} steps"
+            + (f", resuming at step {self.step}" if self.step else ""),
+            f"output: {self.out}",
+            *(f"[yellow]data:[/] {note}" for note in self.data_notes),
+        ]
+        self.console.print("\n  ".join(lines), highlight=False)
 
     # -----------------------------------------------------------------------------------
     def _micro_batch(self, step: int, m: int) -> dict:

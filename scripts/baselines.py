@@ -14,6 +14,7 @@ from torch import nn
 from s2ft_cli.data import IGNORE_INDEX
 from s2ft_cli.methods import TrainingMethod
 from s2ft_cli.models import TARGET_MATRICES
+from s2ft_cli.quantization import quantize_frozen_linears
 
 
 class TransformersLoss(nn.Module):
@@ -46,7 +47,8 @@ class Baseline(TrainingMethod):
 
 
 class LoRA(Baseline):
-    """PEFT LoRA of rank ``r`` on the seven linear projections (QLoRA's choice)."""
+    """PEFT LoRA of rank ``r`` on the seven linear projections; on a quantized base
+    (``model.quantization``), QLoRA: the base is quantized first, LoRA wraps its layers."""
 
     def __init__(self, r: int = 16, alpha: int = 32, transformers_loss: bool = False):
         super().__init__(transformers_loss)
@@ -55,6 +57,7 @@ class LoRA(Baseline):
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
+        quantize_frozen_linears(model, trainer.recipe.model.quantization)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(TARGET_MATRICES))
         return get_peft_model(model, config)
 
@@ -70,6 +73,8 @@ class FullFineTuning(Baseline):
         self.scope = scope
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
+        if trainer.recipe.model.quantization != "none":
+            raise ValueError("full fine-tuning trains the weights: it has no quantized base")
         for name, p in model.named_parameters():
             p.requires_grad_(self.scope == "all" or name.split(".")[-2] in TARGET_MATRICES)
         return model
@@ -82,6 +87,7 @@ class Floor(Baseline):
     that never gets a gradient."""
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
+        quantize_frozen_linears(model, trainer.recipe.model.quantization)
         model.requires_grad_(False)
         model.enable_input_require_grads()
         self.anchor = nn.Parameter(torch.zeros(1, device=model.device))

@@ -14,7 +14,9 @@ phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU,
   embeddings' output requires grad) and no weight gradient, transformers' loss: the least
   any partial method costs with that loss (the floor *before* this project's loss);
 * ``lean-floor``: the same with s2ft's memory-lean loss (the floor *after*);
-* ``s2ft``: the recipe's targets through ``get_s2ft_model``, s2ft's loss.
+* ``s2ft``: the recipe's targets through ``get_s2ft_model``, s2ft's loss;
+* ``qlora`` and ``s2ft-nf4`` (not run unless named in ``--methods``): LoRA as above and
+  S²FT over the frozen linears quantized to nf4 by bitsandbytes (``model.quantization``).
 
 It reports trainable parameters, the median step time over ``--steps`` steps after
 ``--warmup`` (forward, backward, optimizer step), peak memory, and the ratios to full
@@ -24,6 +26,8 @@ rounds.
     python scripts/bench_train.py                    # CPU: bench-llama fp32, 4×256 and 1×512
     python scripts/bench_train.py --device cuda      # LLaMA-3.2-1B-like, bf16, 2×1024
     python scripts/bench_train.py --device cuda --model preset:bench-llama2-7b-8l --shapes 1x1024
+    python scripts/bench_train.py --model preset:bench-llama2-7b-2l --shapes 1x512 \
+        --methods full,lora,lean-floor,s2ft,qlora,s2ft-nf4    # CPU at 7B layer width
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ import time
 
 import torch
 
-METHODS = ("full", "lora", "floor", "lean-floor", "s2ft")
+METHODS = ("full", "lora", "floor", "lean-floor", "s2ft", "qlora", "s2ft-nf4")
+DEFAULT_METHODS = METHODS[:5]
+REFERENCES = ("full", "lora", "qlora", "floor", "lean-floor")
+QUANTIZED = {"qlora": "nf4", "s2ft-nf4": "nf4"}  # method -> model.quantization
 DEFAULTS = {  # device -> model, dtype, shapes, activation checkpointing settings
     "cpu": ("preset:bench-llama", "float32", "4x256,1x512", "off"),
     "cuda": ("preset:bench-llama3-1b", "bfloat16", "2x1024", "both"),
@@ -58,6 +65,8 @@ def training_method(name: str):
         "floor": lambda: Floor(transformers_loss=True),
         "lean-floor": lambda: Floor(),
         "s2ft": lambda: S2FT(),
+        "qlora": lambda: LoRA(r=16, alpha=32, transformers_loss=True),
+        "s2ft-nf4": lambda: S2FT(),
     }[name]()
 
 
@@ -78,6 +87,7 @@ def trainer_for(method: str, spec: dict, out: str):
                 "name_or_path": spec["model"],
                 "dtype": spec["dtype"],
                 "gradient_checkpointing": spec["checkpointing"],
+                "quantization": QUANTIZED.get(method, "none"),
             },
             "s2ft": {"targets": spec["targets"], "layers": spec["layers"]},
             "train": {
@@ -165,7 +175,7 @@ def ratios(results: dict) -> dict:
     """Time and memory of each method over each reference method."""
     out = {}
     for method, r in results.items():
-        for ref in ("full", "lora", "floor", "lean-floor"):
+        for ref in REFERENCES:
             if ref in results:
                 base = results[ref]
                 out[f"{method}/{ref}"] = {
@@ -182,13 +192,21 @@ def median_ratios(rounds: list[dict]) -> dict:
     }
 
 
-TARGETS = {  # device -> (ratio key, measure, bound), from the efficiency issue
+TARGETS = {  # setting -> (ratio key, measure, bound), from the efficiency issues
     "cpu": [
         ("s2ft/lean-floor", "time", 1.05),
         ("s2ft/lean-floor", "memory", 1.05),
         ("s2ft/floor", "time", 1.05),
         ("s2ft/floor", "memory", 1.05),
         ("s2ft/lora", "memory", 0.85),
+    ],
+    "cpu-7b": [  # LLaMA-2-7B's layers on the CPU
+        ("s2ft/full", "memory", 0.30),
+        ("s2ft/full", "time", 0.30),
+        ("s2ft/lora", "memory", 0.80),
+        ("s2ft/lora", "time", 0.85),
+        ("s2ft-nf4/qlora", "memory", 0.85),
+        ("s2ft-nf4/qlora", "time", 1.0),
     ],
     "cuda": [
         ("s2ft/full", "memory", 0.40),
@@ -199,7 +217,7 @@ TARGETS = {  # device -> (ratio key, measure, bound), from the efficiency issue
 }
 
 
-def report(title: str, rounds: list[dict], medians: dict, device: str) -> None:
+def report(title: str, rounds: list[dict], medians: dict, targets: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -207,7 +225,7 @@ def report(title: str, rounds: list[dict], medians: dict, device: str) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("method", "trainable", "step s", "peak GiB"):
         table.add_column(col, justify="right" if col != "method" else "left")
-    refs = [ref for ref in ("full", "lora", "floor", "lean-floor") if ref in last]
+    refs = [ref for ref in REFERENCES if ref in last]
     for ref in refs:
         table.add_column(f"×{ref}\ntime / mem", justify="right")
     for method, r in last.items():
@@ -223,7 +241,7 @@ def report(title: str, rounds: list[dict], medians: dict, device: str) -> None:
         table.add_row(*cells)
     console = Console(width=150)
     console.print(table)
-    for key, measure, bound in TARGETS[device]:
+    for key, measure, bound in TARGETS[targets]:
         if key in medians:
             value = medians[key][measure]
             mark = "[green]met[/]" if value <= bound else "[red]missed[/]"
@@ -248,7 +266,7 @@ def main() -> None:
     ap.add_argument("--dtype", help="float32 | bfloat16 (default per device)")
     ap.add_argument("--shapes", help="batch x sequence, comma-separated (default per device)")
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], help="(default per device)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
     ap.add_argument("--targets", default='{"o_proj": 0.05, "down_proj": 0.02}')
     ap.add_argument("--layers", help="S²FT trains only these layers, e.g. 6-11 (default all)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
@@ -306,7 +324,8 @@ def main() -> None:
                 + (f" on layers {args.layers}" if args.layers else "")
                 + f", {args.repeats} round(s)"
             )
-            report(title, rounds, medians, args.device)
+            at_7b = args.device == "cpu" and "7b" in model
+            report(title, rounds, medians, "cpu-7b" if at_7b else args.device)
             configs.append({"spec": spec, "rounds": rounds, "median_ratios": medians})
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -3,8 +3,9 @@
 Every tensor autograd saves for the backward pass goes through
 ``torch.autograd.graph.saved_tensors_hooks``; this script adds up the distinct storages
 that are not model parameters, i.e. the activation memory a training step holds between
-forward and backward. The set-ups are those of ``bench_train.py``, on the same model and
-batch, in one process:
+forward and backward. The set-ups are those of ``bench_train.py`` (s2ft's training loop
+with each method's trainable parameters and loss), on the same model and batch, in one
+process:
 
 * ``floor``: every weight frozen, back-propagation through every layer, no weight
   gradient, transformers' loss; ``lean-floor``: the same with s2ft's loss;
@@ -20,15 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from contextlib import nullcontext
 
 import torch
-from bench_train import build, step_loss
+from bench_train import trainer_for
+
+from s2ft_cli.data import collate
 
 
-def saved_bytes(method: str, model, ids, autocast=nullcontext) -> tuple[int, int]:
-    """(bytes of saved non-parameter storages, number of saved tensors) for one step."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_bytes(trainer, autocast=nullcontext) -> tuple[int, int]:
+    """(bytes of saved non-parameter storages, number of saved tensors) for the first
+    step's batch."""
+    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     storages: dict[int, int] = {}
     count = 0
 
@@ -40,9 +45,9 @@ def saved_bytes(method: str, model, ids, autocast=nullcontext) -> tuple[int, int
             storages[ptr] = t.untyped_storage().nbytes()
         return t
 
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = collate(trainer.train_set[: trainer.recipe.train.batch_size], pad_id=0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        loss = step_loss(method, model, batch)
+        loss = trainer.engine(batch)[0].sum()
     total = sum(storages.values())
     loss.backward()
     return total, count
@@ -62,9 +67,13 @@ def main() -> None:
         "model": args.model,
         "dtype": "float32",
         "device": "cpu",
+        "batch": args.batch,
+        "seq": args.seq,
         "checkpointing": False,
         "targets": json.loads(args.targets),
         "layers": None,
+        "warmup": 0,
+        "steps": 1,
     }
     autocast = nullcontext
     if args.autocast == "bf16":
@@ -74,15 +83,13 @@ def main() -> None:
 
     results = {}
     for method in ("floor", "lean-floor", "lora", "s2ft"):
-        model, params = build(method, spec)
-        vocab = model.config.vocab_size
-        ids = torch.randint(
-            0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
-        )
-        nbytes, count = saved_bytes(method, model, ids, autocast)
-        trainable = sum(p.numel() for p in params)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = trainer_for(method, spec, out)
+            nbytes, count = saved_bytes(trainer, autocast)
+            trainer.cleanup()
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         results[method] = {"saved_bytes": nbytes, "saved_tensors": count, "trainable": trainable}
-        del model
+        del trainer
     print(
         f"model {args.model}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
         f"S²FT targets {spec['targets']}"

@@ -17,7 +17,7 @@ STAGES = [
     ["selection", "scores", "plots"],
     ["permute"],
     ["layers", "state"],
-    ["convert"],
+    ["convert", "quantization", "memory"],
     ["distributed", "sharding", "checkpoints", "metrics", "methods", "train"],
     ["adapter", "serving", "combine", "export"],
     ["evaluation"],

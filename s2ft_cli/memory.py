@@ -1,0 +1,156 @@
+"""The memory a training run will need on each GPU, before it starts (``s2ft plan``).
+
+Everything is read from the model built on the meta device (no weights): the frozen
+weights at their precision (``model.dtype``; 4 or 8 bits for the decoder linears under
+``model.quantization``), the fp32 deltas with their gradients and AdamW's two moments, and
+the activations a step saves for the backward pass at ``train.batch_size`` ×
+``data.max_seq_len``, with and without activation checkpointing. Under FSDP every
+parameter tensor is divided over the processes, and one decoder layer is gathered whole
+while it runs (two with prefetching).
+
+Saved activations follow the operations of a LLaMA-family block as autograd saves them
+(``tests/test_memory.py`` checks the count against autograd's own on real models): an
+operation saves its inputs only when something trainable lies below it, an S² consumer
+saves its input's selected columns, a producer its whole input (paper §3.3). Per token
+of a block above the lowest trained one, in elements: the input norm's input and its
+1/rms (H + 1), the attention's rotated queries and keys, values, output and log-sum-exp
+(2·q + 2·kv + heads), the second norm (H + 1), the FFN's gate output, its activation and
+the up projection (3·I); then the S² layers' own. The loss keeps d(loss)/d(hidden) of the
+target positions (N·H). A step's working memory on top of the saved set is the larger of
+the loss's chunk of logits (two copies) and one block's gradients in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .convert import get_s2ft_model
+from .layers import S2Linear
+from .losses import CHUNK_LOGITS
+from .models import DTYPES, TARGETS, ModelShape, decoder_layers, load_model, model_shape
+
+# Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
+# a byte and keeps one 8-bit absmax per block of 64 (double quantization: plus one fp32
+# per 256 blocks); int8 keeps one fp32 scale per row (counted separately).
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+ADAMW_BYTES = 4 + 4 + 4 + 4  # fp32 delta, its gradient, AdamW's two moments
+GIB = 2**30
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU of each part of a training step."""
+
+    weights: int  # frozen weights (and the deltas' own storage) at rest, this GPU's share
+    trainable: int  # deltas, gradients and AdamW state, this GPU's share
+    gathered: int  # FSDP: the whole layers gathered while they run
+    activations: int  # saved for the backward pass, without activation checkpointing
+    activations_checkpointed: int  # the same with it
+    working: int  # the largest transient on top of the saved activations
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, checkpointing: bool) -> int:
+        saved = self.activations_checkpointed if checkpointing else self.activations
+        return self.weights + self.trainable + self.gathered + saved + self.working
+
+
+def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
+    """(all parameters' bytes at rest, the largest decoder layer's bytes) of a meta model,
+    the decoder linears' weights at ``quantization``."""
+    linear_weights = set()
+    for layer in decoder_layers(model):
+        for module in layer.modules():
+            base = module.base if isinstance(module, S2Linear) else module
+            if type(base) is nn.Linear and module is not layer:
+                linear_weights.add(id(base.weight))
+
+    def size(p: nn.Parameter) -> float:
+        if id(p) in linear_weights and quantization == "nf4":
+            return p.numel() * NF4_BITS / 8
+        if id(p) in linear_weights and quantization == "int8":
+            return p.numel() + p.shape[0] * 4
+        return p.numel() * p.element_size()
+
+    total = sum(size(p) for p in model.parameters())
+    largest = max(sum(size(p) for p in layer.parameters()) for layer in decoder_layers(model))
+    return int(total), int(largest)
+
+
+def _block_elements(shape: ModelShape, trained: dict[str, int], below: bool) -> int:
+    """Elements per token one decoder block saves: ``trained`` maps its trained matrices to
+    their selected units; ``below``: whether something trainable lies under the block."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    saved = 0
+    flowing = below  # whether the gradient flows through the operations met so far
+    attention = [m for m in trained if TARGETS[m].structure == "attention"]
+    if flowing:
+        saved += h + 1  # the input norm
+    if any(not TARGETS[m].consumer for m in attention):
+        saved += h  # producers (q, k, v rows) save the normed input
+        flowing = True
+    if flowing:
+        saved += 2 * q + 2 * kv + shape.num_heads  # rotated q, k, v, output, log-sum-exp
+    if "o_proj" in trained:
+        saved += trained["o_proj"] * shape.head_dim
+        flowing = True
+    if flowing:
+        saved += h + 1  # the second norm
+    if any(TARGETS[m].structure == "ffn" and not TARGETS[m].consumer for m in trained):
+        saved += h  # gate/up rows save the normed input
+        flowing = True
+    if flowing:
+        saved += 3 * i  # gate output, its activation, up output
+    if "down_proj" in trained:
+        saved += trained["down_proj"]
+    return saved
+
+
+def plan_memory(recipe, gpus: int = 1) -> MemoryPlan:
+    """The memory plan of a recipe's training run on each of ``gpus`` processes (FSDP
+    when ``train.distributed`` is fsdp and there are several, DDP otherwise)."""
+    m, t = recipe.model, recipe.train
+    model = load_model(m.name_or_path, m.dtype, m.trust_remote_code, weights=False)
+    shape = model_shape(model)
+    counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
+    model = get_s2ft_model(model, counting)
+    selection = model.s2ft_selection
+    units = {
+        layer: {matrix: len(ids) for matrix, ids in per_matrix.items() if ids}
+        for layer, per_matrix in selection.units.items()
+    }
+    trained_layers = sorted(layer for layer, per_matrix in units.items() if per_matrix)
+    weights, largest_layer = _weight_bytes(model, m.quantization)
+    trainable = selection.trainable_params()
+    weights -= trainable * 4  # the deltas are counted with their state below
+    sharded = t.distributed == "fsdp" and gpus > 1
+    share = gpus if sharded else 1
+
+    tokens = t.batch_size * (recipe.data.max_seq_len if recipe.data else 2048)
+    act = DTYPES[m.dtype].itemsize
+    per_layer, checkpointed_inputs = [], 0
+    lowest = trained_layers[0] if trained_layers else shape.num_layers
+    for layer in range(lowest, shape.num_layers):
+        per_layer.append(_block_elements(shape, units.get(layer, {}), below=layer > lowest))
+        checkpointed_inputs += shape.hidden_size
+    loss = (shape.hidden_size + 1) + shape.hidden_size  # final norm, d(loss)/d(hidden)
+    activations = (sum(per_layer) + loss) * tokens * act
+    top = max(per_layer, default=0)
+    checkpointed = (checkpointed_inputs + top + loss) * tokens * act
+    vocab = model.config.vocab_size
+    logits = 2 * min(CHUNK_LOGITS, tokens * vocab) * 4
+    gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
+    notes = [f"{trainable:,} trainable parameters in {len(trained_layers)} layers"]
+    if sharded:
+        notes.append(f"FSDP over {gpus} processes: every tensor divided, one layer gathered")
+    return MemoryPlan(
+        weights=weights // share,
+        trainable=trainable * ADAMW_BYTES // share,
+        gathered=2 * largest_layer if sharded else 0,
+        activations=activations,
+        activations_checkpointed=checkpointed,
+        working=max(logits, gradients),
+        notes=notes,
+    )

@@ -1,0 +1,92 @@
+"""Quantized frozen bases (``model.quantization: nf4 | int8``) through bitsandbytes.
+
+S²FT trains only the deltas, so the frozen weights can be stored in 4 or 8 bits as QLoRA
+stores LoRA's base. The model is selected and co-permuted in its loaded precision first
+(permuting quantized blocks would mix their scales), then every frozen linear of the
+decoder layers (the seven projections; under an S² layer, the module it wraps) becomes a
+bitsandbytes layer holding the same weight quantized: 4-bit NormalFloat with double
+quantization (``Linear4bit``) or LLM.int8 (``Linear8bitLt``). The S² layer calls that
+module's own forward for the frozen product and adds its fp32 delta; the embeddings and
+the head stay as loaded. The adapter is written in the original layout with the
+fingerprint of the unquantized weights, so it loads onto the unquantized base.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import S2FTError
+from .layers import S2Linear
+from .models import TARGETS, decoder_layers, module_path, replace_module
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a user error saying how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise S2FTError(
+            f"model.quantization needs the bitsandbytes package ({err}). Install it with: "
+            "pip install 's2ft[quant]' (or pip install bitsandbytes), or set "
+            "model.quantization: none."
+        ) from None
+    return bitsandbytes
+
+
+def quantized_linear(linear: nn.Linear, kind: str) -> nn.Module:
+    """A bitsandbytes layer holding ``linear``'s weight quantized (``nf4`` or ``int8``) on
+    the weight's device, its bias as it is; nothing in it requires grad."""
+    bnb = require_bitsandbytes()
+    weight, bias = linear.weight.detach(), linear.bias
+    out_features, in_features = weight.shape
+    if kind == "nf4":
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=bias is not None, compute_dtype=weight.dtype,
+            quant_type="nf4", compress_statistics=True, device="meta",
+        )  # fmt: skip
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        # Its CPU inference shortcut repacks the weight in place the first time it runs
+        # without grad (validation), for the training steps after it too, and needs
+        # out_features % 32 == 0: off, one format throughout.
+        layer.support_avx512bf16_for_cpu = False
+    elif kind == "int8":
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+            device="meta",
+        )  # fmt: skip
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"unknown quantization {kind!r}; one of {', '.join(QUANTIZATIONS)}")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer.to(weight.device)  # bitsandbytes quantizes as the weight moves
+
+
+def quantize_frozen_linears(model: nn.Module, kind: str) -> int:
+    """Replace the frozen linears of every decoder layer by quantized ones (``kind`` nf4 or
+    int8), inside S² layers too; returns how many. Run it after conversion."""
+    if kind == "none":
+        return 0
+    count = 0
+    for layer in range(len(decoder_layers(model))):
+        for matrix in TARGETS:
+            path = module_path(model, layer, matrix)
+            module = model.get_submodule(path)
+            if isinstance(module, S2Linear):
+                module.base = quantized_linear(module.base, kind)
+            elif type(module) is nn.Linear:
+                replace_module(model, path, quantized_linear(module, kind))
+            else:
+                continue
+            count += 1
+    return count
+
+
+def weight_count(parameter: nn.Parameter) -> int:
+    """How many weights a parameter holds: a 4-bit one packs two in a byte."""
+    state = getattr(parameter, "quant_state", None)
+    return state.shape.numel() if state is not None else parameter.numel()

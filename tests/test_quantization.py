@@ -1,0 +1,161 @@
+"""`model.quantization: nf4 | int8` (bitsandbytes, CPU backend): the frozen linears are
+quantized after co-permutation, the deltas' gradients equal dense autograd on the
+dequantized model, and the adapter is in the original layout with the unquantized base's
+fingerprint: it loads onto that base, and `s2ft export --merged` fuses into its original
+weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter
+from s2ft_cli.cli import app
+from s2ft_cli.layers import S2Linear
+from s2ft_cli.models import load_model
+from s2ft_cli.quantization import quantize_frozen_linears
+from s2ft_cli.recipe import load_recipe
+from s2ft_cli.train import Trainer, train
+
+from .conftest import STORIES, batch, stories_model, tiny_model
+from .test_engine import dense_grads, loss_of, rel_err
+from .test_train import max_diff, recipe_file
+
+TARGETS = {"q_proj": 0.25, "o_proj": 0.25, "up_proj": 0.1, "down_proj": 0.1}
+
+
+def dequantized(module: nn.Module) -> torch.Tensor:
+    """The dense weight a bitsandbytes layer computes with."""
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    scale = weight.SCB if weight.SCB is not None else module.state.SCB
+    return weight.data.float() * scale[:, None].float() / 127
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """The quantized, converted model as plain dense linears: each quantized weight
+    dequantized, each S² layer's delta added into it (still in the co-permuted layout)."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        base = module.base if isinstance(module, S2Linear) else module
+        if "bitsandbytes" not in type(base).__module__:
+            continue
+        weight = dequantized(base).clone()
+        if isinstance(module, S2Linear):
+            dim = 0 if module.axis == "rows" else 1
+            weight.index_add_(dim, module.index, module.delta.detach())
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if base.bias is not None:
+                dense.bias.copy_(base.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent), child, dense)
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("source", ["stories260K", "llama-gqa-bias"])
+def test_delta_gradients_equal_dense_autograd_on_the_dequantized_model(kind, source):
+    base = stories_model() if source == "stories260K" else tiny_model(source)
+    ids = batch(base, size=2, length=24)
+    model = get_s2ft_model(copy.deepcopy(base), {"targets": TARGETS, "seed": 3})
+    with torch.no_grad():  # mid-training deltas, so that the delta path matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    assert quantize_frozen_linears(model, kind) == 7 * base.config.num_hidden_layers
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "delta" not in n)
+    reference = dense_twin(model)
+    loss = loss_of(model, ids)
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_of(reference, ids).item(), rel=1e-5)
+    grads = dense_grads(reference, ids)
+    for name, m in model.named_modules():
+        if isinstance(m, S2Linear):
+            ref = grads[name][m.index] if m.axis == "rows" else grads[name][:, m.index]
+            assert rel_err(m.delta.grad, ref) <= 1e-4, name
+    # quantized for real: 4 or 8 bits per weight, and the weights moved by quantization
+    o_proj = model.model.layers[0].self_attn.o_proj.base
+    assert o_proj.weight.dtype == (torch.uint8 if kind == "nf4" else torch.int8)
+    assert o_proj.weight.numel() == base.model.layers[0].self_attn.o_proj.weight.numel() // (
+        2 if kind == "nf4" else 1
+    )
+
+
+STORIES_RECIPE = f"""\
+model: {{name_or_path: {STORIES}, quantization: nf4}}
+data:
+  train: {{path: "builtin:arithmetic", limit: 96}}
+  val_size: 16
+  max_seq_len: 512
+s2ft: {{targets: {{o_proj: 0.25, down_proj: 0.1}}, seed: 1}}
+train: {{max_steps: 8, batch_size: 8, lr: 1.0e-2, warmup_steps: 0, save_every: 4,
+         eval_every: 0}}
+output_dir: run
+"""
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tmp_path_factory):
+    """`s2ft train` of stories260K on an nf4 base, 8 steps, checkpoints at 4 and 8."""
+    folder = tmp_path_factory.mktemp("nf4")
+    path = recipe_file(folder, STORIES_RECIPE)
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "frozen linear weights in nf4" in result.output
+    return path, folder / "run"
+
+
+def test_the_adapter_of_an_nf4_run_loads_onto_the_unquantized_base(nf4_run):
+    path, run = nf4_run
+    units = json.loads((run / "selection.json").read_text())["units"]
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    blocks = {"o_proj": ("self_attn", 8), "down_proj": ("mlp", 1)}  # a unit's columns
+    for layer, matrices in units.items():
+        for matrix, ids in matrices.items():
+            block, width = blocks[matrix]
+            cols = tensors[f"model.layers.{layer}.{block}.{matrix}.cols"].tolist()
+            assert cols == [u * width + i for u in ids for i in range(width)]  # original ids
+    base = load_model(str(STORIES))
+    model = load_adapter(copy.deepcopy(base), run / "adapter")  # fingerprint of the base
+    merged = merge_adapter(model).state_dict()
+    moved = {n for n, w in base.state_dict().items() if not torch.equal(merged[n], w)}
+    assert moved and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in moved)
+
+
+def test_export_merged_fuses_into_the_original_weights_and_says_so(nf4_run, tmp_path):
+    path, run = nf4_run
+    result = CliRunner().invoke(app, ["export", str(run), "--merged", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "fused into the original weights" in " ".join(result.output.split())
+    exported = load_model(str(tmp_path / "m")).state_dict()
+    expected = merge_adapter(load_adapter(load_model(str(STORIES)), run / "adapter")).state_dict()
+    assert all(torch.equal(exported[n], expected[n]) for n in expected)
+
+
+def test_an_nf4_run_resumes_exactly(nf4_run, tmp_path):
+    path, run = nf4_run
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000008")
+    shutil.rmtree(resumed / "adapter")
+    train(load_recipe(path, [f"output_dir={resumed}"]), resume=True)
+    assert max_diff(resumed / "adapter", run / "adapter") == 0.0
+
+
+def test_without_bitsandbytes_a_quantized_recipe_is_one_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    recipe = load_recipe(recipe_file(tmp_path), ["model.quantization=nf4"])
+    with pytest.raises(S2FTError, match=r"pip install 's2ft\[quant\]'"):
+        Trainer(recipe).setup()
