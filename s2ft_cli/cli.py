@@ -99,11 +99,11 @@ def select(
 
     from .config import DATA_STRATEGIES
     from .data import load_datasets
-    from .methods import calibration_data
     from .models import load_model, load_tokenizer
     from .permute import plan_layout
     from .recipe import load_recipe
     from .selection import select_units
+    from .train import calibration_data
 
     r = load_recipe(recipe, overrides)
     cfg = r.s2ft
@@ -190,8 +190,10 @@ def plan(
     from .recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
+    if r.data is None:
+        raise S2FTError("s2ft plan needs the recipe's data: section (data.max_seq_len).")
     p = plan_memory(r, gpus)
-    seq = r.data.max_seq_len if r.data else 2048
+    seq = r.data.max_seq_len
     how = "FSDP" if r.train.distributed == "fsdp" and gpus > 1 else "DDP" if gpus > 1 else ""
     table = Table(
         title=f"Memory per GPU — {r.model.name_or_path}",

@@ -108,9 +108,10 @@ def _block_elements(shape: ModelShape, trained: dict[str, int], below: bool) -> 
     return saved
 
 
-def plan_memory(recipe, gpus: int = 1) -> MemoryPlan:
+def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan:
     """The memory plan of a recipe's training run on each of ``gpus`` processes (FSDP
-    when ``train.distributed`` is fsdp and there are several, DDP otherwise)."""
+    when ``train.distributed`` is fsdp and there are several, DDP otherwise), for
+    sequences of ``seq_len`` tokens (default ``data.max_seq_len``, the longest)."""
     m, t = recipe.model, recipe.train
     model = load_model(m.name_or_path, m.dtype, m.trust_remote_code, weights=False)
     shape = model_shape(model)
@@ -128,7 +129,7 @@ def plan_memory(recipe, gpus: int = 1) -> MemoryPlan:
     sharded = t.distributed == "fsdp" and gpus > 1
     share = gpus if sharded else 1
 
-    tokens = t.batch_size * (recipe.data.max_seq_len if recipe.data else 2048)
+    tokens = t.batch_size * (seq_len or recipe.data.max_seq_len)
     act = DTYPES[m.dtype].itemsize
     per_layer, checkpointed_inputs = [], 0
     lowest = trained_layers[0] if trained_layers else shape.num_layers

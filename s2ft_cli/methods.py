@@ -11,23 +11,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import DATA_STRATEGIES, S2FTConfig
 from .convert import get_s2ft_model
-from .data import calibration_batches
 from .errors import S2FTError
 from .losses import ExampleLosses
 from .quantization import quantize_frozen_linears
-from .selection import Selection, select_units
 from .state import base_fingerprint, state_of
-
-
-def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
-    """The batches a data-driven strategy measures on (a seeded draw of
-    ``s2ft.calibration.samples`` training examples); None for the other strategies."""
-    if config.strategy not in DATA_STRATEGIES:
-        return None
-    c = config.calibration
-    return calibration_batches(train_set, c.samples, c.batch_size, config.seed, pad_id)
 
 
 class TrainingMethod:
@@ -80,33 +68,14 @@ class S2FT(TrainingMethod):
         quantized blocks would mix their scales). The adapter's fingerprint of the base is
         taken first from the weights as loaded (rank 0's), so that it matches the
         unsharded, unquantized base the adapter is loaded onto."""
-        model = get_s2ft_model(
-            model, trainer.recipe.s2ft, selection=self._selection(model, trainer)
-        )
+        selection = trainer.measured_selection(model)
+        model = get_s2ft_model(model, trainer.recipe.s2ft, selection=selection)
         quantization = trainer.recipe.model.quantization
         if trainer.sharded or quantization != "none":
             fingerprint = trainer.procs.on_main(lambda: base_fingerprint(model))
             state_of(model).conversion.base_fingerprint = fingerprint
         quantize_frozen_linears(model, quantization)
         return model
-
-    @staticmethod
-    def _selection(model: nn.Module, trainer) -> Selection | None:
-        """A scoring strategy's selection, measured once (on rank 0, calibration batches
-        from the training data) and shared, so that every process trains the same units;
-        a resumed run reads its selection.json. None for random selection: the seed alone
-        fixes it everywhere."""
-        c = trainer.recipe.s2ft
-        if c.strategy == "random":
-            return None
-        if trainer.resume:  # the run's own choice: measuring again could move a tie
-            return Selection.from_json((trainer.out / "selection.json").read_text())
-
-        def measure() -> Selection:
-            pad_id = trainer.tokenizer.pad_token_id
-            return select_units(model, c, calibration_data(c, trainer.train_set, pad_id))
-
-        return trainer.procs.on_main(measure)
 
     def describe(self, model: nn.Module) -> list[str]:
         return [f"targets {model.s2ft_selection.config.targets}"] + [

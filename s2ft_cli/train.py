@@ -3,10 +3,10 @@
 One :class:`Trainer` with ``setup / train / save_checkpoint / cleanup``, readable top to
 bottom; set-up has a method per concern. What trains is a :class:`TrainingMethod`
 (``methods.py``): S²FT, or a benchmark's baseline through this same loop. The loop leans
-on a :class:`StepPlan` (which
-examples each micro-batch of each process takes), a :class:`Checkpointer` (shared with
-export) and a :class:`MetricLogger` (metrics.jsonl, console, TensorBoard). It runs in
-one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU), where every process
+on a :class:`StepPlan` (which examples each micro-batch of each process takes), a
+:class:`Checkpointer` (shared with export) and a :class:`MetricLogger` (metrics.jsonl,
+console, TensorBoard). It runs in one process or under ``torchrun`` (DDP, or FSDP2 with
+``train.distributed: fsdp``; gloo on CPU, nccl on GPU), where every process
 takes ``batch_size`` examples of each micro-batch and only rank 0 writes; what rank 0 alone
 checks or writes goes through ``Processes.on_main``, so that a refusal or a failure there
 stops every process instead of leaving the others waiting. A step's only host
@@ -40,7 +40,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from .checkpoints import Checkpointer
-from .data import Datasets, StepPlan, collate, load_datasets, target_count
+from .config import DATA_STRATEGIES, S2FTConfig
+from .data import Datasets, StepPlan, calibration_batches, collate, load_datasets, target_count
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_text
@@ -50,6 +51,7 @@ from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .quantization import require_bitsandbytes, weight_count
 from .recipe import Recipe
+from .selection import Selection, select_units
 from .sharding import full_tensor, shard_like, shard_model
 
 
@@ -77,6 +79,15 @@ def token_loss_sums(
             loss, n = token_loss(model, batch)
         total, count = total + loss.item(), count + n
     return total, count
+
+
+def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
+    """The batches a data-driven strategy measures on (a seeded draw of
+    ``s2ft.calibration.samples`` training examples); None for the other strategies."""
+    if config.strategy not in DATA_STRATEGIES:
+        return None
+    c = config.calibration
+    return calibration_batches(train_set, c.samples, c.batch_size, config.seed, pad_id)
 
 
 def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -203,7 +214,8 @@ class Trainer:
 
     def _setup_model(self) -> None:
         """The model on this device, with the method's trainable parameters (S²FT:
-        selected, co-permuted and converted, paper §3), its loss wrapped in DDP under
+        selected, co-permuted and converted, paper §3; quantized as model.quantization
+        says), its loss module wrapped in DDP or sharded by FSDP (``sharding.py``) under
         several processes; autocast as train.autocast says."""
         r, t = self.recipe, self.recipe.train
         self.sharded = t.distributed == "fsdp" and self.world > 1
@@ -284,6 +296,23 @@ class Trainer:
         checkpoints, and metrics logged after the resumed step or cut short."""
         self.checkpointer.remove_partial()
         self.logger.resume(self.step)
+
+    def measured_selection(self, model) -> Selection | None:
+        """A scoring strategy's selection, measured once (on rank 0, calibration batches
+        from the training data) and shared, so that every process trains the same units;
+        a resumed run reads its selection.json. None for random selection: the seed alone
+        fixes it everywhere."""
+        c = self.recipe.s2ft
+        if c.strategy == "random":
+            return None
+        if self.resume:  # the run's own choice: measuring again could move a tie
+            return Selection.from_json((self.out / "selection.json").read_text())
+
+        def measure() -> Selection:
+            pad_id = self.tokenizer.pad_token_id
+            return select_units(model, c, calibration_data(c, self.train_set, pad_id))
+
+        return self.procs.on_main(measure)
 
     def autocast(self):
         """A fresh autocast context (bf16 on CUDA by default), or a no-op."""

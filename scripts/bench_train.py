@@ -5,8 +5,10 @@ step ``s2ft train`` runs, fused AdamW, gradient clipping at 1.0), with the basel
 ``scripts/baselines.py`` as other sets of trainable parameters, on random token batches
 (one per step). Each method runs in its own subprocess, so that its peak memory is its
 own, and the high-water mark is reset after set-up, so that the peak is the training
-phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU,
-``torch.cuda.max_memory_allocated`` after a reset on CUDA):
+phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU, with malloc handing freed
+blocks back at once; ``torch.cuda.max_memory_allocated`` after a reset on CUDA). For the
+S²FT methods it also prints what ``s2ft plan`` predicts against the measured peak above
+what the process held before the run:
 
 * ``full``: every weight trains, transformers' loss (full-vocabulary logits);
 * ``lora``: PEFT LoRA r=16 on all seven linear projections, transformers' loss;
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -123,21 +126,37 @@ def reset_peak_memory(device: str) -> None:
             f.write("5")
 
 
-def peak_memory_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
+def process_memory(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
+
+
+def peak_memory_bytes(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else process_memory("VmHWM")
 
 
 def run_method(method: str, spec: dict) -> dict:
     """Set up the loop, run ``warmup + steps`` optimizer steps, measure."""
     import tempfile
 
+    from s2ft_cli.memory import plan_memory
+
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
+    # What the process holds before the run (Python and the libraries, imported first):
+    # not the run's own.
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import s2ft_cli.train  # noqa: F401
+
+    if method in ("lora", "qlora"):
+        import peft  # noqa: F401
+    base = 0 if device == "cuda" else process_memory("VmRSS")
     with tempfile.TemporaryDirectory() as out:
         trainer = trainer_for(method, spec, out)
+        plan = plan_memory(trainer.recipe, seq_len=spec["seq"])
+        planned = plan.total(spec["checkpointing"])
         reset_peak_memory(device)
 
         def synchronize():
@@ -158,14 +177,24 @@ def run_method(method: str, spec: dict) -> dict:
         "step_s": statistics.median(times[spec["warmup"] :]),
         "step_times": times,
         "peak_bytes": peak,
+        "base_bytes": base,
+        "planned_bytes": planned if method.startswith("s2ft") else None,
         "loss": loss,
     }
 
 
 # ------------------------------------------------------------------------- the driver
+# On a CPU the peak is resident memory. glibc's malloc raises its mmap threshold as large
+# blocks are freed and then keeps later ones of that size resident after free, so that RSS
+# would count memory no tensor holds any more; a fixed threshold hands every large block
+# back at once, and RSS follows the live tensors (as max_memory_allocated does on CUDA).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def in_subprocess(method: str, spec: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--spec", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **WORKER_ENV}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -241,6 +270,17 @@ def report(title: str, rounds: list[dict], medians: dict, targets: str) -> None:
         table.add_row(*cells)
     console = Console(width=150)
     console.print(table)
+    for method, r in last.items():
+        if r.get("planned_bytes"):
+            measured = statistics.median(
+                x["results"][method]["peak_bytes"] - x["results"][method]["base_bytes"]
+                for x in rounds
+            )
+            console.print(
+                f"  {method}: s2ft plan {r['planned_bytes'] / 2**30:.2f} GiB, measured "
+                f"{measured / 2**30:.2f} GiB above the process's own "
+                f"{r['base_bytes'] / 2**30:.2f} GiB: {r['planned_bytes'] / measured:.2f}×"
+            )
     for key, measure, bound in TARGETS[targets]:
         if key in medians:
             value = medians[key][measure]
