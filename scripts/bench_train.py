@@ -5,8 +5,9 @@ step ``s2ft train`` runs, fused AdamW, gradient clipping at 1.0), with the basel
 ``scripts/baselines.py`` as other sets of trainable parameters, on random token batches
 (one per step). Each method runs in its own subprocess, so that its peak memory is its
 own, and the high-water mark is reset after set-up, so that the peak is the training
-phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU, with malloc handing freed
-blocks back at once; ``torch.cuda.max_memory_allocated`` after a reset on CUDA). For the
+phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU; with ``--live-memory``
+malloc hands freed blocks back at once; ``torch.cuda.max_memory_allocated`` after a
+reset on CUDA). For the
 S²FT methods it also prints what ``s2ft plan`` predicts against the measured peak above
 what the process held before the run:
 
@@ -185,15 +186,17 @@ def run_method(method: str, spec: dict) -> dict:
 
 # ------------------------------------------------------------------------- the driver
 # On a CPU the peak is resident memory. glibc's malloc raises its mmap threshold as large
-# blocks are freed and then keeps later ones of that size resident after free, so that RSS
-# would count memory no tensor holds any more; a fixed threshold hands every large block
-# back at once, and RSS follows the live tensors (as max_memory_allocated does on CUDA).
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# blocks are freed and then keeps later ones of that size resident after free: RSS also
+# counts memory no tensor holds any more, as a process really occupies it. --live-memory
+# fixes the threshold, so that every large block goes back at once and RSS follows the
+# live tensors (as max_memory_allocated does on CUDA), at the cost of slower steps (every
+# large allocation faults its pages in again): the measure s2ft plan predicts.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def in_subprocess(method: str, spec: dict) -> dict:
+def in_subprocess(method: str, spec: dict, live_memory: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--spec", json.dumps(spec)]
-    env = {**os.environ, **WORKER_ENV}
+    env = {**os.environ, **(LIVE_MEMORY_ENV if live_memory else {})}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
@@ -314,6 +317,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all methods")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per method")
     ap.add_argument("--json", dest="json_path", help="write every measurement here")
+    ap.add_argument(
+        "--live-memory", action="store_true", help="CPU: count live tensors, not retained blocks"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -355,7 +361,7 @@ def main() -> None:
             }
             rounds = []
             for _ in range(args.repeats):
-                results = {m: in_subprocess(m, spec) for m in methods}
+                results = {m: in_subprocess(m, spec, args.live_memory) for m in methods}
                 rounds.append({"results": results, "ratios": ratios(results)})
             medians = median_ratios([r["ratios"] for r in rounds])
             title = (
@@ -369,7 +375,11 @@ def main() -> None:
             configs.append({"spec": spec, "rounds": rounds, "median_ratios": medians})
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"machine": machine, "configs": configs}, f, indent=1)
+            json.dump(
+                {"machine": machine, "live_memory": args.live_memory, "configs": configs},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -173,6 +173,20 @@ CASES = {
         lambda ws: ["train", ws.recipe, "train.fsdp_offload=true"],
         ["train: fsdp_offload", "train.distributed=fsdp"],
     ),
+    "recipe-quantized-fsdp": (
+        lambda ws: ["train", ws.recipe, "model.quantization=nf4", "train.distributed=fsdp"],
+        ["model.quantization nf4 with train.distributed fsdp", "under ddp"],
+    ),
+    "plan-without-data": (
+        lambda ws: [
+            "plan",
+            ws.file(
+                "nodata.yaml",
+                'model: {name_or_path: "preset:tiny-llama"}\ns2ft: {targets: {o_proj: 0.5}}\n',
+            ),
+        ],
+        ["s2ft plan needs the recipe's data: section"],
+    ),
     "recipe-override-syntax": (
         lambda ws: ["train", ws.recipe, "train.lr"],
         ["'train.lr'", "key=value"],
