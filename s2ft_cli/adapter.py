@@ -45,6 +45,7 @@ from .state import (
     attach_save_pretrained,
     detach_save_pretrained,
     register_adapter_io,
+    remember_base_fingerprint,
     state_of,
 )
 
@@ -450,10 +451,14 @@ def adapter_of(model: nn.Module) -> Adapter:
     else:  # an adapter loaded onto a base: keep what it was trained with
         kept = ("targets", "strategy", "order", "allocation", "layers", "seed", "calibration")
         settings = {k: v for k, v in (state.loaded or {}).items() if k in (*kept, "selection")}
-    remembered = state.conversion.base_fingerprint if state.conversion is not None else None
+    if state.conversion is not None:  # its base is frozen: measured once, at the first save
+        remember_base_fingerprint(model)
+        base = state.conversion.base_fingerprint
+    else:
+        base = _base_fingerprint(model)
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",
-        remembered or _base_fingerprint(model),
+        base,
         settings,
         next(iter(modules.values())).delta.dtype,
     )

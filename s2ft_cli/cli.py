@@ -194,7 +194,7 @@ def plan(
         raise S2FTError("s2ft plan needs the recipe's data: section (data.max_seq_len).")
     p = plan_memory(r, gpus)
     seq = r.data.max_seq_len
-    how = "FSDP" if r.train.distributed == "fsdp" and gpus > 1 else "DDP" if gpus > 1 else ""
+    how = "FSDP" if r.train.sharded(gpus) else "DDP" if gpus > 1 else ""
     table = Table(
         title=f"Memory per GPU — {r.model.name_or_path}",
         title_justify="left",

@@ -36,8 +36,13 @@ class Processes:
         over the processes, in one all-reduce and one read back to the host."""
         if self.world == 1:
             return [v.item() if isinstance(v, torch.Tensor) else v for v in values]
-        tensor = torch.cat(
-            [torch.as_tensor(v, dtype=torch.float64).reshape(1).to(self.device) for v in values]
+        tensor = torch.cat(  # numbers filled on the device: no host-to-device copy
+            [
+                v.reshape(1).to(torch.float64)
+                if isinstance(v, torch.Tensor)
+                else torch.full((1,), float(v), dtype=torch.float64, device=self.device)
+                for v in values
+            ]
         )
         dist.all_reduce(tensor)
         return tensor.tolist()

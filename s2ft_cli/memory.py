@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .convert import get_s2ft_model
-from .layers import S2Linear
 from .losses import CHUNK_LOGITS
 from .models import DTYPES, TARGETS, ModelShape, decoder_layers, load_model, model_shape
+from .quantization import frozen_linears
 
 # Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
 # a byte and keeps one 8-bit absmax per block of 64 (double quantization: plus one fp32
@@ -59,12 +59,7 @@ class MemoryPlan:
 def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
     """(all parameters' bytes at rest, the largest decoder layer's bytes) of a meta model,
     the decoder linears' weights at ``quantization``."""
-    linear_weights = set()
-    for layer in decoder_layers(model):
-        for module in layer.modules():
-            base = module.base if isinstance(module, S2Linear) else module
-            if type(base) is nn.Linear and module is not layer:
-                linear_weights.add(id(base.weight))
+    linear_weights = {id(linear.weight) for _, _, linear in frozen_linears(model)}
 
     def size(p: nn.Parameter) -> float:
         if id(p) in linear_weights and quantization == "nf4":
@@ -126,7 +121,7 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     weights, largest_layer = _weight_bytes(model, m.quantization)
     trainable = selection.trainable_params()
     weights -= trainable * 4  # the deltas are counted with their state below
-    sharded = t.distributed == "fsdp" and gpus > 1
+    sharded = t.sharded(gpus)
     share = gpus if sharded else 1
 
     tokens = t.batch_size * (seq_len or recipe.data.max_seq_len)

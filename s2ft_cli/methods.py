@@ -15,7 +15,6 @@ from .convert import get_s2ft_model
 from .errors import S2FTError
 from .losses import ExampleLosses
 from .quantization import quantize_frozen_linears
-from .state import base_fingerprint, state_of
 
 
 class TrainingMethod:
@@ -65,16 +64,10 @@ class S2FT(TrainingMethod):
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
         """Select, co-permute and convert; then quantize the frozen linears (permuting
-        quantized blocks would mix their scales). The adapter's fingerprint of the base is
-        taken first from the weights as loaded (rank 0's), so that it matches the
-        unsharded, unquantized base the adapter is loaded onto."""
+        quantized blocks would mix their scales)."""
         selection = trainer.measured_selection(model)
         model = get_s2ft_model(model, trainer.recipe.s2ft, selection=selection)
-        quantization = trainer.recipe.model.quantization
-        if trainer.sharded or quantization != "none":
-            fingerprint = trainer.procs.on_main(lambda: base_fingerprint(model))
-            state_of(model).conversion.base_fingerprint = fingerprint
-        quantize_frozen_linears(model, quantization)
+        quantize_frozen_linears(model, trainer.recipe.model.quantization)
         return model
 
     def describe(self, model: nn.Module) -> list[str]:

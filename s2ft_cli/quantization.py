@@ -13,11 +13,14 @@ fingerprint of the unquantized weights, so it loads onto the unquantized base.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 
 from .errors import S2FTError
 from .layers import S2Linear
 from .models import TARGETS, decoder_layers, module_path, replace_module
+from .state import remember_base_fingerprint
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 
@@ -66,24 +69,32 @@ def quantized_linear(linear: nn.Linear, kind: str) -> nn.Module:
     return layer.to(weight.device)  # bitsandbytes quantizes as the weight moves
 
 
-def quantize_frozen_linears(model: nn.Module, kind: str) -> int:
-    """Replace the frozen linears of every decoder layer by quantized ones (``kind`` nf4 or
-    int8), inside S² layers too; returns how many. Run it after conversion."""
-    if kind == "none":
-        return 0
-    count = 0
+def frozen_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear]]:
+    """The dense linears quantization stores: per decoder layer and target matrix, its
+    module path, the module there (an S² layer or the linear) and the linear."""
     for layer in range(len(decoder_layers(model))):
         for matrix in TARGETS:
             path = module_path(model, layer, matrix)
             module = model.get_submodule(path)
-            if isinstance(module, S2Linear):
-                module.base = quantized_linear(module.base, kind)
-            elif type(module) is nn.Linear:
-                replace_module(model, path, quantized_linear(module, kind))
-            else:
-                continue
-            count += 1
-    return count
+            linear = module.base if isinstance(module, S2Linear) else module
+            if type(linear) is nn.Linear:
+                yield path, module, linear
+
+
+def quantize_frozen_linears(model: nn.Module, kind: str) -> int:
+    """Replace the frozen linears of every decoder layer by quantized ones (``kind`` nf4 or
+    int8), inside S² layers too; returns how many. Run it after conversion: a converted
+    model's adapter keeps the fingerprint of the weights as they were."""
+    if kind == "none":
+        return 0
+    remember_base_fingerprint(model)
+    found = list(frozen_linears(model))
+    for path, module, linear in found:
+        if isinstance(module, S2Linear):
+            module.base = quantized_linear(linear, kind)
+        else:
+            replace_module(model, path, quantized_linear(linear, kind))
+    return len(found)
 
 
 def weight_count(parameter: nn.Parameter) -> int:

@@ -132,6 +132,10 @@ class TrainSection(BaseModel):
             raise ValueError(f"unknown scheduler {self.scheduler!r}; one of {', '.join(names)}")
         return self
 
+    def sharded(self, processes: int) -> bool:
+        """Whether a run on ``processes`` processes shards the model (FSDP)."""
+        return self.distributed == "fsdp" and processes > 1
+
     @model_validator(mode="after")
     def _check_offload(self) -> TrainSection:
         if self.fsdp_offload and self.distributed != "fsdp":

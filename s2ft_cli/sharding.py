@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .distributed import Processes
 from .models import decoder_layers
+from .state import remember_base_fingerprint
 
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -36,6 +37,7 @@ def shard_model(engine: nn.Module, model: nn.Module, procs: Processes, offload: 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    remember_base_fingerprint(model, procs.on_main)  # of the whole weights, rank 0's
     device = procs.device
     mesh = init_device_mesh(device.type, (procs.world,))
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()

@@ -144,9 +144,14 @@ def register_adapter_io(write: Callable, base_fingerprint: Callable) -> None:
     _adapter_io.update(write=write, base_fingerprint=base_fingerprint)
 
 
-def base_fingerprint(model: nn.Module) -> dict:
-    """The fingerprint of a converted model's base, from its weights as they are now."""
-    return _adapter_io["base_fingerprint"](model)
+def remember_base_fingerprint(model: nn.Module, run: Callable = lambda work: work()) -> None:
+    """Record a converted model's base fingerprint from its weights as they are now, before
+    they are sharded or quantized, so that its adapter matches the base as loaded; ``run``
+    runs the measurement (``Processes.on_main``: on rank 0, shared with every process). A
+    fingerprint already recorded is kept."""
+    conversion = state_of(model).conversion
+    if conversion is not None and conversion.base_fingerprint is None:
+        conversion.base_fingerprint = run(lambda: _adapter_io["base_fingerprint"](model))
 
 
 def _save_pretrained(model: nn.Module, save_directory, *args, is_main_process=True, **kwargs):

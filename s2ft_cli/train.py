@@ -218,7 +218,7 @@ class Trainer:
         says), its loss module wrapped in DDP or sharded by FSDP (``sharding.py``) under
         several processes; autocast as train.autocast says."""
         r, t = self.recipe, self.recipe.train
-        self.sharded = t.distributed == "fsdp" and self.world > 1
+        self.sharded = t.sharded(self.world)
         if r.model.quantization != "none":
             require_bitsandbytes()  # before loading weights
         # Sharded, rank 0 alone reads the weights (to the CPU) and the others build the
@@ -504,16 +504,18 @@ class Trainer:
                 "python": random.getstate(),
             }
         )
-        trainable = {
-            n: full_tensor(p.detach()).cpu().contiguous()
-            for n, p in self.model.named_parameters()
-            if p.requires_grad
-        }
-        optimizer = self.optimizer.state_dict()
-        optimizer["state"] = {
-            i: {k: full_tensor(v) for k, v in s.items()}
-            for i, s in sorted(optimizer["state"].items())
-        }
+        trainable = optimizer = None
+        if self.is_main or self.sharded:  # gathering a sharded tensor takes every process
+            trainable = {
+                n: full_tensor(p.detach()).cpu().contiguous()
+                for n, p in self.model.named_parameters()
+                if p.requires_grad
+            }
+            optimizer = self.optimizer.state_dict()
+            optimizer["state"] = {
+                i: {k: full_tensor(v) for k, v in s.items()}
+                for i, s in sorted(optimizer["state"].items())
+            }
         self.procs.on_main(lambda: self._write_checkpoint(trainable, optimizer, rng))
 
     def _write_checkpoint(self, trainable: dict, optimizer: dict, rng: list[dict]) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from s2ft_cli.data import alpaca_prompt, arithmetic_problems
 
-from .conftest import SHARED, STORIES
+from .conftest import SHARED
 
 LLAMA2_MODEL = SHARED / "models" / "llama2-tokenizer-32k" / "tokenizer.model"
 # LLaMA-3's pre-tokenizer pattern: punctuation joins following newlines, newlines join.
@@ -132,9 +132,3 @@ def load(folder: Path):
     from s2ft_cli.models import load_tokenizer
 
     return load_tokenizer(str(folder))
-
-
-def stories_folder() -> Path:
-    if not STORIES.is_dir():
-        pytest.skip(f"{STORIES} not present (it sits beside the repository)")
-    return STORIES

@@ -93,22 +93,15 @@ def test_combine_is_listed_and_merge_is_its_hidden_old_name(tmp_path):
     missing from --help, says it was renamed and writes the same adapter."""
     import torch
 
-    from s2ft_cli import get_s2ft_model, save_adapter
     from s2ft_cli.adapter import Adapter
 
     from .conftest import tiny_model
+    from .test_serving import random_adapter
 
     sources = []
     for seed in (1, 2):
-        model = get_s2ft_model(
-            tiny_model("llama-gqa-bias"), {"targets": {"o_proj": 0.5}, "seed": seed}
-        )
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.3)
-        sources.append(str(save_adapter(model, tmp_path / f"a{seed}")))
+        random_adapter(tiny_model("llama-gqa-bias"), tmp_path / f"a{seed}", {"o_proj": 0.5}, seed)
+        sources.append(str(tmp_path / f"a{seed}"))
 
     listed = runner.invoke(app, ["--help"])
     assert listed.exit_code == 0, listed.output

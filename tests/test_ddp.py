@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,42 +25,9 @@ from s2ft_cli.train import Trainer, train
 
 from .conftest import batch, tiny_model
 from .test_train import RECIPE, max_diff, recipe_file
+from .torchrun import TORCHRUN_TIMEOUT, finish, launch, torchrun
 
 CFG = {"targets": {"v_proj": 0.5, "o_proj": 0.5, "down_proj": 0.1}, "seed": 2}
-REPO = Path(__file__).resolve().parents[1]
-# two CPU processes on a slow shared machine: minutes, not seconds, before calling it a hang
-TORCHRUN_TIMEOUT = 600
-
-
-def launch(module: str, *args) -> subprocess.Popen:
-    """``torchrun --standalone --nproc_per_node 2 -m MODULE ARGS``, one thread per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", module, *map(str, args)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = TORCHRUN_TIMEOUT):
-    """Wait for a torchrun. Past ``timeout`` a process is taken to hang: torchrun is sent
-    SIGTERM (it passes it on, and SIGKILLs its workers 30 s later) and the test fails."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        pytest.fail(f"torchrun did not end within {timeout} s (a process hangs?):\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def torchrun(*args, timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """``s2ft ARGS`` under torchrun with two processes."""
-    return finish(launch("s2ft_cli", *args), timeout)
 
 
 def _grads_worker(out: str) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +21,7 @@ from s2ft_cli.models import char_tokenizer, load_model, load_tokenizer
 from s2ft_cli.recipe import EvalSection
 
 from .conftest import SHARED, STORIES, stories_model
+from .torchrun import torchrun
 
 DATA = SHARED / "data" / "llm-adapters" / "dataset"
 runner = CliRunner()
@@ -260,10 +258,7 @@ def test_torchrun_two_processes_give_what_one_process_gives(tmp_path):
     shared_records("boolq", 1)
     args = ["eval", "--model", STORIES, "--data-dir", DATA, "--tasks", "boolq,gsm8k", "--limit",
             5, "--mode", "loglik", "--batch-size", 1, "--max-new-tokens", 12]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "s2ft_cli", *map(str, args), "--out", str(tmp_path / "ddp")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    result = torchrun(*args, "--out", tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     invoke(*args[1:], "--out", tmp_path / "one")
     ddp, one = predictions(tmp_path / "ddp"), predictions(tmp_path / "one")
@@ -316,12 +311,8 @@ def test_user_errors_are_one_paragraph(tmp_path, monkeypatch, args, message):
 
 def test_torchrun_with_fewer_examples_than_processes(tmp_path):
     data = _math_file(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "s2ft_cli", "eval", "--model", "preset:tiny-llama", "--data-dir",
-           str(data), "--limit", "1", "--max-new-tokens", "4",
-           "--out", str(tmp_path / "o")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    result = torchrun("eval", "--model", "preset:tiny-llama", "--data-dir", data, "--limit", 1,
+                      "--max-new-tokens", 4, "--out", tmp_path / "o")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(predictions(tmp_path / "o")) == 1
 

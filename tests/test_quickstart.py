@@ -17,7 +17,9 @@ from s2ft_cli.errors import S2FTError
 from s2ft_cli.evaluation.runner import adapter_names
 from s2ft_cli.recipe import DataSource, load_recipe
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+from .test_cli import QUICKSTART
+from .test_eval import predictions
+
 _WORK = re.compile(r"^(\d+) ([-+*]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.$")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 runner = CliRunner()
@@ -67,10 +69,6 @@ def test_quickstart_recipe_evaluates_held_out_problems_with_the_base():
     assert ev.data_dir == "builtin:arithmetic"  # not resolved as a path
     assert ev.include_base and ev.limit and ev.limit >= 100
     assert ev.max_new_tokens <= 64
-
-
-def predictions(folder: Path) -> list[dict]:
-    return [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
 
 
 def test_eval_of_a_run_on_held_out_problems_has_a_base_row_and_an_adapter_row(tmp_path):

@@ -16,6 +16,7 @@ from s2ft_cli.data.tokenization import IGNORE_INDEX, encode, prompt_ids
 from s2ft_cli.evaluation.decoding import prompt_text
 
 from . import real_tokenizers as rt
+from .conftest import STORIES
 
 RESPONSES = [
     "\nThe answer is 12.",  # BPE joins the prompt's last newline with this one
@@ -35,13 +36,9 @@ def tokenizers(tmp_path_factory):
     found = {"bpe": rt.load(rt.bpe_folder(root / "bpe"))}
     if rt.LLAMA2_MODEL.is_file():
         found["llama2"] = rt.load(rt.llama2_folder(root / "llama2"))
-    if rt.STORIES.is_dir():
-        found["stories260K"] = rt.load(rt.STORIES)
+    if STORIES.is_dir():
+        found["stories260K"] = rt.load(STORIES)
     return found
-
-
-def targets(example) -> list[int]:
-    return [t for t in example.labels if t != IGNORE_INDEX]
 
 
 @pytest.mark.parametrize("name", ["bpe", "llama2", "stories260K"])

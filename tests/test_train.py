@@ -24,6 +24,8 @@ from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import Trainer, token_loss_sums, train
 
+from .torchrun import torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = """\
 model: {name_or_path: "preset:tiny-llama"}
@@ -125,22 +127,7 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
 def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     path = recipe_file(tmp_path, RECIPE.replace("max_steps: 12", "max_steps: 6"))
     train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "s2ft_cli",
-        "train",
-        str(path),
-        f"output_dir={tmp_path / 'ddp'}",
-        "train.batch_size=4",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    result = torchrun("train", path, f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert max_diff(tmp_path / "ddp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
 
@@ -210,7 +197,9 @@ def test_paths_resolve_against_the_recipe_or_the_current_folder(tmp_path, monkey
     assert load_recipe(path, ["data.train=f.json"]).data.train.path == str(tmp_path / "f.json")
 
 
-def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path, distributed):
+    """Rank 0 measures the selection on the whole weights (FSDP: before sharding)."""
     path = recipe_file(
         tmp_path,
         RECIPE.replace("max_steps: 12", "max_steps: 2").replace(
@@ -218,11 +207,8 @@ def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
         ),
     )
     train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "s2ft_cli", "train", str(path), f"output_dir={tmp_path / 'ddp'}",
-           "train.batch_size=4"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    result = torchrun("train", path, f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4",
+                      f"train.distributed={distributed}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     single = json.loads((tmp_path / "single" / "selection.json").read_text())["units"]
     assert json.loads((tmp_path / "ddp" / "selection.json").read_text())["units"] == single

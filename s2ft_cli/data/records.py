@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import S2FTError
 from ..files import read_json
-from .arithmetic import arithmetic_problems
+from .arithmetic import SPLITS, arithmetic_problems
 
 FORMATS = ("llm-adapters", "alpaca", "chat", "text", "hf")
 BUILTIN_PREFIX = "builtin:"
@@ -81,7 +81,7 @@ def load_records(source, seed: int = 0) -> tuple[str, list]:
         name = path[len(BUILTIN_PREFIX) :]
         if name != "arithmetic":
             raise S2FTError(f"Unknown built-in dataset {path!r}; available: builtin:arithmetic.")
-        if source.split not in ("train", "test"):
+        if source.split not in SPLITS:
             raise S2FTError(
                 f"{path} has the splits train and test (held-out problems), not "
                 f"{source.split!r}; set data.*.split to train or test."

@@ -1,0 +1,46 @@
+"""Two processes under torchrun (gloo on CPU), for the multi-process tests: launched with
+one thread each from the repository root, and failed cleanly when one hangs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# two CPU processes on a slow shared machine: minutes, not seconds, before calling it a hang
+TORCHRUN_TIMEOUT = 600
+
+
+def launch(module: str, *args) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node 2 -m MODULE ARGS``, one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", module, *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = TORCHRUN_TIMEOUT):
+    """Wait for a torchrun. Past ``timeout`` a process is taken to hang: torchrun is sent
+    SIGTERM (it passes it on, and SIGKILLs its workers 30 s later) and the test fails."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        pytest.fail(f"torchrun did not end within {timeout} s (a process hangs?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def torchrun(*args, timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """``s2ft ARGS`` under torchrun with two processes."""
+    return finish(launch("s2ft_cli", *args), timeout)
