@@ -105,6 +105,14 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     )
     rows = json.loads(_run([python, "-c", library], work, env).stdout)
     assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 20
+    # the memory plan, from the wheel: s2ft plan prints the library's total
+    printed = _run([s2ft, "plan", "q.yaml", "--gpus", "2"], work, env).stdout
+    library = (
+        "from s2ft_cli.memory import GIB, plan_memory; from s2ft_cli.recipe import load_recipe; "
+        "print(f\"{plan_memory(load_recipe('q.yaml'), 2).total(False) / GIB:.2f}\")"
+    )
+    total = _run([python, "-c", library], work, env).stdout.strip()
+    assert "│ total " in printed and total in printed.split("│ total ")[1].split("\n")[0]
 
 
 def test_recipes_that_need_outside_files_say_so_and_name_the_missing_path(tmp_path):

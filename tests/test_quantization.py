@@ -19,6 +19,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter
+from s2ft_cli.adapter import Adapter, adapter_of
 from s2ft_cli.cli import app
 from s2ft_cli.layers import S2Linear
 from s2ft_cli.models import load_model
@@ -29,6 +30,7 @@ from s2ft_cli.train import Trainer, train
 from .conftest import STORIES, batch, stories_model, tiny_model
 from .test_engine import dense_grads, loss_of, rel_err
 from .test_train import max_diff, recipe_file
+from .torchrun import torchrun
 
 TARGETS = {"q_proj": 0.25, "o_proj": 0.25, "up_proj": 0.1, "down_proj": 0.1}
 
@@ -159,3 +161,33 @@ def test_without_bitsandbytes_a_quantized_recipe_is_one_message(tmp_path, monkey
     recipe = load_recipe(recipe_file(tmp_path), ["model.quantization=nf4"])
     with pytest.raises(S2FTError, match=r"pip install 's2ft\[quant\]'"):
         Trainer(recipe).setup()
+
+
+def test_under_torchrun_an_nf4_run_trains_like_one_process(nf4_run, tmp_path):
+    """DDP over an nf4 base: 2 processes × batch 4 = one process × batch 8."""
+    path, run = nf4_run
+    result = torchrun("train", path, f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(tmp_path / "ddp" / "adapter", run / "adapter") <= 1e-4
+
+
+def test_the_library_and_hugging_face_trainer_on_an_nf4_base_save_the_bases_adapter(tmp_path):
+    """get_s2ft_model, quantize_frozen_linears, transformers' Trainer, save_model: the
+    adapter is the trained update, with the unquantized base's fingerprint."""
+    from transformers import Trainer, TrainingArguments
+
+    base = stories_model()
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch(base, size=8, seed=3).tolist()]
+    model = get_s2ft_model(copy.deepcopy(base), {"targets": TARGETS, "seed": 1})
+    quantize_frozen_linears(model, "nf4")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+        learning_rate=1e-2, report_to=[], use_cpu=True, remove_unused_columns=False,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    Trainer(model=model, args=args).save_model(str(tmp_path / "final"))
+    saved, trained = Adapter.load(tmp_path / "final"), adapter_of(model)
+    assert saved.updates.keys() == trained.updates.keys()
+    for name, update in saved.updates.items():
+        assert torch.equal(update.delta, trained.updates[name].delta) and update.delta.any()
+    load_adapter(copy.deepcopy(base), tmp_path / "final")  # the unquantized base's fingerprint
