@@ -18,8 +18,8 @@ from torch import nn
 from .data import IGNORE_INDEX
 from .models import ARCHITECTURES, compute_dtype
 
-# Logits formed at once: 16 Mi values (64 MiB in fp32) per chunk of rows.
-CHUNK_LOGITS = 1 << 24
+# Logits formed at once: 4 Mi values (16 MiB in fp32) per chunk of rows.
+CHUNK_LOGITS = 1 << 22
 
 
 def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor:

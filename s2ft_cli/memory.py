@@ -17,7 +17,9 @@ of a block above the lowest trained one, in elements: the input norm's input and
 (2·q + 2·kv + heads), the second norm (H + 1), the FFN's gate output, its activation and
 the up projection (3·I); then the S² layers' own. The loss keeps d(loss)/d(hidden) of the
 target positions (N·H). A step's working memory on top of the saved set is the larger of
-the loss's chunk of logits (two copies) and one block's gradients in flight.
+the loss's chunk of logits (two copies) and one block's gradients in flight, plus, on a
+quantized base, the dequantized weight of the product running: one block of rows under
+nf4 (``nf4.py``), the largest linear under int8.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from .convert import get_s2ft_model
 from .losses import CHUNK_LOGITS
 from .models import DTYPES, TARGETS, ModelShape, decoder_layers, load_model, model_shape
-from .quantization import frozen_linears
+from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
 
 # Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
 # a byte and keeps one 8-bit absmax per block of 64 (double quantization: plus one fp32
@@ -54,6 +56,16 @@ class MemoryPlan:
     def total(self, checkpointing: bool) -> int:
         saved = self.activations_checkpointed if checkpointing else self.activations
         return self.weights + self.trainable + self.gathered + saved + self.working
+
+
+def _dequantized_bytes(model: nn.Module, quantization: str) -> int:
+    """The largest weight a quantized base dequantizes at once for a product."""
+    if quantization == "none":
+        return 0
+    weights = [linear.weight for _, _, linear in frozen_linears(model)]
+    if quantization == "nf4":  # a block of whole rows (nf4.py)
+        return max(min(w.numel(), NF4_BLOCK_ELEMENTS) * w.element_size() for w in weights)
+    return max(w.numel() * w.element_size() for w in weights)
 
 
 def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
@@ -147,6 +159,6 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
         gathered=2 * largest_layer if sharded else 0,
         activations=activations,
         activations_checkpointed=checkpointed,
-        working=max(logits, gradients),
+        working=max(logits, gradients) + _dequantized_bytes(model, m.quantization),
         notes=notes,
     )

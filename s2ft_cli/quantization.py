@@ -5,7 +5,8 @@ stores LoRA's base. The model is selected and co-permuted in its loaded precisio
 (permuting quantized blocks would mix their scales), then every frozen linear of the
 decoder layers (the seven projections; under an S² layer, the module it wraps) becomes a
 bitsandbytes layer holding the same weight quantized: 4-bit NormalFloat with double
-quantization (``Linear4bit``) or LLM.int8 (``Linear8bitLt``). The S² layer calls that
+quantization (``Linear4bit``, whose products s2ft computes a block of rows at a time:
+``nf4.py``) or LLM.int8 (``Linear8bitLt``). The S² layer calls that
 module's own forward for the frozen product and adds its fp32 delta; the embeddings and
 the head stay as loaded. The adapter is written in the original layout with the
 fingerprint of the unquantized weights, so it loads onto the unquantized base.
@@ -23,6 +24,7 @@ from .models import TARGETS, decoder_layers, module_path, replace_module
 from .state import remember_base_fingerprint
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+NF4_BLOCK_ELEMENTS = 2**22  # weights an nf4 product dequantizes at once: 16 MiB in fp32
 
 
 def require_bitsandbytes():
@@ -38,14 +40,18 @@ def require_bitsandbytes():
     return bitsandbytes
 
 
-def quantized_linear(linear: nn.Linear, kind: str) -> nn.Module:
+def quantized_linear(linear: nn.Linear, kind: str, blockwise: bool = True) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight quantized (``nf4`` or ``int8``) on
-    the weight's device, its bias as it is; nothing in it requires grad."""
+    the weight's device, its bias as it is; nothing in it requires grad. ``blockwise``
+    (nf4): its products dequantize a block of rows at a time (``nf4.py``), not the whole
+    weight as bitsandbytes' own ``Linear4bit``."""
     bnb = require_bitsandbytes()
     weight, bias = linear.weight.detach(), linear.bias
     out_features, in_features = weight.shape
     if kind == "nf4":
-        layer = bnb.nn.Linear4bit(
+        from .nf4 import BlockwiseLinear4bit
+
+        layer = (BlockwiseLinear4bit if blockwise else bnb.nn.Linear4bit)(
             in_features, out_features, bias=bias is not None, compute_dtype=weight.dtype,
             quant_type="nf4", compress_statistics=True, device="meta",
         )  # fmt: skip
@@ -81,19 +87,20 @@ def frozen_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear
                 yield path, module, linear
 
 
-def quantize_frozen_linears(model: nn.Module, kind: str) -> int:
+def quantize_frozen_linears(model: nn.Module, kind: str, blockwise: bool = True) -> int:
     """Replace the frozen linears of every decoder layer by quantized ones (``kind`` nf4 or
     int8), inside S² layers too; returns how many. Run it after conversion: a converted
-    model's adapter keeps the fingerprint of the weights as they were."""
+    model's adapter keeps the fingerprint of the weights as they were. ``blockwise``: see
+    :func:`quantized_linear`."""
     if kind == "none":
         return 0
     remember_base_fingerprint(model)
     found = list(frozen_linears(model))
     for path, module, linear in found:
         if isinstance(module, S2Linear):
-            module.base = quantized_linear(linear, kind)
+            module.base = quantized_linear(linear, kind, blockwise)
         else:
-            replace_module(model, path, quantized_linear(linear, kind))
+            replace_module(model, path, quantized_linear(linear, kind, blockwise))
     return len(found)
 
 

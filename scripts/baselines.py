@@ -48,7 +48,8 @@ class Baseline(TrainingMethod):
 
 class LoRA(Baseline):
     """PEFT LoRA of rank ``r`` on the seven linear projections; on a quantized base
-    (``model.quantization``), QLoRA: the base is quantized first, LoRA wraps its layers."""
+    (``model.quantization``), QLoRA as PEFT users run it: the base is quantized first into
+    bitsandbytes' own layers (no blockwise products), LoRA wraps them."""
 
     def __init__(self, r: int = 16, alpha: int = 32, transformers_loss: bool = False):
         super().__init__(transformers_loss)
@@ -57,7 +58,7 @@ class LoRA(Baseline):
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        quantize_frozen_linears(model, trainer.recipe.model.quantization)
+        quantize_frozen_linears(model, trainer.recipe.model.quantization, blockwise=False)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(TARGET_MATRICES))
         return get_peft_model(model, config)
 

@@ -1,0 +1,91 @@
+"""The product of a frozen 4-bit linear, one block of rows at a time.
+
+bitsandbytes' ``Linear4bit`` dequantizes its whole weight for every product it computes
+in training, in the forward pass and again for the input's gradient: at LLaMA-2-7B's FFN
+width a 172 MiB fp32 transient per product, more than everything S²FT saves for the
+backward pass of a 512-token sequence. :class:`BlockwiseLinear4bit` computes the same
+products from blocks of rows dequantized one after another (about 16 MiB each): output
+columns block by block in the forward pass, the input's gradient summed over the blocks.
+Its weight is the same ``Params4bit`` (the state dict, the memory plan and PEFT see a
+bitsandbytes ``Linear4bit``), and it never computes a weight gradient: it holds S²FT's
+frozen base (paper §3.3), the deltas train beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
+
+from .quantization import NF4_BLOCK_ELEMENTS
+
+
+def rows_per_block(quant_state: QuantState) -> int:
+    """Rows dequantized at once: about ``NF4_BLOCK_ELEMENTS`` weights. Only where a row
+    holds whole quantization blocks (their scales are per ``blocksize`` weights; every
+    LLaMA width is a multiple of 64): bitsandbytes' CPU kernel reads a block of rows
+    starting inside a quantization block with other scales than the whole weight's, so
+    such a weight is dequantized whole, as bitsandbytes does."""
+    rows, cols = quant_state.shape
+    if cols % quant_state.blocksize:
+        return rows
+    return max(1, NF4_BLOCK_ELEMENTS // cols)
+
+
+def dequantized_blocks(weight: bnb.nn.Params4bit) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, their dequantized weights) of a 4-bit weight, block after block."""
+    state = weight.quant_state
+    rows, cols = state.shape
+    step = rows_per_block(state)
+    if step >= rows:
+        yield slice(0, rows), dequantize_4bit(weight.data, state)
+        return
+    size = state.blocksize
+    scales = state.absmax
+    if state.nested:  # double quantization: the scales are themselves 8-bit
+        scales = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = weight.data.view(-1)  # two weights a byte, row-major
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        first, last = start * cols, stop * cols
+        block = QuantState(
+            absmax=scales[first // size : last // size],
+            shape=torch.Size((stop - start, cols)),
+            code=state.code,
+            blocksize=size,
+            quant_type=state.quant_type,
+            dtype=state.dtype,
+        )
+        codes = packed[first // 2 : last // 2].unsqueeze(1)
+        yield slice(start, stop), dequantize_4bit(codes, block)
+
+
+class _BlockwiseProduct(torch.autograd.Function):
+    """``x Wᵀ + b`` for a frozen 4-bit ``W``; the backward pass gives only x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight  # a frozen parameter, not an activation
+        parts = [x @ w.to(x.dtype).T for _, w in dequantized_blocks(weight)]
+        out = torch.cat(parts, dim=-1)
+        return out if bias is None else out.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_x = flat.new_zeros(flat.shape[0], ctx.weight.quant_state.shape[1])
+        for rows, w in dequantized_blocks(ctx.weight):
+            grad_x.addmm_(flat[:, rows], w.to(flat.dtype))
+        return grad_x.view(*grad.shape[:-1], -1), None, None
+
+
+class BlockwiseLinear4bit(bnb.nn.Linear4bit):
+    """A frozen bitsandbytes 4-bit linear whose products dequantize one block of rows at
+    a time (computed in ``compute_dtype``, as ``Linear4bit``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _BlockwiseProduct.apply(x.to(dtype), self.weight, bias).to(x.dtype)
