@@ -2,16 +2,21 @@
 fuse, unfuse and switch at run time.
 
 An adapter is the trained update as rows or columns of the original (un-permuted)
-matrices. Directory format, version 1:
+matrices. Directory format, version 2:
 
-* ``adapter_config.json``: ``format: "s2ft-adapter"``, ``version: 1``, the base model's
+* ``s2ft_adapter.json``: ``format: "s2ft-adapter"``, ``version: 2``, the base model's
   name and fingerprint (architecture, shapes, statistics of the adapted weights that see
   reordered values and small changes: see ``PROBE_METHOD``), the targets, strategy,
   seed, allocation, delta dtype and the tool version;
-* ``adapter_model.safetensors``: for each adapted matrix ``M`` (full module path)
+* ``s2ft_adapter.safetensors``: for each adapted matrix ``M`` (full module path)
   ``M.cols`` (int64 column ids) and ``M.delta`` of shape ``(out, len(cols))``, or
   ``M.rows`` and ``M.delta`` of shape ``(len(rows), in)``. Applying means
   ``W[:, cols] += delta`` / ``W[rows, :] += delta``.
+
+Version 1 had the same contents under PEFT's file names (``adapter_config.json``,
+``adapter_model.safetensors``), which transformers and PEFT took for a PEFT adapter: it is
+still read. A PEFT LoRA export of an adapter (``peft_format.py``) is read back as the
+adapter it came from.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ from .state import (
 )
 
 ADAPTER_FORMAT = "s2ft-adapter"
-ADAPTER_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_VERSION = 2
+CONFIG_NAME = "s2ft_adapter.json"
+WEIGHTS_NAME = "s2ft_adapter.safetensors"
+# Version 1's file names (PEFT's): read, never written.
+V1_FILES = {1: ("adapter_config.json", "adapter_model.safetensors")}
 
 # The base's fingerprint (paper §5: an adapter belongs to one base). Per adapted matrix W
 # (n × m), in its original layout: ‖W‖_F and K statistics z_k = a_kᵀ W b_k / ‖W‖_F with
@@ -327,19 +334,33 @@ class Adapter:
     @classmethod
     def load(cls, path: str | Path) -> Adapter:
         """Read and validate an adapter directory (every tensor against the fingerprint's
-        matrix shapes) without a model."""
+        matrix shapes) without a model; a PEFT export of an adapter reads as that adapter."""
+        from .peft_format import is_peft_export, load_peft_export
+
         path = Path(path)
-        config, tensors = read_adapter(path)
+        if is_peft_export(path):
+            return load_peft_export(path)
+        config, tensors, files = read_adapter(path)
+        return cls.from_tensors(config, tensors, f"Adapter {path}", files)
+
+    @classmethod
+    def from_tensors(
+        cls, config: dict, tensors: dict, source: str, files: tuple[Path, Path]
+    ) -> Adapter:
+        """An adapter from its config and its file's tensors (``M.rows``/``M.cols`` and
+        ``M.delta``), validated against the fingerprint's matrix shapes; ``files`` name the
+        config and the weights in messages."""
+        config_file, weights_file = files
         try:
             fingerprint = config["base_model"]["fingerprint"]
             matrices = dict(fingerprint["matrices"])
             dict(fingerprint["shape"]), dict(fingerprint["checksum"]["values"])
         except (KeyError, TypeError, ValueError) as err:
             raise S2FTError(
-                f"{path / CONFIG_NAME} lacks the base model's fingerprint ({err}); the file is "
+                f"{config_file} lacks the base model's fingerprint ({err}); the file is "
                 "damaged — re-export the adapter."
             ) from None
-        adapter = cls(config, {}, f"Adapter {path}")
+        adapter = cls(config, {}, source)
         for key in sorted(k for k in tensors if k.endswith(".delta")):
             name = key.removesuffix(".delta")
             axis = "rows" if f"{name}.rows" in tensors else "cols"
@@ -347,7 +368,7 @@ class Adapter:
             shape = matrices.get(name)
             if shape is None or index is None or index.dtype != torch.long or index.ndim != 1:
                 raise S2FTError(
-                    f"{path / WEIGHTS_NAME}: {name}.delta has no int64 {name}.rows or "
+                    f"{weights_file}: {name}.delta has no int64 {name}.rows or "
                     f"{name}.cols for a matrix of the fingerprint; the file is damaged — "
                     "re-export the adapter."
                 )
@@ -356,7 +377,7 @@ class Adapter:
             want = (len(index), inp) if axis == "rows" else (out, len(index))
             if len(index) == 0 or index.min() < 0 or index.max() >= limit or delta.shape != want:
                 raise S2FTError(
-                    f"{path / WEIGHTS_NAME}: {name} needs {axis} ids in [0, {limit}) and a delta "
+                    f"{weights_file}: {name} needs {axis} ids in [0, {limit}) and a delta "
                     f"of shape {want}, got {len(index)} ids and {tuple(delta.shape)}; the file "
                     "is damaged — re-export the adapter."
                 )
@@ -478,35 +499,52 @@ def adapter_config(base: str, base_fingerprint: dict, settings: dict, dtype) -> 
     }
 
 
-def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors of an adapter directory, validated."""
+def _adapter_files(path: Path) -> tuple[Path, Path, int]:
+    """The config and weights files of an adapter directory, and the version their names
+    belong to."""
+    names = {ADAPTER_VERSION: (CONFIG_NAME, WEIGHTS_NAME), **V1_FILES}
+    for version, (config, weights) in names.items():
+        if (path / config).is_file() and (path / weights).is_file():
+            return path / config, path / weights, version
+    raise S2FTError(
+        f"{path} is not an s2ft adapter directory: it needs {CONFIG_NAME} and "
+        f"{WEIGHTS_NAME} (written by save_adapter or `s2ft export`)."
+    )
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], tuple[Path, Path]]:
+    """The config, tensors and (config, weights) files of an adapter directory of this
+    version or version 1, validated."""
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise S2FTError(
-            f"{path} is not an s2ft adapter directory: it needs {CONFIG_NAME} and "
-            f"{WEIGHTS_NAME} (written by save_adapter or `s2ft export`)."
-        )
+    config_file, weights_file, version = _adapter_files(path)
     config = read_json(
-        path / CONFIG_NAME,
+        config_file,
         "the file is damaged — re-export the adapter (s2ft export RUN_DIR --out DIR).",
     )
     if not isinstance(config, dict):
         config = {}
-    if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
+    if "peft_type" in config:
         raise S2FTError(
-            f"{path / CONFIG_NAME} is not an {ADAPTER_FORMAT} version {ADAPTER_VERSION} config "
+            f"{path} is a PEFT {config['peft_type']} adapter that s2ft did not write (its "
+            f"{config_file.name} has peft_type, and there is no s2ft_source.json): load it "
+            "with peft (PeftModel.from_pretrained(base, path)). s2ft reads its own adapters "
+            "and its PEFT exports (s2ft export --format peft)."
+        )
+    if config.get("format") != ADAPTER_FORMAT or config.get("version") != version:
+        raise S2FTError(
+            f"{config_file} is not an {ADAPTER_FORMAT} version {version} config "
             f"(format {config.get('format')!r}, version {config.get('version')!r}); upgrade "
             "s2ft or re-export the adapter."
         )
     try:
-        tensors = load_file(str(path / WEIGHTS_NAME))
+        tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
         raise S2FTError(
-            f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err}); it is damaged "
+            f"{weights_file} is not a readable safetensors file ({err}); it is damaged "
             "or not an s2ft adapter — re-export it (adapters are read only as safetensors, so "
             "no code in a file can run)."
         ) from err
-    return config, tensors
+    return config, tensors, (config_file, weights_file)
 
 
 def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.Module:

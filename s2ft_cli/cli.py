@@ -211,7 +211,11 @@ def plan(
         ("layers gathered while they run (FSDP)", p.gathered),
         ("saved activations", p.activations),
         ("saved activations, activation checkpointing", p.activations_checkpointed),
-        ("working memory (loss chunk or one layer's gradients)", p.working),
+        (
+            "working memory (loss chunk or one layer's gradients"
+            + (", a dequantized weight block)" if r.model.quantization != "none" else ")"),
+            p.working,
+        ),
     ]
     for part, size in rows:
         if size or "FSDP" not in part:
@@ -480,10 +484,29 @@ def eval_command(
 @app.command()
 @user_errors
 def export(
-    run: Annotated[Path, typer.Argument(help="A training run's directory.", show_default=False)],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A training run's directory, or an adapter directory.", show_default=False
+        ),
+    ],
     out: Annotated[Path, _option("Where to write the adapter or model directory.", "--out")],
     checkpoint: Annotated[
         str | None, _option("Export this checkpoint (step number or step-N folder name).")
+    ] = None,
+    format: Annotated[
+        str,
+        _option(
+            "s2ft (default, the adapter format) or peft (a PEFT LoRA adapter: PEFT, vLLM, "
+            "SGLang, lm-eval read it; s2ft reads it back)."
+        ),
+    ] = "s2ft",
+    rank: Annotated[
+        int | None,
+        _option(
+            "--format peft: pad every module to this LoRA rank (one r for serving engines, "
+            "at most 512)."
+        ),
     ] = None,
     merged: Annotated[
         bool,
@@ -498,14 +521,15 @@ def export(
         typer.Option("--force", help="--merged: accept a base whose weight checksums moved."),
     ] = False,
 ) -> None:
-    """Export a run's adapter (of its end or of a checkpoint), or a merged model."""
+    """Export a run's adapter (of its end or of a checkpoint) or an adapter, as an s2ft or
+    PEFT adapter; or a merged model."""
     import json
 
     from .export import export_run
 
     _refuse_existing(out)
-    path = export_run(run, out, checkpoint, merged, force)
-    what = "merged model" if merged else "adapter"
+    path = export_run(source, out, checkpoint, merged, force, format, rank)
+    what = "merged model" if merged else f"{'PEFT LoRA ' if format == 'peft' else ''}adapter"
     console.print(f"{what} written to {path}", highlight=False)
     if merged and (
         fused_into := json.loads((path / "s2ft_export.json").read_text()).get("fused_into")

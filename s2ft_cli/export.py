@@ -1,5 +1,7 @@
-"""Exports of a training run: its adapter (of the end, or of any checkpoint), or a complete
-Hugging Face model with the update fused in, for tools that know nothing about s2ft."""
+"""Exports of a training run or an adapter: the adapter (of the run's end, or of any
+checkpoint), the same as a PEFT LoRA adapter (``peft_format.py``: PEFT, vLLM and the other
+LoRA servers read it), or a complete Hugging Face model with the update fused in, for tools
+that know nothing about s2ft."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ from pathlib import Path
 from torch import nn
 
 from . import __version__
-from .adapter import Adapter, load_adapter, merge_adapter, save_adapter
+from .adapter import CONFIG_NAME, V1_FILES, Adapter, adapter_of, load_adapter, merge_adapter
 from .checkpoints import Checkpointer
 from .convert import get_s2ft_model
 from .errors import S2FTError
 from .files import atomic_write_dir
 from .models import load_model, load_tokenizer
+from .peft_format import SOURCE_NAME, save_peft
 from .recipe import Recipe, load_recipe
 from .selection import Selection
 
@@ -54,36 +57,78 @@ def _trained_model(run: Path, recipe: Recipe, checkpoint: Path) -> nn.Module:
     return model
 
 
+FORMATS = ("s2ft", "peft")
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file()
+
+
+def exported_adapter(source: Path, checkpoint: str | None = None) -> Adapter:
+    """The adapter of a training run (its end, or ``checkpoint``), or of an adapter
+    directory (s2ft's or a PEFT export of ours)."""
+    if not _is_run(source):
+        holds = (CONFIG_NAME, *(config for config, _ in V1_FILES.values()), SOURCE_NAME)
+        if not any((source / name).is_file() for name in holds):
+            raise S2FTError(
+                f"{source} is not a training run's directory (it has no recipe.yaml) nor an "
+                f"adapter directory (no {CONFIG_NAME}); give the output_dir of an s2ft train "
+                "run or an adapter directory."
+            )
+        if checkpoint is not None:
+            raise S2FTError(
+                f"--checkpoint needs a training run's directory; {source} is an adapter."
+            )
+        return Adapter.load(source)
+    recipe = _run_recipe(source)
+    if checkpoint is not None:
+        return adapter_of(_trained_model(source, recipe, find_checkpoint(source, checkpoint)))
+    if (source / "adapter").is_dir():
+        return Adapter.load(source / "adapter")
+    names = ", ".join(p.name for p in Checkpointer(source).all()) or "none"
+    raise S2FTError(
+        f"{source} has no adapter/ yet (the run has not finished); export a checkpoint with "
+        f"--checkpoint (its checkpoints: {names}), or resume the run."
+    )
+
+
 def export_run(
     run: str | Path,
     out: str | Path,
     checkpoint: str | None = None,
     merged: bool = False,
     force: bool = False,
+    format: str = "s2ft",
+    rank: int | None = None,
 ) -> Path:
-    """Write the run's adapter (GUIDE format), of its end or of ``checkpoint``; with
-    ``merged``, a Hugging Face model directory with the update fused into the weights in the
-    original layout (config, safetensors, tokenizer, generation config); a run trained on a
-    quantized base fuses into the base's original weights, read again. ``force`` accepts
-    a base whose weights' checksums moved since training (shapes must match)."""
+    """Write the adapter of a run (of its end or of ``checkpoint``) or of an adapter
+    directory, in ``format``: ``s2ft`` (GUIDE format) or ``peft`` (a PEFT LoRA adapter,
+    padded to ``rank`` when given). With ``merged`` (a run), a Hugging Face model directory
+    with the update fused into the weights in the original layout (config, safetensors,
+    tokenizer, generation config); a run trained on a quantized base fuses into the base's
+    original weights, read again. ``force`` accepts a base whose weights' checksums moved
+    since training (shapes must match)."""
     run, out = Path(run), Path(out)
+    if format not in FORMATS:
+        raise S2FTError(f"--format {format!r}: one of {', '.join(FORMATS)}.")
+    if rank is not None and format != "peft":
+        raise S2FTError("--rank pads a PEFT export: give it with --format peft.")
+    if merged and (format != "s2ft" or not _is_run(run)):
+        raise S2FTError(
+            "--merged writes a whole model from a training run's directory; it takes no "
+            "--format, and an adapter directory has no run to read the base from."
+        )
+    if not merged:
+        adapter = exported_adapter(run, checkpoint)
+        return save_peft(adapter, out, rank) if format == "peft" else adapter.save(out)
     recipe = _run_recipe(run)
     if checkpoint is not None:
         model = _trained_model(run, recipe, find_checkpoint(run, checkpoint))
         source = f"{run} {checkpoint}"
-    elif (run / "adapter").is_dir():
-        if not merged:  # the adapter as it is: no base model needed
-            return Adapter.load(run / "adapter").save(out)
+    else:
+        exported_adapter(run)  # a finished run, or the message saying it is not
         model = load_adapter(_base(recipe), run / "adapter", force=force)
         source = str(run / "adapter")
-    else:
-        names = ", ".join(p.name for p in Checkpointer(run).all()) or "none"
-        raise S2FTError(
-            f"{run} has no adapter/ yet (the run has not finished); export a checkpoint with "
-            f"--checkpoint (its checkpoints: {names}), or resume the run."
-        )
-    if not merged:
-        return save_adapter(model, out)
     model = merge_adapter(model)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     provenance = {"merged_from": source, "tool_version": f"s2ft {__version__}"}

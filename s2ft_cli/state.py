@@ -156,7 +156,7 @@ def remember_base_fingerprint(model: nn.Module, run: Callable = lambda work: wor
 
 def _save_pretrained(model: nn.Module, save_directory, *args, is_main_process=True, **kwargs):
     """``model.save_pretrained(dir)`` of a converted or loaded model: the S²FT adapter in
-    the original layout (``adapter_config.json`` + ``adapter_model.safetensors``), which
+    the original layout (``s2ft_adapter.json`` + ``s2ft_adapter.safetensors``), which
     ``load_adapter`` reads back onto the base. Of Hugging Face's other arguments only
     ``is_main_process`` applies (several processes call it; one writes); state dict,
     serialisation and sharding do not. The writer refuses a model with no adapter

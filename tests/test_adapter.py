@@ -46,14 +46,18 @@ def trained(arch="llama-gqa-bias", seed=0, delta_seed=None):
 def test_format_on_disk(tmp_path):
     model = trained()
     save_adapter(model, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["format"] == "s2ft-adapter" and config["version"] == 1
+    config = json.loads((tmp_path / "a" / "s2ft_adapter.json").read_text())
+    assert config["format"] == "s2ft-adapter" and config["version"] == 2
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "s2ft_adapter.json",
+        "s2ft_adapter.safetensors",
+    ]
     assert config["targets"] == CFG["targets"] and config["seed"] == 4
     assert config["strategy"] == "random" and config["dtype"] == "float32"
     assert config["tool_version"].startswith("s2ft ")
     fp = config["base_model"]["fingerprint"]
     assert fp["model_type"] == "llama" and fp["shape"]["head_dim"] == 8
-    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    tensors = load_file(tmp_path / "a" / "s2ft_adapter.safetensors")
     o = "model.layers.0.self_attn.o_proj"
     v = "model.layers.0.self_attn.v_proj"
     assert tensors[f"{o}.cols"].dtype == torch.int64
@@ -111,11 +115,11 @@ def test_not_an_adapter_and_damaged_files(tmp_path):
     with pytest.raises(S2FTError, match="is not an s2ft adapter directory"):
         load_adapter(tiny_model("mistral"), tmp_path)
     save_adapter(trained(), tmp_path / "a")
-    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "a" / "s2ft_adapter.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(S2FTError, match="not a readable safetensors file"):
         load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
-    (tmp_path / "a" / "adapter_config.json").write_text('{"format": "lora"}')
-    with pytest.raises(S2FTError, match="is not an s2ft-adapter version 1 config"):
+    (tmp_path / "a" / "s2ft_adapter.json").write_text('{"format": "lora"}')
+    with pytest.raises(S2FTError, match="is not an s2ft-adapter version 2 config"):
         load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
 
 
@@ -124,8 +128,8 @@ def test_saving_over_an_adapter_replaces_it_whole(tmp_path):
     save_adapter(trained(seed=0), tmp_path / "a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "s2ft_adapter.json",
+        "s2ft_adapter.safetensors",
     ]
 
 
@@ -147,10 +151,10 @@ def test_save_from_a_loaded_adapter_round_trips(tmp_path):
     save_adapter(trained(), tmp_path / "a")
     loaded = load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "a")
     save_adapter(loaded, tmp_path / "b")
-    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "a" / "s2ft_adapter.safetensors")
+    b = load_file(tmp_path / "b" / "s2ft_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "b" / "s2ft_adapter.json").read_text())
     assert config["targets"] == CFG["targets"]
     assert copy.deepcopy(config)["base_model"]["fingerprint"]["model_type"] == "llama"
 
@@ -161,7 +165,7 @@ def test_damaged_tensors_are_refused_before_the_model_is_touched(tmp_path):
     from s2ft_cli.layers import S2Linear
 
     save_adapter(trained(), tmp_path / "a")
-    file = tmp_path / "a" / "adapter_model.safetensors"
+    file = tmp_path / "a" / "s2ft_adapter.safetensors"
     tensors = load_file(file)
     key = "model.layers.1.mlp.down_proj.delta"
     tensors[key] = tensors[key][:, :-1].contiguous()
@@ -209,7 +213,7 @@ def test_adapter_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
-    assert stat.S_IMODE((tmp_path / "a" / "adapter_config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a" / "s2ft_adapter.json").stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -274,7 +278,7 @@ def test_base_with_noise_or_reordered_values_is_refused_and_casts_are_accepted(t
             if p.requires_grad:
                 p.normal_(0, 0.01)
     save_adapter(model, tmp_path / "a")
-    names = sorted(json.loads((tmp_path / "a" / "adapter_config.json").read_text())[
+    names = sorted(json.loads((tmp_path / "a" / "s2ft_adapter.json").read_text())[
         "base_model"]["fingerprint"]["matrices"])  # fmt: skip
     # the same base: re-loaded, cast to bf16 / fp16 (the adapter was trained in fp32)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -313,7 +317,7 @@ def test_fingerprint_of_a_co_permuted_model_is_that_of_its_original_layout(tmp_p
 
 def test_adapters_with_the_mean_abs_checksum_alone_still_load(tmp_path):
     save_adapter(trained(), tmp_path / "a")
-    file = tmp_path / "a" / "adapter_config.json"
+    file = tmp_path / "a" / "s2ft_adapter.json"
     config = json.loads(file.read_text())
     old = config["base_model"]["fingerprint"]
     assert old["checksum"]["method"] == "float64 mean |W| of each adapted matrix"
@@ -342,7 +346,7 @@ def test_adapters_with_the_mean_abs_checksum_alone_still_load(tmp_path):
 
 def fingerprint_of(tmp_path):
     save_adapter(trained(), tmp_path / "fresh")
-    config = json.loads((tmp_path / "fresh" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "fresh" / "s2ft_adapter.json").read_text())
     return config["base_model"]["fingerprint"]["probes"]
 
 

@@ -17,9 +17,9 @@ STAGES = [
     ["selection", "scores", "plots"],
     ["permute"],
     ["layers", "state"],
-    ["convert", "quantization", "memory"],
+    ["convert", "quantization", "nf4", "memory"],
     ["distributed", "sharding", "checkpoints", "metrics", "methods", "train"],
-    ["adapter", "serving", "combine", "export"],
+    ["adapter", "peft_format", "serving", "combine", "export"],
     ["evaluation"],
     ["cli", "__main__", ""],  # "": the package's __init__ (the library API)
 ]

@@ -85,7 +85,7 @@ def check_engine(base, targets, tmp_path, allocation="global"):
 
     # each delta is minus the dense gradient at the same rows/columns
     save_adapter(model, tmp_path / "adapter")
-    _, tensors = read_adapter(tmp_path / "adapter")
+    _, tensors, _ = read_adapter(tmp_path / "adapter")
     grads = dense_grads(base, ids)
     deltas = [k.removesuffix(".delta") for k in tensors if k.endswith(".delta")]
     assert deltas
@@ -198,7 +198,7 @@ def test_bfloat16_gradients_match_fp32_reference(tmp_path):
             assert m.delta.dtype == torch.float32 and m.delta.grad.dtype == torch.float32
             m.delta.data = -m.delta.grad
     save_adapter(model, tmp_path / "a")
-    _, tensors = read_adapter(tmp_path / "a")
+    _, tensors, _ = read_adapter(tmp_path / "a")
     grads = dense_grads(base, ids)
     for key in [k for k in tensors if k.endswith(".delta")]:
         name = key.removesuffix(".delta")

@@ -111,18 +111,18 @@ def eval_adapter(adapter: Path) -> list[str]:
 
 def set_config(key: str, value):
     def change(adapter: Path) -> None:
-        config = json.loads((adapter / "adapter_config.json").read_text())
+        config = json.loads((adapter / "s2ft_adapter.json").read_text())
         config[key] = value
-        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        (adapter / "s2ft_adapter.json").write_text(json.dumps(config))
 
     return change
 
 
 def edit_fingerprint(edit):
     def change(adapter: Path) -> None:
-        config = json.loads((adapter / "adapter_config.json").read_text())
+        config = json.loads((adapter / "s2ft_adapter.json").read_text())
         edit(config["base_model"]["fingerprint"])
-        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        (adapter / "s2ft_adapter.json").write_text(json.dumps(config))
 
     return change
 
@@ -328,26 +328,44 @@ CASES = {
         ["run/adapter", "different base model", "Load the adapter onto the base model"],
     ),
     "adapter-config-not-json": (
-        lambda ws: eval_adapter(adapter_with(ws, "a-json", write("adapter_config.json", "{x"))),
-        ["a-json/adapter_config.json", "not valid JSON", "re-export"],
+        lambda ws: eval_adapter(adapter_with(ws, "a-json", write("s2ft_adapter.json", "{x"))),
+        ["a-json/s2ft_adapter.json", "not valid JSON", "re-export"],
     ),
     "adapter-wrong-format": (
         lambda ws: eval_adapter(adapter_with(ws, "a-format", set_config("format", "peft"))),
-        ["adapter_config.json", "s2ft-adapter", "version"],
+        ["s2ft_adapter.json", "s2ft-adapter", "version"],
+    ),
+    "adapter-foreign-peft": (
+        lambda ws: eval_adapter(
+            adapter_with(
+                ws,
+                "a-peft",
+                lambda a: [
+                    shutil.move(a / "s2ft_adapter.safetensors", a / "adapter_model.safetensors"),
+                    (a / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}'),
+                    (a / "s2ft_adapter.json").unlink(),
+                ],
+            )
+        ),
+        ["a-peft is a PEFT LORA adapter that s2ft did not write", "PeftModel.from_pretrained"],
     ),
     "adapter-pickle-weights": (
         lambda ws: eval_adapter(
             adapter_with(
-                ws, "a-pickle", write("adapter_model.safetensors", pickle.dumps({"x": Evil()}))
+                ws, "a-pickle", write("s2ft_adapter.safetensors", pickle.dumps({"x": Evil()}))
             )
         ),
-        ["a-pickle/adapter_model.safetensors", "not a readable safetensors file", "re-export"],
+        ["a-pickle/s2ft_adapter.safetensors", "not a readable safetensors file", "re-export"],
     ),
     "adapter-damaged-fingerprint": (
         lambda ws: eval_adapter(
             adapter_with(ws, "a-print", edit_fingerprint(lambda f: f.pop("matrices")))
         ),
-        ["adapter_config.json", "fingerprint", "re-export"],
+        ["s2ft_adapter.json", "fingerprint", "re-export"],
+    ),
+    "export-rank-below-a-module": (
+        lambda ws: ["export", ws.run, "--format", "peft", "--rank", "2", "--out", ws.root / "p2"],
+        ["has rank", "above --rank 2", "smaller s2ft.targets ratios", "s2ft.allocation"],
     ),
     "adapter-out-exists": (
         lambda ws: ["export", ws.run, "--out", ws.run / "adapter"],

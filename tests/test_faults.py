@@ -115,7 +115,7 @@ def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
     path = recipe_file(tmp_path)  # 12 steps, a checkpoint every 4, a metrics line every 2
     train(load_recipe(path))
     run = tmp_path / "run"
-    finished = load_file(run / "adapter" / "adapter_model.safetensors")
+    finished = load_file(run / "adapter" / "s2ft_adapter.safetensors")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     # as if killed at step 10 while appending its line: no step-12 checkpoint, no adapter
     shutil.rmtree(run / "checkpoints" / "step-0000012")
@@ -126,7 +126,7 @@ def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
 
     train(load_recipe(path), resume=True)
     assert [r["step"] for r in metrics(run)] == [0, 2, 4, 6, 8, 10, 12]
-    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(run / "adapter" / "s2ft_adapter.safetensors")
     assert all(resumed[k].equal(finished[k]) for k in finished)
 
     # a damaged line before the last is not a kill's doing: named, not silently dropped
@@ -187,7 +187,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
 
     monkeypatch.undo()
     train(load_recipe(path), resume=True)  # the kept checkpoint continues
-    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "adapter" / "s2ft_adapter.safetensors").exists()
 
 
 def test_a_full_disk_is_reported_and_loses_nothing_saved(tmp_path, monkeypatch):
@@ -214,7 +214,7 @@ def test_a_full_disk_is_reported_and_loses_nothing_saved(tmp_path, monkeypatch):
 
     monkeypatch.undo()
     train(load_recipe(path), resume=True)
-    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "adapter" / "s2ft_adapter.safetensors").exists()
 
 
 def test_a_full_disk_anywhere_is_one_message_from_the_cli(tmp_path):

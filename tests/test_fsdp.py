@@ -43,8 +43,8 @@ def test_fsdp_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8,
         load_file(checkpoints_of(r)[-1] / "trainable.safetensors") for r in (run, single)
     )
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
-    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    reference = json.loads((single / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((run / "adapter" / "s2ft_adapter.json").read_text())
+    reference = json.loads((single / "adapter" / "s2ft_adapter.json").read_text())
     probes = config["base_model"]["fingerprint"]["probes"]["values"]
     for name, want in reference["base_model"]["fingerprint"]["probes"]["values"].items():
         assert probes[name]["z"] == pytest.approx(want["z"], abs=1e-9)  # the unsharded base's

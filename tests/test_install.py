@@ -91,8 +91,8 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
         work,
         env,
     )
-    assert (work / "runs" / "q" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (work / "runs" / "q" / "adapter" / "adapter_config.json").is_file()
+    assert (work / "runs" / "q" / "adapter" / "s2ft_adapter.safetensors").is_file()
+    assert (work / "runs" / "q" / "adapter" / "s2ft_adapter.json").is_file()
     assert not list(venv.rglob("runs")), "a run wrote into the installed package"
     # the data package, from the wheel: s2ft data's tokens equal the library's
     _run([s2ft, "data", "q.yaml", "data.train.limit=120", "--json", "d.json"], work, env)

@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
@@ -18,12 +19,12 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter
+from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter, nf4
 from s2ft_cli.adapter import Adapter, adapter_of
 from s2ft_cli.cli import app
 from s2ft_cli.layers import S2Linear
 from s2ft_cli.models import load_model
-from s2ft_cli.quantization import quantize_frozen_linears
+from s2ft_cli.quantization import quantize_frozen_linears, quantized_linear
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.train import Trainer, train
 
@@ -50,7 +51,7 @@ def dense_twin(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
         base = module.base if isinstance(module, S2Linear) else module
-        if "bitsandbytes" not in type(base).__module__:
+        if not isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
         weight = dequantized(base).clone()
         if isinstance(module, S2Linear):
@@ -68,7 +69,8 @@ def dense_twin(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("source", ["stories260K", "llama-gqa-bias"])
-def test_delta_gradients_equal_dense_autograd_on_the_dequantized_model(kind, source):
+def test_delta_gradients_equal_dense_autograd_on_the_dequantized_model(kind, source, monkeypatch):
+    monkeypatch.setattr(nf4, "NF4_BLOCK_ELEMENTS", 1024)  # several blocks per nf4 product
     base = stories_model() if source == "stories260K" else tiny_model(source)
     ids = batch(base, size=2, length=24)
     model = get_s2ft_model(copy.deepcopy(base), {"targets": TARGETS, "seed": 3})
@@ -93,6 +95,34 @@ def test_delta_gradients_equal_dense_autograd_on_the_dequantized_model(kind, sou
     assert o_proj.weight.numel() == base.model.layers[0].self_attn.o_proj.weight.numel() // (
         2 if kind == "nf4" else 1
     )
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "bias"), [(300, 128, True), (172, 64, False), (64, 96, True)]
+)
+def test_blockwise_nf4_products_equal_bitsandbytes_own(
+    out_features, in_features, bias, monkeypatch
+):
+    """The forward product and the input's gradient, a block of rows at a time, equal
+    bitsandbytes' Linear4bit (whole weight dequantized) on the same quantized weight; rows
+    that do not hold whole quantization blocks (96 columns) are dequantized whole."""
+    monkeypatch.setattr(nf4, "NF4_BLOCK_ELEMENTS", 2048)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    whole = quantized_linear(linear, "nf4", blockwise=False)
+    blockwise = quantized_linear(linear, "nf4")
+    assert type(blockwise) is nf4.BlockwiseLinear4bit
+    blocks = list(nf4.dequantized_blocks(blockwise.weight))
+    assert len(blocks) == (1 if in_features % 64 else -(-out_features * in_features // 2048))
+    assert torch.equal(torch.cat([w for _, w in blocks]), dequantized(whole))
+    x = torch.randn(2, 7, in_features, requires_grad=True)
+    x_whole = x.detach().clone().requires_grad_()
+    out, out_whole = blockwise(x), whole(x_whole)
+    torch.testing.assert_close(out, out_whole, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_whole.backward(grad)
+    torch.testing.assert_close(x.grad, x_whole.grad, rtol=1e-5, atol=1e-6)
+    assert blockwise.weight.grad is None
 
 
 STORIES_RECIPE = f"""\
@@ -122,7 +152,7 @@ def nf4_run(tmp_path_factory):
 def test_the_adapter_of_an_nf4_run_loads_onto_the_unquantized_base(nf4_run):
     path, run = nf4_run
     units = json.loads((run / "selection.json").read_text())["units"]
-    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    tensors = load_file(run / "adapter" / "s2ft_adapter.safetensors")
     blocks = {"o_proj": ("self_attn", 8), "down_proj": ("mlp", 1)}  # a unit's columns
     for layer, matrices in units.items():
         for matrix, ids in matrices.items():

@@ -89,8 +89,8 @@ def test_merged_export_loads_with_plain_transformers_and_gives_the_trained_logit
         result = runner.invoke(app, ["export", str(run), "--checkpoint", step, "--out", str(out)])
         assert result.exit_code == 0, result.output
         mine, final = (
-            load_file(out / "adapter_model.safetensors"),
-            load_file(run / "adapter" / "adapter_model.safetensors"),
+            load_file(out / "s2ft_adapter.safetensors"),
+            load_file(run / "adapter" / "s2ft_adapter.safetensors"),
         )
         assert mine.keys() == final.keys()
         assert all(torch.equal(mine[k], final[k]) for k in mine) is same
@@ -202,7 +202,7 @@ def test_combining_overlapping_adapters_counts_units_and_weights_the_sum(tmp_pat
             at = torch.searchsorted(u.index, theirs.index)
             expected.index_add_(u.dim, at, w * theirs.delta)
         assert torch.allclose(u.delta, expected, atol=1e-7), name
-    config = json.loads((tmp_path / "ab" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "ab" / "s2ft_adapter.json").read_text())
     assert [c["weight"] for c in config["combined_from"]] == [0.5, 2.0]
 
 

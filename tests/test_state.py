@@ -89,8 +89,8 @@ def test_save_pretrained_of_a_converted_model_writes_its_adapter(tmp_path):
     want = model(ids).logits
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)  # Trainer's arguments
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "s2ft_adapter.json",
+        "s2ft_adapter.safetensors",
     ]
     fresh = load_adapter(tiny_model("llama-gqa-bias"), tmp_path / "hf")
     got = fresh(ids).logits
@@ -123,7 +123,7 @@ def test_hugging_face_trainer_saves_the_adapter_it_trained(tmp_path):
     Trainer(model=model, args=args, train_dataset=rows).train()
     Trainer(model=model, args=args).save_model(str(tmp_path / "final"))
     for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
-        assert (folder / "adapter_config.json").is_file(), sorted(folder.iterdir())
+        assert (folder / "s2ft_adapter.json").is_file(), sorted(folder.iterdir())
         assert not any(folder.glob("model*.safetensors"))  # no permuted base weights
     ids = batch(base)
     want = model(ids).logits

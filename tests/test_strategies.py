@@ -236,7 +236,7 @@ def test_select_reports_scores_and_plots_the_selection(tmp_path):
     train(load_recipe(recipe))
     selected = json.loads((tmp_path / "s.json").read_text())["units"]
     assert json.loads((tmp_path / "run" / "selection.json").read_text())["units"] == selected
-    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "run" / "adapter" / "s2ft_adapter.json").read_text())
     assert config["selection"] == selected
     assert (config["strategy"], config["order"]) == ("gradient", "small")
     assert config["calibration"] == {"samples": 16, "batch_size": 8}

@@ -67,7 +67,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def max_diff(a: Path, b: Path) -> float:
-    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    ta, tb = load_file(a / "s2ft_adapter.safetensors"), load_file(b / "s2ft_adapter.safetensors")
     assert ta.keys() == tb.keys()
     return max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta)
 
@@ -219,7 +219,7 @@ def test_same_recipe_and_seed_give_byte_identical_adapters_on_cpu(tmp_path):
     path = recipe_file(tmp_path)
     for name in ("first", "second"):
         train(load_recipe(path, [f"output_dir={tmp_path / name}"]))
-    for file in ("adapter_model.safetensors", "adapter_config.json"):
+    for file in ("s2ft_adapter.safetensors", "s2ft_adapter.json"):
         first = (tmp_path / "first" / "adapter" / file).read_bytes()
         assert first == (tmp_path / "second" / "adapter" / file).read_bytes(), file
 
