@@ -36,6 +36,7 @@ from . import __version__
 from .errors import AdapterMismatchError, S2FTError
 from .files import atomic_write_dir, read_json
 from .layers import S2Linear
+from .losses import detach_lean_loss
 from .models import (
     TARGETS,
     get_architecture,
@@ -648,6 +649,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     if state.conversion is not None:
         apply_layout(model, state.conversion.layout, model_shape(model), inverse=True)
         del model.s2ft_selection
+        detach_lean_loss(model)
     state.conversion = state.loaded = None
     detach_save_pretrained(model)
     fuse(model, adapter)

@@ -7,6 +7,7 @@ from torch import nn
 from .config import S2FTConfig
 from .errors import S2FTError
 from .layers import S2Linear
+from .losses import attach_lean_loss
 from .models import TARGETS, get_linear, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout, plan_layout
 from .selection import Selection, select_units
@@ -26,7 +27,9 @@ def get_s2ft_model(
     :class:`S2Linear` whose zero-initialised delta covers the selected block. The logits
     are unchanged until training updates a delta. ``model.s2ft_selection`` holds the
     selection used, in the original layout; the model's S²FT state records the conversion,
-    and ``model.save_pretrained(dir)`` writes the trained update as an S²FT adapter.
+    ``model.save_pretrained(dir)`` writes the trained update as an S²FT adapter, and
+    ``model(..., labels=...)`` computes ``s2ft train``'s memory-lean loss while training
+    (:func:`~s2ft_cli.losses.attach_lean_loss`).
     ``calibration`` (batches of ``input_ids``, ``attention_mask``, ``labels``) is what the
     activation and gradient strategies measure.
     """
@@ -63,4 +66,5 @@ def get_s2ft_model(
     state.conversion = Conversion(config, selection, layout)
     model.s2ft_selection = selection  # the library API's name for state.conversion.selection
     attach_save_pretrained(model)
+    attach_lean_loss(model)
     return model

@@ -11,9 +11,13 @@ softmax copies from a training step (see ``docs/BENCHMARKS.md``).
 
 from __future__ import annotations
 
+import inspect
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import IGNORE_INDEX
 from .models import ARCHITECTURES, compute_dtype
@@ -75,12 +79,14 @@ def token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) ->
 
 def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, the sum of next-token cross-entropies over its target tokens, and
-    their count. The batch gives ``input_ids`` or ``inputs_embeds``, ``attention_mask`` and
-    ``labels``. Supported architectures run their decoder and take only the target
+    their count. The batch gives ``input_ids`` or ``inputs_embeds``, ``labels``, and
+    ``attention_mask`` or, for packed rows, ``position_ids`` (a row's sum then covers every
+    example packed in it). Supported architectures run their decoder and take only the target
     positions through the head (:func:`token_losses`); others go through their full
     forward and logits."""
     inputs = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
-    call = {inputs: batch[inputs], "attention_mask": batch["attention_mask"], "use_cache": False}
+    call = {inputs: batch[inputs], "use_cache": False}
+    call.update({k: batch[k] for k in ("attention_mask", "position_ids") if k in batch})
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
     config = getattr(model, "config", None)
@@ -106,3 +112,64 @@ class ExampleLosses(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return example_losses(self.model, batch)
+
+
+# Keyword arguments of a causal LM's forward that belong to its loss, not to the decoder.
+LOSS_ARGUMENTS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+@cache
+def _signature(forward) -> inspect.Signature:
+    return inspect.signature(forward)
+
+
+def _lean_forward(self, *args, **kwargs):
+    """A converted model's forward (see :func:`attach_lean_loss`)."""
+    forward = type(self).forward
+    call = _signature(forward).bind(self, *args, **kwargs).arguments
+    extra = call.pop("kwargs", {})
+    labels = call.get("labels")
+    lean = (
+        labels is not None
+        and torch.is_grad_enabled()
+        and not call.get("logits_to_keep")
+        and not extra.get("fused_lm_head")  # TRL's fused head: already lean
+        and not any(p.requires_grad for p in self.get_output_embeddings().parameters())
+    )
+    if not lean:
+        return forward(self, *args, **kwargs)
+    loss_options = {k: extra.pop(k) for k in LOSS_ARGUMENTS if k in extra}
+    ignore = loss_options.get("ignore_index", IGNORE_INDEX)
+    shifted = loss_options.get("shift_labels")
+    if shifted is None:  # position t predicts token t + 1, as transformers' ForCausalLMLoss
+        shifted = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+    decoder_call = {k: v for k, v in call.items() if k not in ("self", "labels", "logits_to_keep")}
+    outputs = self.get_decoder()(**decoder_call, **extra)
+    hidden = outputs.last_hidden_state
+    targets = shifted.to(hidden.device) != ignore
+    losses = token_losses(hidden[targets], self.get_output_embeddings(), shifted[targets])
+    count = loss_options.get("num_items_in_batch")
+    if count is None:
+        count = targets.sum()
+    loss = losses.sum() / (count.to(losses.device) if torch.is_tensor(count) else count)
+    return CausalLMOutputWithPast(
+        loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
+
+
+def attach_lean_loss(model: nn.Module) -> None:
+    """Make ``model(..., labels=...)`` of a converted model compute its loss as ``s2ft train``
+    does while gradients are recorded: the decoder's hidden states of target positions go
+    through the frozen head a chunk at a time (:func:`token_losses`), never the batch's
+    full-vocabulary logits, so Hugging Face's Trainer and every script that passes
+    ``labels=`` train with ``s2ft train``'s memory. The loss equals transformers' causal-LM
+    loss (``num_items_in_batch``, ``ignore_index``, ``shift_labels`` as there); the output
+    then has no logits. Without gradients (evaluation), with ``logits_to_keep`` or TRL's
+    ``fused_lm_head``, the model's own forward runs. Supported architectures only."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in ARCHITECTURES:
+        model.__dict__["forward"] = _lean_forward.__get__(model)
+
+
+def detach_lean_loss(model: nn.Module) -> None:
+    model.__dict__.pop("forward", None)

@@ -83,6 +83,12 @@ class DataSection(BaseModel):
     )
     max_seq_len: int = Field(2048, ge=8, description="Longer examples are truncated.")
     train_on_prompt: bool = Field(False, description="Also take the loss on prompt tokens.")
+    packing: bool = Field(
+        False,
+        description="Train on rows of several whole examples up to max_seq_len tokens, each "
+        "attending only to itself (positions restart per example): no padding; the loss and "
+        "gradient of every example are those it has alone. Batch sizes count rows.",
+    )
 
 
 class TrainSection(BaseModel):
@@ -94,6 +100,11 @@ class TrainSection(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Examples per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    group_by_length: bool = Field(
+        False,
+        description="Batches of examples of similar length (less padding): the epoch's seeded "
+        "order is sorted by length 64 global batches at a time, and the batches shuffled.",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: str = Field("linear", description="A transformers schedule name.")

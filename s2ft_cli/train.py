@@ -41,7 +41,15 @@ from transformers import get_scheduler
 
 from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
-from .data import Datasets, StepPlan, calibration_batches, collate, load_datasets, target_count
+from .data import (
+    Datasets,
+    StepPlan,
+    calibration_batches,
+    collate,
+    load_datasets,
+    pack_examples,
+    target_count,
+)
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
 from .files import atomic_write_text
@@ -198,11 +206,19 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
         datasets = self.datasets or load_datasets(r.data, t.seed, self.tokenizer)
-        self.train_set, self.val_set, sources = datasets
+        self.train_examples, self.val_set, sources = datasets
         self.data_notes = [s.note for s in sources if s.note]
-        # target and token counts of each example, counted once: a step sums its examples'
+        # the rows trained on: the examples, or packed several to a row (data.packing)
+        self.packed = r.data is not None and r.data.packing
+        self.train_set = self.train_examples
+        if self.packed:
+            self.train_set = pack_examples(self.train_examples, r.data.max_seq_len)
+        # target and token counts of each row, counted once: a step sums its rows'
         self.counts = [(target_count(e), len(e.input_ids)) for e in self.train_set]
-        self.plan = StepPlan(len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed)
+        lengths = [len(e.input_ids) for e in self.train_set] if t.group_by_length else None
+        self.plan = StepPlan(
+            len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed, lengths
+        )
         self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise S2FTError(
@@ -310,7 +326,7 @@ class Trainer:
 
         def measure() -> Selection:
             pad_id = self.tokenizer.pad_token_id
-            return select_units(model, c, calibration_data(c, self.train_set, pad_id))
+            return select_units(model, c, calibration_data(c, self.train_examples, pad_id))
 
         return self.procs.on_main(measure)
 
@@ -337,8 +353,14 @@ class Trainer:
         if r.model.quantization != "none":
             lines.append(f"frozen linear weights in {r.model.quantization} (bitsandbytes)")
         lines += [
-            f"{len(self.train_set)} training / {len(self.val_set)} validation examples, global "
-            f"batch {self.global_batch}, {self.total_steps} steps"
+            f"{len(self.train_examples)} training / {len(self.val_set)} validation examples"
+            + (
+                f", packed into {len(self.train_set)} rows"
+                if self.train_set is not self.train_examples
+                else ""
+            )
+            + (", grouped by length" if r.train.group_by_length else "")
+            + f", global batch {self.global_batch}, {self.total_steps} steps"
             + (f", resuming at step {self.step}" if self.step else ""),
             f"output: {self.out}",
             *(f"[yellow]data:[/] {note}" for note in self.data_notes),

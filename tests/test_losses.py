@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from s2ft_cli import S2FTConfig, get_s2ft_model
+from s2ft_cli import S2FTConfig, get_s2ft_model, merge_adapter
 from s2ft_cli import losses as losses_module
 from s2ft_cli.data import IGNORE_INDEX
 from s2ft_cli.losses import example_losses, token_losses
@@ -45,13 +45,19 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(losses_module, "CHUNK_LOGITS", 97 * 3)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
-def test_losses_and_gradients_match_full_logits(name, small_chunks):
+def trained(name: str):
+    """A tiny model converted, with deltas as training leaves them (non-zero)."""
     model = get_s2ft_model(tiny_model(name), S2FTConfig(targets={"o_proj": 0.5, "down_proj": 0.2}))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
+def test_losses_and_gradients_match_full_logits(name, small_chunks):
+    model = trained(name)
     batch = batch_of(model.config.vocab_size)
     deltas = [p for p in model.parameters() if p.requires_grad]
 
@@ -112,6 +118,39 @@ def test_a_training_step_never_forms_the_full_logits(small_chunks):
         reference_losses(model, batch)[0].sum().backward()
     assert plain.most_rows(vocab) >= batch["input_ids"].numel()  # the probe sees full logits
     assert lean.most_rows(vocab) == 3  # one chunk at a time
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
+@pytest.mark.parametrize("items", [None, 40])
+def test_a_converted_model_called_with_labels_computes_the_lean_loss(name, items, small_chunks):
+    """What Hugging Face's Trainer and most scripts call: ``model(**batch, labels=...)``.
+    The loss and the deltas' gradients equal transformers' own forward and loss (with
+    ``num_items_in_batch``, as the Trainer passes it, and without), and no full logits are
+    formed; without gradients the model's own forward gives the logits."""
+    model = trained(name)
+    batch = batch_of(model.config.vocab_size)
+    extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+    deltas = [p for p in model.parameters() if p.requires_grad]
+    with ProducedShapes(model) as step:
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            **extra,
+        )
+        lean_grads = torch.autograd.grad(out.loss, deltas)
+    reference = type(model).forward(model, **batch, **extra)  # transformers' forward and loss
+    plain_grads = torch.autograd.grad(reference.loss, deltas)
+    assert out.logits is None and step.most_rows(model.config.vocab_size) == 3
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(lean_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        evaluated = model(**batch, **extra)
+    assert evaluated.logits is not None
+    torch.testing.assert_close(evaluated.loss, reference.loss.detach(), rtol=1e-6, atol=1e-7)
+    merge_adapter(model)  # a plain model again: its own forward
+    assert "forward" not in model.__dict__ and model(**batch).logits is not None
 
 
 def test_a_training_step_never_forms_a_full_weight_gradient():

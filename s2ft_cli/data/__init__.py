@@ -5,12 +5,20 @@
   or a conversation;
 * :mod:`.tokenization`: the tokens of an example, as inference sees them;
 * :mod:`.examples`: a recipe's data checked and tokenised, with what became of it;
-* :mod:`.batches`: the data order of an epoch, padded batches, calibration draws;
+* :mod:`.batches`: the data order of an epoch, padded batches, packed rows, calibration
+  draws;
 * :mod:`.preview`: ``s2ft data``.
 """
 
 from .arithmetic import arithmetic_problems
-from .batches import StepPlan, calibration_batches, collate, epoch_order, target_count
+from .batches import (
+    StepPlan,
+    calibration_batches,
+    collate,
+    epoch_order,
+    pack_examples,
+    target_count,
+)
 from .examples import Datasets, SourceStats, build_examples, load_datasets, split_validation
 from .records import BUILTIN_PREFIX, FORMATS, load_records, read_record_file
 from .templates import alpaca_prompt, user_message
@@ -32,6 +40,7 @@ __all__ = [
     "epoch_order",
     "load_datasets",
     "load_records",
+    "pack_examples",
     "prompt_ids",
     "read_record_file",
     "require_chat_template",

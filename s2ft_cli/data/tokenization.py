@@ -44,11 +44,12 @@ class Document:
 @dataclass
 class Example:
     """One training sequence: token ids, labels (-100 where no loss is taken), and
-    whether ``max_seq_len`` cut it."""
+    whether ``max_seq_len`` cut it; or several packed into one row (``data.packing``)."""
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    position_ids: list[int] | None = None  # a packed row: positions restart at each example
 
 
 def bos_token_id(tokenizer) -> int | None:
