@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from . import __version__
 from .errors import AdapterMismatchError, S2FTError
+from .ffn import keep_ffn_activations
 from .files import atomic_write_dir, read_json
 from .layers import S2Linear
 from .losses import detach_lean_loss
@@ -650,6 +651,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         apply_layout(model, state.conversion.layout, model_shape(model), inverse=True)
         del model.s2ft_selection
         detach_lean_loss(model)
+        keep_ffn_activations(model)
     state.conversion = state.loaded = None
     detach_save_pretrained(model)
     fuse(model, adapter)

@@ -6,6 +6,7 @@ from torch import nn
 
 from .config import S2FTConfig
 from .errors import S2FTError
+from .ffn import recompute_ffn_activations
 from .layers import S2Linear
 from .losses import attach_lean_loss
 from .models import TARGETS, get_linear, model_shape, module_path, replace_module, unit_index
@@ -29,7 +30,8 @@ def get_s2ft_model(
     selection used, in the original layout; the model's S²FT state records the conversion,
     ``model.save_pretrained(dir)`` writes the trained update as an S²FT adapter, and
     ``model(..., labels=...)`` computes ``s2ft train``'s memory-lean loss while training
-    (:func:`~s2ft_cli.losses.attach_lean_loss`).
+    (:func:`~s2ft_cli.losses.attach_lean_loss`); its FFNs recompute their activation in the
+    backward pass (:mod:`~s2ft_cli.ffn`).
     ``calibration`` (batches of ``input_ids``, ``attention_mask``, ``labels``) is what the
     activation and gradient strategies measure.
     """
@@ -67,4 +69,5 @@ def get_s2ft_model(
     model.s2ft_selection = selection  # the library API's name for state.conversion.selection
     attach_save_pretrained(model)
     attach_lean_loss(model)
+    recompute_ffn_activations(model)
     return model

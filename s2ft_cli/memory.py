@@ -14,8 +14,9 @@ operation saves its inputs only when something trainable lies below it, an S² c
 saves its input's selected columns, a producer its whole input (paper §3.3). Per token
 of a block above the lowest trained one, in elements: the input norm's input and its
 1/rms (H + 1), the attention's rotated queries and keys, values, output and log-sum-exp
-(2·q + 2·kv + heads), the second norm (H + 1), the FFN's gate output, its activation and
-the up projection (3·I); then the S² layers' own. The loss keeps d(loss)/d(hidden) of the
+(2·q + 2·kv + heads), the second norm (H + 1), the FFN's gate output and up projection
+(2·I; 3·I with its activation where the FFN is not SiLU-gated, ``ffn.py``); then the S²
+layers' own. The loss keeps d(loss)/d(hidden) of the
 target positions (N·H). A step's working memory on top of the saved set is the larger of
 the loss's chunk of logits (two copies) and one block's gradients in flight, plus, on a
 quantized base, the dequantized weight of the product running: one block of rows under
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .convert import get_s2ft_model
+from .ffn import gated_ffns
 from .losses import CHUNK_LOGITS
 from .models import DTYPES, TARGETS, ModelShape, decoder_layers, load_model, model_shape
 from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
@@ -85,9 +87,12 @@ def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
     return int(total), int(largest)
 
 
-def _block_elements(shape: ModelShape, trained: dict[str, int], below: bool) -> int:
+def _block_elements(
+    shape: ModelShape, trained: dict[str, int], below: bool, recomputed: bool
+) -> int:
     """Elements per token one decoder block saves: ``trained`` maps its trained matrices to
-    their selected units; ``below``: whether something trainable lies under the block."""
+    their selected units; ``below``: whether something trainable lies under the block;
+    ``recomputed``: whether the FFN recomputes its activation (``ffn.py``)."""
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     saved = 0
@@ -109,7 +114,7 @@ def _block_elements(shape: ModelShape, trained: dict[str, int], below: bool) -> 
         saved += h  # gate/up rows save the normed input
         flowing = True
     if flowing:
-        saved += 3 * i  # gate output, its activation, up output
+        saved += (2 if recomputed else 3) * i  # gate output, (its activation,) up output
     if "down_proj" in trained:
         saved += trained["down_proj"]
     return saved
@@ -131,6 +136,7 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     }
     trained_layers = sorted(layer for layer, per_matrix in units.items() if per_matrix)
     weights, largest_layer = _weight_bytes(model, m.quantization)
+    recomputed = bool(gated_ffns(model))
     trainable = selection.trainable_params()
     weights -= trainable * 4  # the deltas are counted with their state below
     sharded = t.sharded(gpus)
@@ -141,7 +147,8 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     per_layer, checkpointed_inputs = [], 0
     lowest = trained_layers[0] if trained_layers else shape.num_layers
     for layer in range(lowest, shape.num_layers):
-        per_layer.append(_block_elements(shape, units.get(layer, {}), below=layer > lowest))
+        trained = units.get(layer, {})
+        per_layer.append(_block_elements(shape, trained, layer > lowest, recomputed))
         checkpointed_inputs += shape.hidden_size
     loss = (shape.hidden_size + 1) + shape.hidden_size  # final norm, d(loss)/d(hidden)
     activations = (sum(per_layer) + loss) * tokens * act

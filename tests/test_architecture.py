@@ -16,7 +16,7 @@ STAGES = [
     ["data", "losses"],
     ["selection", "scores", "plots"],
     ["permute"],
-    ["layers", "state"],
+    ["layers", "ffn", "state"],
     ["convert", "quantization", "nf4", "memory"],
     ["distributed", "sharding", "checkpoints", "metrics", "methods", "train"],
     ["adapter", "peft_format", "serving", "combine", "export"],

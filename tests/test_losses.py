@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from s2ft_cli import S2FTConfig, get_s2ft_model, merge_adapter
 from s2ft_cli import losses as losses_module
 from s2ft_cli.data import IGNORE_INDEX
+from s2ft_cli.ffn import keep_ffn_activations
 from s2ft_cli.losses import example_losses, token_losses
 from s2ft_cli.models import decoder_layers, enable_activation_checkpointing
 
@@ -151,6 +152,38 @@ def test_a_converted_model_called_with_labels_computes_the_lean_loss(name, items
     torch.testing.assert_close(evaluated.loss, reference.loss.detach(), rtol=1e-6, atol=1e-7)
     merge_adapter(model)  # a plain model again: its own forward
     assert "forward" not in model.__dict__ and model(**batch).logits is not None
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
+def test_ffns_recompute_their_activation_with_the_same_gradients(name):
+    """A converted model's FFNs save the gate and up outputs only (ffn.py): the same loss
+    and gradients bit for bit, one intermediate-wide tensor less saved per FFN the gradient
+    flows through."""
+    model = trained(name)
+    batch = batch_of(model.config.vocab_size)
+    deltas = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = example_losses(model, batch)[0].sum()
+        return loss, torch.autograd.grad(loss, deltas), saved
+
+    loss, grads, saved = step()
+    assert all("forward" in layer.mlp.__dict__ for layer in decoder_layers(model))
+    keep_ffn_activations(model)
+    plain_loss, plain_grads, plain_saved = step()
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
+    width = model.config.intermediate_size
+    fused = [t for t in saved.values() if t.dim() == 3 and t.shape[-1] == width]
+    plain = [t for t in plain_saved.values() if t.dim() == 3 and t.shape[-1] == width]
+    assert fused and 3 * len(fused) == 2 * len(plain)  # gate and up outputs, not the activation
 
 
 def test_a_training_step_never_forms_a_full_weight_gradient():

@@ -1,0 +1,68 @@
+"""The FFN's gated product ``silu(gate) * up``, its activation recomputed in the backward
+pass (paper §3.3: partial back-propagation keeps only what the backward pass needs).
+
+For ``silu(gate) * up`` autograd keeps three intermediate-wide tensors per FFN the
+gradient flows through: the gate projection's output (the SiLU's input), its activation
+and the up projection's output. The activation is a cheap function of the gate output,
+so a converted model's FFNs keep two and recompute it, as fused SwiGLU kernels do: one
+``tokens × intermediate`` tensor less per block above the lowest trained matrix (21.5 MiB
+per block at LLaMA-2-7B's width and 512 tokens in fp32). Values and gradients are those
+of the unfused operations bit for bit: the same kernels on the same tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import decoder_layers
+
+GATED_ACTIVATIONS = ("silu", "swish")  # config.hidden_act values this product computes
+
+
+class _SiLUProduct(torch.autograd.Function):
+    """``silu(gate) * up``, saving ``gate`` and ``up`` only."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+def _ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_SiLUProduct.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def gated_ffns(model: nn.Module) -> list[nn.Module]:
+    """The FFNs of ``model`` whose product :func:`recompute_ffn_activations` computes."""
+    if getattr(model.config, "hidden_act", None) not in GATED_ACTIVATIONS:
+        return []
+    ffns = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
+    names = ("gate_proj", "up_proj", "down_proj")
+    return [f for f in ffns if f is not None and all(hasattr(f, n) for n in names)]
+
+
+def recompute_ffn_activations(model: nn.Module) -> bool:
+    """Make every SiLU-gated FFN of ``model`` recompute its activation in the backward
+    pass; returns whether the model has such FFNs."""
+    ffns = gated_ffns(model)
+    for ffn in ffns:
+        ffn.__dict__["forward"] = _ffn_forward.__get__(ffn)
+    return bool(ffns)
+
+
+def keep_ffn_activations(model: nn.Module) -> None:
+    """Undo :func:`recompute_ffn_activations`: the FFNs' own forward again."""
+    for ffn in gated_ffns(model):
+        ffn.__dict__.pop("forward", None)
