@@ -556,6 +556,7 @@ class Trainer:
             "batch_size": t.batch_size,
             "grad_accum": t.grad_accum,
             "processes": self.world,
+            **self._data_order(),
             **self.method.checkpoint_meta(self.model),
         }
         self.checkpointer.write(self.step, trainable, state, meta)
@@ -581,11 +582,37 @@ class Trainer:
         random.setstate(rng["python"])
         self.step = state["step"]
 
+    def _data_order(self) -> dict:
+        """What decides the data order besides the seed and the global batch."""
+        return {"packing": self.packed, "group_by_length": self.recipe.train.group_by_length}
+
+    def _check_data_order(self, path: Path, meta: dict) -> None:
+        """Refuse to resume with another packing or length grouping than the checkpoint's
+        (checkpoints from before these options had neither)."""
+        then = {k: meta.get(k, False) for k in self._data_order()}
+        if then == self._data_order():
+            return
+
+        def options(order: dict, sep: str) -> str:
+            return f"data.packing{sep}{str(order['packing']).lower()}" + (
+                f" {'and ' if sep == ' ' else ''}train.group_by_length{sep}"
+                f"{str(order['group_by_length']).lower()}"
+            )
+
+        raise S2FTError(
+            f"Checkpoint {path} was trained with {options(then, ' ')}; this run has "
+            f"{options(self._data_order(), ' ')}. A resumed run keeps its data order (step N "
+            f"trains the N-th global batch of it): resume with {options(then, '=')}, or start "
+            f"a new run from this checkpoint (s2ft export {self.out} --checkpoint "
+            f"{meta['step']} --merged --out MERGED)."
+        )
+
     def _check_batch_layout(self, path: Path, meta: dict) -> None:
         """Refuse to resume with another global batch or process count than the
         checkpoint's: step N is the N-th global batch of the data order, and each process
         continues its own random stream. Checkpoints older than this record resume as
         before."""
+        self._check_data_order(path, meta)
         if "global_batch" not in meta:
             return
         if (meta["global_batch"], meta["processes"]) == (self.global_batch, self.world):

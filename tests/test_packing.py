@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from s2ft_cli import get_s2ft_model
+from s2ft_cli import S2FTError, get_s2ft_model
 from s2ft_cli.data import IGNORE_INDEX, Example, StepPlan, collate, pack_examples, target_count
 from s2ft_cli.losses import example_losses
 from s2ft_cli.recipe import load_recipe
@@ -125,7 +125,8 @@ def test_group_by_length_batches_similar_lengths_in_a_seeded_order():
 
 def test_a_packed_grouped_run_trains_and_resumes_exactly(tmp_path):
     """`s2ft train` with data.packing and train.group_by_length: 8 steps straight, and the
-    same run resumed from its step-4 checkpoint, end with the same adapter."""
+    same run resumed from its step-4 checkpoint, end with the same adapter; resuming
+    without packing (another data order) is refused."""
     path = recipe_file(tmp_path)
     options = ["data.packing=true", "train.group_by_length=true", "train.max_steps=8"]
     options += ["train.batch_size=2", "train.eval_every=0"]
@@ -134,5 +135,8 @@ def test_a_packed_grouped_run_trains_and_resumes_exactly(tmp_path):
     train(load_recipe(path, [*options, f"output_dir={run}"]))
     shutil.rmtree(run / "adapter")
     shutil.rmtree(run / "checkpoints" / "step-0000008")
+    unpacked = [o for o in options if not o.startswith("data.packing")]
+    with pytest.raises(S2FTError, match="data.packing true and train.group_by_length true"):
+        train(load_recipe(path, [*unpacked, f"output_dir={run}"]), resume=True)
     train(load_recipe(path, [*options, f"output_dir={run}"]), resume=True)
     assert max_diff(run / "adapter", tmp_path / "straight" / "adapter") <= 1e-6
