@@ -146,7 +146,8 @@ def _lean_forward(self, *args, **kwargs):
     decoder_call = {k: v for k, v in call.items() if k not in ("self", "labels", "logits_to_keep")}
     outputs = self.get_decoder()(**decoder_call, **extra)
     hidden = outputs.last_hidden_state
-    targets = shifted.to(hidden.device) != ignore
+    shifted = shifted.to(hidden.device)
+    targets = shifted != ignore
     losses = token_losses(hidden[targets], self.get_output_embeddings(), shifted[targets])
     count = loss_options.get("num_items_in_batch")
     if count is None:
