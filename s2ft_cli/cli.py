@@ -280,7 +280,11 @@ def data_command(
         raise S2FTError("s2ft data needs a data: section in the recipe (data.train at least).")
     tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
     data = load_datasets(r.data, r.train.seed, tokenizer)
-    show_data(console, tokenizer, data, show, r.train.batch_size, r.train.seed)
+    pack_len = r.data.max_seq_len if r.data.packing else None
+    show_data(
+        console, tokenizer, data, show, r.train.batch_size, r.train.seed, pack_len,
+        r.train.group_by_length,
+    )  # fmt: skip
     if json_path is not None:
         write_json(json_path, data.train)
         console.print(f"{len(data.train)} training examples written to {json_path}")

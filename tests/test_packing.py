@@ -6,6 +6,8 @@ a seeded order."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 import shutil
 
 import pytest
@@ -140,3 +142,33 @@ def test_a_packed_grouped_run_trains_and_resumes_exactly(tmp_path):
         train(load_recipe(path, [*unpacked, f"output_dir={run}"]), resume=True)
     train(load_recipe(path, [*options, f"output_dir={run}"]), resume=True)
     assert max_diff(run / "adapter", tmp_path / "straight" / "adapter") <= 1e-6
+
+
+def test_s2ft_data_shows_the_batches_as_training_makes_them(tmp_path):
+    """`s2ft data` counts padding in the training set's batches as the recipe makes them:
+    packed rows, or examples grouped by length, pad less than the seeded order."""
+    from typer.testing import CliRunner
+
+    from s2ft_cli.cli import app
+
+    path = recipe_file(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    records = [
+        {"instruction": "Repeat.", "input": "", "output": "ab " * int(n)}
+        for n in torch.randint(5, 120, (96,), generator=g)
+    ]
+    data = tmp_path / "varied.json"
+    data.write_text(json.dumps(records))
+
+    def train_row(*options) -> tuple[str, float]:
+        options = [f"data.train.path={data}", "data.val_size=0", "data.max_seq_len=512", *options]
+        result = CliRunner().invoke(app, ["data", str(path), *options])
+        assert result.exit_code == 0, result.output
+        row = next(line for line in result.output.splitlines() if "│ train" in line)
+        return row, float(re.findall(r"([\d.]+)%", row)[-1])
+
+    plain, padding = train_row()
+    grouped, grouped_padding = train_row("train.group_by_length=true")
+    packed, packed_padding = train_row("data.packing=true")
+    assert "packed" in packed and "packed" not in plain + grouped
+    assert packed_padding < padding and grouped_padding < padding

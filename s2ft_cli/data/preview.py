@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..files import atomic_write_text
-from .batches import epoch_order
+from .batches import StepPlan, pack_examples
 from .examples import Datasets
 from .tokenization import IGNORE_INDEX, Example
 
@@ -77,8 +77,19 @@ def marked(tokenizer, example: Example, colour: bool) -> Text:
     return text
 
 
-def show(console: Console, tokenizer, data: Datasets, count: int, batch_size: int, seed: int):
-    """Print ``count`` training examples, then the statistics of the sets."""
+def show(
+    console: Console,
+    tokenizer,
+    data: Datasets,
+    count: int,
+    batch_size: int,
+    seed: int,
+    pack_len: int | None = None,
+    group_by_length: bool = False,
+):
+    """Print ``count`` training examples, then the statistics of the sets; the training
+    set's as training batches it: packed into rows of ``pack_len`` tokens (data.packing)
+    and in the first epoch's order, grouped by length if asked (one process)."""
     colour = console.is_terminal and not console.no_color
     legend = "green" if colour else f"between {OPEN} and {CLOSE}"
     for k, example in enumerate(data.train[:count]):
@@ -112,11 +123,16 @@ def show(console: Console, tokenizer, data: Datasets, count: int, batch_size: in
     for name, examples in sets.items():
         if not examples:
             continue
-        in_order = range(len(examples))
-        order = epoch_order(len(examples), seed, 0) if name == "train" else list(in_order)
+        label, order = name, list(range(len(examples)))
+        if name == "train":
+            if pack_len:
+                examples = pack_examples(examples, pack_len)
+                label = f"train, packed ({len(examples):,} rows)"
+            lengths = [len(e.input_ids) for e in examples] if group_by_length else None
+            order = StepPlan(len(examples), batch_size, 1, 1, seed, lengths).epoch_order(0)
         s = SetStats.of(examples, batch_size, order)
         table.add_row(
-            name,
+            label,
             f"{s.examples:,}",
             f"{s.tokens:,}",
             str(s.shortest),
@@ -128,7 +144,9 @@ def show(console: Console, tokenizer, data: Datasets, count: int, batch_size: in
     console.print(table)
     console.print(
         "targets: share of the tokens the loss is taken on; padding: share of padding in the "
-        "micro-batches (training: in the first epoch's order)",
+        "micro-batches (training: in the first epoch's order"
+        + (", grouped by length" if group_by_length else "")
+        + ")",
         highlight=False,
     )
 
