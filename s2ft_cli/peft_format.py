@@ -139,7 +139,8 @@ def load_peft_export(path: str | Path) -> Adapter:
     path = Path(path)
     damaged = "the export is damaged — export the adapter again (s2ft export --format peft)."
     source = read_json(path / SOURCE_NAME, damaged)
-    modules = source.get("modules") if isinstance(source, dict) else None
+    source = source if isinstance(source, dict) else {}
+    modules = source.get("modules")
     if (
         source.get("format") != SOURCE_FORMAT
         or not isinstance(modules, dict)

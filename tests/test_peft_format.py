@@ -118,6 +118,9 @@ def test_a_damaged_export_is_refused(run, tmp_path):
     save_file(tensors, weights)
     with pytest.raises(S2FTError, match="not an s2ft export's; the export is damaged"):
         Adapter.load(tmp_path / "peft")
+    (tmp_path / "peft" / "s2ft_source.json").write_text("[]")
+    with pytest.raises(S2FTError, match="not an s2ft export record"):
+        Adapter.load(tmp_path / "peft")
 
 
 def test_ranks_above_the_padding_or_vllms_limit_are_refused(run, tmp_path):
