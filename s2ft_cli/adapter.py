@@ -549,13 +549,13 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], tuple
     return config, tensors, (config_file, weights_file)
 
 
-def load_adapter(model: nn.Module, path: str | Path, force: bool = False) -> nn.Module:
-    """Attach an adapter to a plain base model, unfused: the base weights stay untouched
-    and the update is applied on the fly by :class:`S2Linear` layers;
-    ``model.save_pretrained(dir)`` writes it again."""
+def load_adapter(model: nn.Module, path: str | Path | Adapter, force: bool = False) -> nn.Module:
+    """Attach an adapter (a directory, or one already read) to a plain base model, unfused:
+    the base weights stay untouched and the update is applied on the fly by
+    :class:`S2Linear` layers; ``model.save_pretrained(dir)`` writes it again."""
     state = state_of(model)
     state.check("load")
-    adapter = Adapter.load(path)
+    adapter = path if isinstance(path, Adapter) else Adapter.load(path)
     adapter.check_base(model, force)
     for name, u in adapter.updates.items():
         base = model.get_submodule(name)

@@ -126,8 +126,7 @@ def export_run(
         model = _trained_model(run, recipe, find_checkpoint(run, checkpoint))
         source = f"{run} {checkpoint}"
     else:
-        exported_adapter(run)  # a finished run, or the message saying it is not
-        model = load_adapter(_base(recipe), run / "adapter", force=force)
+        model = load_adapter(_base(recipe), exported_adapter(run), force=force)
         source = str(run / "adapter")
     model = merge_adapter(model)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)

@@ -589,21 +589,20 @@ class Trainer:
     def _check_data_order(self, path: Path, meta: dict) -> None:
         """Refuse to resume with another packing or length grouping than the checkpoint's
         (checkpoints from before these options had neither)."""
-        then = {k: meta.get(k, False) for k in self._data_order()}
-        if then == self._data_order():
+        now = self._data_order()
+        then = {k: meta.get(k, False) for k in now}
+        if then == now:
             return
+        keys = {"packing": "data.packing", "group_by_length": "train.group_by_length"}
 
-        def options(order: dict, sep: str) -> str:
-            return f"data.packing{sep}{str(order['packing']).lower()}" + (
-                f" {'and ' if sep == ' ' else ''}train.group_by_length{sep}"
-                f"{str(order['group_by_length']).lower()}"
-            )
+        def options(order: dict, sep: str, join: str) -> str:
+            return join.join(f"{keys[k]}{sep}{str(v).lower()}" for k, v in order.items())
 
         raise S2FTError(
-            f"Checkpoint {path} was trained with {options(then, ' ')}; this run has "
-            f"{options(self._data_order(), ' ')}. A resumed run keeps its data order (step N "
-            f"trains the N-th global batch of it): resume with {options(then, '=')}, or start "
-            f"a new run from this checkpoint (s2ft export {self.out} --checkpoint "
+            f"Checkpoint {path} was trained with {options(then, ' ', ' and ')}; this run has "
+            f"{options(now, ' ', ' and ')}. A resumed run keeps its data order (step N trains "
+            f"the N-th global batch of it): resume with {options(then, '=', ' ')}, or start a "
+            f"new run from this checkpoint (s2ft export {self.out} --checkpoint "
             f"{meta['step']} --merged --out MERGED)."
         )
 
