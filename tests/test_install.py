@@ -94,8 +94,13 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert (work / "runs" / "q" / "adapter" / "s2ft_adapter.safetensors").is_file()
     assert (work / "runs" / "q" / "adapter" / "s2ft_adapter.json").is_file()
     assert not list(venv.rglob("runs")), "a run wrote into the installed package"
+    # the PEFT export, from the wheel
+    _run([s2ft, "export", "runs/q", "--format", "peft", "--rank", "64", "--out", "p"], work, env)
+    assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # the data package, from the wheel: s2ft data's tokens equal the library's
-    _run([s2ft, "data", "q.yaml", "data.train.limit=120", "--json", "d.json"], work, env)
+    packed = _run([s2ft, "data", "q.yaml", "data.train.limit=120", "data.packing=true",
+                   "--json", "d.json"], work, env).stdout  # fmt: skip
+    assert "packed" in packed
     library = (
         "import json, sys; from s2ft_cli.data import load_datasets; "
         "from s2ft_cli.models import load_tokenizer; from s2ft_cli.recipe import load_recipe; "
