@@ -3,7 +3,10 @@
 Every method trains through s2ft's own loop (``s2ft_cli.train.Trainer.train_step``: the
 step ``s2ft train`` runs, fused AdamW, gradient clipping at 1.0), with the baselines of
 ``scripts/baselines.py`` as other sets of trainable parameters, on random token batches
-(one per step). Each method runs in its own subprocess, so that its peak memory is its
+(one per step); with ``--loop plain`` through a user's own loop instead, the one Hugging
+Face's Trainer runs: the model's own loss for ``labels=`` (s2ft's memory-lean loss on a
+model converted by ``get_s2ft_model``, transformers' on the baselines'), backward,
+clipping, the same AdamW. Each method runs in its own subprocess, so that its peak memory is its
 own, and the high-water mark is reset after set-up, so that the peak is the training
 phase's (``VmHWM`` after ``/proc/self/clear_refs`` on a CPU; with ``--live-memory``
 malloc hands freed blocks back at once; ``torch.cuda.max_memory_allocated`` after a
@@ -22,9 +25,13 @@ what the process held before the run:
   S²FT over the frozen linears quantized to nf4 by bitsandbytes (``model.quantization``).
 
 It reports trainable parameters, the median step time over ``--steps`` steps after
-``--warmup`` (forward, backward, optimizer step), peak memory, and the ratios to full
+``--warmup`` (forward, backward, optimizer step), the forward pass alone (no graph: a
+bound below any method's step), peak memory, and the ratios to full
 fine-tuning, LoRA and both floors; with ``--repeats N`` the ratios are medians over N
-rounds.
+rounds. With ``--interleave`` the time ratios come from one more process that holds every
+method and runs their steps in turn, the median over steps of the per-step ratios: on a
+shared machine whole processes run up to 30% slower than others, and steps alternating
+within one process see the same slowness.
 
     python scripts/bench_train.py                    # CPU: bench-llama fp32, 4×256 and 1×512
     python scripts/bench_train.py --device cuda      # LLaMA-3.2-1B-like, bf16, 2×1024
@@ -137,6 +144,85 @@ def peak_memory_bytes(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else process_memory("VmHWM")
 
 
+def batch_of(trainer, step: int) -> dict:
+    """The examples of optimizer step ``step``, as s2ft's loop takes them, in one batch (the
+    benchmark's steps have one micro-batch)."""
+    from s2ft_cli.data.batches import collate
+
+    examples = [trainer.train_set[i] for i in trainer.plan.step_examples(step)]
+    return collate(examples, trainer.tokenizer.pad_token_id)
+
+
+def plain_step(trainer, step: int) -> float:
+    """One step of a user's own loop, the one Hugging Face's Trainer runs without its extras:
+    the model's own ``loss`` for ``labels=`` (s2ft's memory-lean loss on a model converted by
+    ``get_s2ft_model``, transformers' on the others), backward, clipping, AdamW."""
+    batch = {k: v.to(trainer.device) for k, v in batch_of(trainer, step).items()}
+    with trainer.autocast():
+        loss = trainer.model(**batch, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.params, trainer.recipe.train.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_time(trainer, steps: int, device: str) -> float:
+    """Median time of the forward pass alone (no graph, the method's loss) over the steps'
+    batches: what any method pays before its backward pass."""
+    times = []
+    with torch.no_grad(), trainer.autocast():
+        for step in range(steps):
+            batch = {k: v.to(device) for k, v in batch_of(trainer, step).items()}
+            synchronize(device)
+            start = time.perf_counter()
+            trainer.engine(batch)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed_step(trainer, step: int, spec: dict, losses: list) -> float:
+    """Run optimizer step ``step`` of the spec's loop; its wall time (the loss into ``losses``)."""
+    synchronize(spec["device"])
+    start = time.perf_counter()
+    if spec["loop"] == "plain":
+        loss = plain_step(trainer, step)
+    else:
+        loss = float(trainer.train_step(step)[0])
+    synchronize(spec["device"])
+    losses.append(loss)
+    return time.perf_counter() - start
+
+
+def run_interleaved(methods: list[str], spec: dict) -> dict:
+    """Every method's loop in this one process, one step of each in turn (the order rotating
+    from step to step): step times under the same load of the machine, for the time ratios.
+    A process can run 30% slower than the next on a shared machine; steps alternating within
+    one see the same slowness."""
+    import tempfile
+    from contextlib import ExitStack
+
+    torch.set_num_threads(spec["threads"])
+    with ExitStack() as stack:
+        trainers = {}
+        for method in methods:
+            out = stack.enter_context(tempfile.TemporaryDirectory())
+            trainers[method] = trainer_for(method, spec, out)
+            stack.callback(trainers[method].cleanup)
+        times = {method: [] for method in methods}
+        for step in range(spec["warmup"] + spec["steps"]):
+            turn = step % len(methods)
+            for method in methods[turn:] + methods[:turn]:
+                times[method].append(timed_step(trainers[method], step, spec, []))
+    return {method: t[spec["warmup"] :] for method, t in times.items()}
+
+
 def run_method(method: str, spec: dict) -> dict:
     """Set up the loop, run ``warmup + steps`` optimizer steps, measure."""
     import tempfile
@@ -160,27 +246,21 @@ def run_method(method: str, spec: dict) -> dict:
         planned = plan.total(spec["checkpointing"])
         reset_peak_memory(device)
 
-        def synchronize():
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        times = []
+        times, losses = [], []
         for step in range(spec["warmup"] + spec["steps"]):
-            synchronize()
-            start = time.perf_counter()
-            loss, _ = trainer.train_step(step)
-            synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(timed_step(trainer, step, spec, losses))
         peak = peak_memory_bytes(device)
+        forward_s = forward_time(trainer, spec["steps"], device)
         trainer.cleanup()
     return {
         "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "step_s": statistics.median(times[spec["warmup"] :]),
         "step_times": times,
+        "forward_s": forward_s,
         "peak_bytes": peak,
         "base_bytes": base,
         "planned_bytes": planned if method.startswith("s2ft") else None,
-        "loss": loss,
+        "loss": losses[-1],
     }
 
 
@@ -201,6 +281,25 @@ def in_subprocess(method: str, spec: dict, live_memory: bool = False) -> dict:
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interleaved_in_subprocess(methods: list[str], spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--interleaved-worker", ",".join(methods)]
+    done = subprocess.run(cmd + ["--spec", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the interleaved run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interleaved_ratios(times: dict) -> dict:
+    """Each method's step time over each reference's: the median over steps of the ratio of
+    the two steps of the same round."""
+    return {
+        f"{method}/{ref}": statistics.median(a / b for a, b in zip(t, times[ref], strict=True))
+        for method, t in times.items()
+        for ref in REFERENCES
+        if ref in times
+    }
 
 
 def ratios(results: dict) -> dict:
@@ -249,22 +348,28 @@ TARGETS = {  # setting -> (ratio key, measure, bound), from the efficiency issue
 }
 
 
-def report(title: str, rounds: list[dict], medians: dict, targets: str) -> None:
+def report(
+    title: str, rounds: list[dict], medians: dict, targets: str, interleaved: dict | None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     last = rounds[-1]["results"]
     table = Table(title=title, title_justify="left")
-    for col in ("method", "trainable", "step s", "peak GiB"):
+    for col in ("method", "trainable", "step s", "forward s", "peak GiB"):
         table.add_column(col, justify="right" if col != "method" else "left")
     refs = [ref for ref in REFERENCES if ref in last]
     for ref in refs:
         table.add_column(f"×{ref}\ntime / mem", justify="right")
     for method, r in last.items():
+        step_s = statistics.median(
+            interleaved[method] if interleaved else [x["results"][method]["step_s"] for x in rounds]
+        )
         cells = [
             method,
             f"{r['trainable']:,}",
-            f"{statistics.median(x['results'][method]['step_s'] for x in rounds):.3f}",
+            f"{step_s:.3f}",
+            f"{statistics.median(x['results'][method]['forward_s'] for x in rounds):.3f}",
             f"{statistics.median(x['results'][method]['peak_bytes'] for x in rounds) / 2**30:.2f}",
         ]
         for ref in refs:
@@ -283,6 +388,15 @@ def report(title: str, rounds: list[dict], medians: dict, targets: str) -> None:
                 f"  {method}: s2ft plan {r['planned_bytes'] / 2**30:.2f} GiB, measured "
                 f"{measured / 2**30:.2f} GiB above the process's own "
                 f"{r['base_bytes'] / 2**30:.2f} GiB: {r['planned_bytes'] / measured:.2f}×"
+            )
+    if "full" in last:
+        for method in (m for m in last if m.startswith("s2ft")):
+            share = statistics.median(
+                x["results"][method]["forward_s"] / x["results"]["full"]["step_s"] for x in rounds
+            )
+            console.print(
+                f"  {method}: its forward pass alone (no graph) takes {share:.2f} × full "
+                "fine-tuning's step, a bound below any step that computes the loss"
             )
     for key, measure, bound in TARGETS[targets]:
         if key in medians:
@@ -316,15 +430,32 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all methods")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per method")
+    ap.add_argument(
+        "--loop",
+        choices=["trainer", "plain"],
+        default="trainer",
+        help="s2ft's training loop, or a user's own with the model's loss for labels= "
+        "(what Hugging Face's Trainer computes)",
+    )
     ap.add_argument("--json", dest="json_path", help="write every measurement here")
     ap.add_argument(
         "--live-memory", action="store_true", help="CPU: count live tensors, not retained blocks"
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the methods in one process, their steps alternating (memory: each its own)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved-worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(run_method(args.worker, json.loads(args.spec))))
+        return
+    if args.interleaved_worker:
+        methods = args.interleaved_worker.split(",")
+        print(json.dumps(run_interleaved(methods, json.loads(args.spec))))
         return
 
     model, dtype, shapes, checkpointing = DEFAULTS[args.device]
@@ -358,21 +489,38 @@ def main() -> None:
                 "steps": args.steps,
                 "warmup": args.warmup,
                 "threads": args.threads,
+                "loop": args.loop,
             }
             rounds = []
             for _ in range(args.repeats):
                 results = {m: in_subprocess(m, spec, args.live_memory) for m in methods}
                 rounds.append({"results": results, "ratios": ratios(results)})
             medians = median_ratios([r["ratios"] for r in rounds])
+            interleaved = interleaved_in_subprocess(methods, spec) if args.interleave else None
+            if interleaved:
+                for key, value in interleaved_ratios(interleaved).items():
+                    medians[key]["time"] = value
             title = (
                 f"{model} {dtype} on {machine['device']}, batch {batch}×{seq}, "
                 f"checkpointing {'on' if ckpt else 'off'}, S²FT {args.targets}"
                 + (f" on layers {args.layers}" if args.layers else "")
-                + f", {args.repeats} round(s)"
+                + f", {args.loop} loop, {args.repeats} round(s)"
+                + (
+                    f"; time: {args.steps} steps of each alternating in one process"
+                    if interleaved
+                    else ""
+                )
             )
             at_7b = args.device == "cpu" and "7b" in model
-            report(title, rounds, medians, "cpu-7b" if at_7b else args.device)
-            configs.append({"spec": spec, "rounds": rounds, "median_ratios": medians})
+            report(title, rounds, medians, "cpu-7b" if at_7b else args.device, interleaved)
+            configs.append(
+                {
+                    "spec": spec,
+                    "rounds": rounds,
+                    "interleaved_step_times": interleaved,
+                    "median_ratios": medians,
+                }
+            )
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(

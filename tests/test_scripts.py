@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from s2ft_cli import S2FTConfig
 from s2ft_cli.models import load_model
@@ -34,6 +37,32 @@ def test_bench_train_measures_every_method(tmp_path):
     ratio = config["median_ratios"]["s2ft/full"]
     assert ratio["time"] == results["s2ft"]["step_s"] / results["full"]["step_s"]
     assert ratio["memory"] == results["s2ft"]["peak_bytes"] / results["full"]["peak_bytes"]
+
+
+def test_bench_train_times_a_users_loop_and_alternating_steps(tmp_path):
+    """``--loop plain``: the model's own loss for ``labels=`` (what Hugging Face's Trainer
+    computes) trains a converted model with the loss of s2ft's loop; ``--interleave``: the
+    time ratios are the medians of per-step ratios from one process."""
+
+    def bench(name, *args):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, str(SCRIPTS / "bench_train.py"), "--model", "preset:tiny-llama"]
+        cmd += ["--shapes", "1x32", "--steps", "3", "--warmup", "0", "--threads", "1"]
+        cmd += ["--targets", json.dumps({"o_proj": 0.25, "down_proj": 0.1})]
+        cmd += ["--json", str(out), *args]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        (config,) = json.loads(out.read_text())["configs"]
+        return config
+
+    trainer = bench("trainer", "--methods", "s2ft")["rounds"][0]["results"]["s2ft"]
+    config = bench("plain", "--methods", "lora,s2ft", "--loop", "plain", "--interleave")
+    plain = config["rounds"][0]["results"]["s2ft"]
+    assert plain["loss"] == pytest.approx(trainer["loss"], rel=1e-5)
+    times = config["interleaved_step_times"]
+    assert [len(times[m]) for m in ("lora", "s2ft")] == [3, 3]
+    ratio = statistics.median(a / b for a, b in zip(times["s2ft"], times["lora"], strict=True))
+    assert config["median_ratios"]["s2ft/lora"]["time"] == ratio
+    assert all(r["forward_s"] > 0 for r in config["rounds"][0]["results"].values())
 
 
 def test_experiment_forgetting_records_every_run(tmp_path):
