@@ -18,7 +18,8 @@ of a block above the lowest trained one, in elements: the input norm's input and
 (2·I; 3·I with its activation where the FFN is not SiLU-gated, ``ffn.py``); then the S²
 layers' own. The loss keeps d(loss)/d(hidden) of the
 target positions (N·H). A step's working memory on top of the saved set is the larger of
-the loss's chunk of logits (two copies) and one block's gradients in flight, plus, on a
+the loss's chunk of float32 logits (one buffer, and its half-precision product or
+cast under bf16) and one block's gradients in flight, plus, on a
 quantized base, the dequantized weight of the product running: one block of rows under
 nf4 (``nf4.py``), the largest linear under int8.
 """
@@ -31,7 +32,7 @@ from torch import nn
 
 from .convert import get_s2ft_model
 from .ffn import gated_ffns
-from .losses import CHUNK_LOGITS
+from .losses import chunk_rows
 from .models import DTYPES, TARGETS, ModelShape, decoder_layers, load_model, model_shape
 from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
 
@@ -155,7 +156,7 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     top = max(per_layer, default=0)
     checkpointed = (checkpointed_inputs + top + loss) * tokens * act
     vocab = model.config.vocab_size
-    logits = 2 * min(CHUNK_LOGITS, tokens * vocab) * 4
+    logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
     gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
     notes = [f"{trainable:,} trainable parameters in {len(trained_layers)} layers"]
     if sharded:

@@ -44,6 +44,7 @@ def reference_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def small_chunks(monkeypatch):
     """Chunks of three rows, so that every batch is split into several."""
     monkeypatch.setattr(losses_module, "CHUNK_LOGITS", 97 * 3)
+    monkeypatch.setattr(losses_module, "CHUNK_ROWS", 1)
 
 
 def trained(name: str):
