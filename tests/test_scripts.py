@@ -19,50 +19,41 @@ from .conftest import STORIES
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def test_bench_train_measures_every_method(tmp_path):
+def bench_train(out: Path, *args: str) -> dict:
+    """``scripts/bench_train.py`` on the tiny model, one 1 × 32 shape; its one config."""
     targets = {"o_proj": 0.25, "down_proj": 0.1}
-    out = tmp_path / "bench.json"
     cmd = [sys.executable, str(SCRIPTS / "bench_train.py"), "--model", "preset:tiny-llama"]
-    cmd += ["--shapes", "1x32", "--steps", "1", "--warmup", "0", "--threads", "1"]
-    cmd += ["--targets", json.dumps(targets), "--json", str(out)]
+    cmd += ["--shapes", "1x32", "--warmup", "0", "--threads", "1"]
+    cmd += ["--targets", json.dumps(targets), "--json", str(out), *args]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-
     (config,) = json.loads(out.read_text())["configs"]
+    return config
+
+
+def test_bench_train_measures_every_method(tmp_path):
+    """Every method through s2ft's loop; ``--interleave``: the time ratios are the medians of
+    per-step ratios from one process; ``--loop plain``: the model's own loss for ``labels=``
+    (what Hugging Face's Trainer computes) trains a converted model with s2ft's loss."""
+    config = bench_train(tmp_path / "bench.json", "--steps", "2", "--interleave")
     results = config["rounds"][0]["results"]
     model = load_model("preset:tiny-llama")
     assert results["full"]["trainable"] == sum(p.numel() for p in model.parameters())
     assert results["floor"]["trainable"] == results["lean-floor"]["trainable"] == 0
-    selection = select_units(model, S2FTConfig(targets=targets))
+    selection = select_units(model, S2FTConfig(targets={"o_proj": 0.25, "down_proj": 0.1}))
     assert results["s2ft"]["trainable"] == selection.trainable_params()
+    assert all(r["forward_s"] > 0 for r in results.values())
     ratio = config["median_ratios"]["s2ft/full"]
-    assert ratio["time"] == results["s2ft"]["step_s"] / results["full"]["step_s"]
     assert ratio["memory"] == results["s2ft"]["peak_bytes"] / results["full"]["peak_bytes"]
-
-
-def test_bench_train_times_a_users_loop_and_alternating_steps(tmp_path):
-    """``--loop plain``: the model's own loss for ``labels=`` (what Hugging Face's Trainer
-    computes) trains a converted model with the loss of s2ft's loop; ``--interleave``: the
-    time ratios are the medians of per-step ratios from one process."""
-
-    def bench(name, *args):
-        out = tmp_path / f"{name}.json"
-        cmd = [sys.executable, str(SCRIPTS / "bench_train.py"), "--model", "preset:tiny-llama"]
-        cmd += ["--shapes", "1x32", "--steps", "3", "--warmup", "0", "--threads", "1"]
-        cmd += ["--targets", json.dumps({"o_proj": 0.25, "down_proj": 0.1})]
-        cmd += ["--json", str(out), *args]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        (config,) = json.loads(out.read_text())["configs"]
-        return config
-
-    trainer = bench("trainer", "--methods", "s2ft")["rounds"][0]["results"]["s2ft"]
-    config = bench("plain", "--methods", "lora,s2ft", "--loop", "plain", "--interleave")
-    plain = config["rounds"][0]["results"]["s2ft"]
-    assert plain["loss"] == pytest.approx(trainer["loss"], rel=1e-5)
     times = config["interleaved_step_times"]
-    assert [len(times[m]) for m in ("lora", "s2ft")] == [3, 3]
-    ratio = statistics.median(a / b for a, b in zip(times["s2ft"], times["lora"], strict=True))
-    assert config["median_ratios"]["s2ft/lora"]["time"] == ratio
-    assert all(r["forward_s"] > 0 for r in config["rounds"][0]["results"].values())
+    assert {len(t) for t in times.values()} == {2} and set(times) == set(results)
+    per_step = statistics.median(a / b for a, b in zip(times["s2ft"], times["full"], strict=True))
+    assert ratio["time"] == per_step
+
+    plain = bench_train(
+        tmp_path / "plain.json", "--steps", "2", "--methods", "s2ft", "--loop", "plain"
+    )
+    loss = plain["rounds"][0]["results"]["s2ft"]["loss"]
+    assert loss == pytest.approx(results["s2ft"]["loss"], rel=1e-5)
 
 
 def test_experiment_forgetting_records_every_run(tmp_path):
