@@ -37,7 +37,6 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import get_scheduler
 
 from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
@@ -264,6 +263,10 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         """AdamW over the deltas and the learning-rate schedule."""
         t = self.recipe.train
+        # here, not at import: transformers' optimization module imports its Trainer's
+        # utilities and PEFT (2.6 s), which every other command would pay at start-up
+        from transformers import get_scheduler
+
         self.optimizer = adamw(self.params, t.lr, t.weight_decay)
         self.scheduler = get_scheduler(
             t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
