@@ -42,12 +42,11 @@ from .checkpoints import Checkpointer
 from .config import DATA_STRATEGIES, S2FTConfig
 from .data import (
     Datasets,
-    StepPlan,
     calibration_batches,
     collate,
     load_datasets,
-    pack_examples,
     target_count,
+    training_plan,
 )
 from .distributed import setup_processes
 from .errors import S2FTError, TrainingInterrupted
@@ -209,15 +208,12 @@ class Trainer:
         self.data_notes = [s.note for s in sources if s.note]
         # the rows trained on: the examples, or packed several to a row (data.packing)
         self.packed = r.data is not None and r.data.packing
-        self.train_set = self.train_examples
-        if self.packed:
-            self.train_set = pack_examples(self.train_examples, r.data.max_seq_len)
+        self.train_set, self.plan = training_plan(
+            self.train_examples, r.data.max_seq_len if self.packed else None, t.batch_size,
+            self.world, t.grad_accum, t.seed, t.group_by_length,
+        )  # fmt: skip
         # target and token counts of each row, counted once: a step sums its rows'
         self.counts = [(target_count(e), len(e.input_ids)) for e in self.train_set]
-        lengths = [len(e.input_ids) for e in self.train_set] if t.group_by_length else None
-        self.plan = StepPlan(
-            len(self.train_set), t.batch_size, self.world, t.grad_accum, t.seed, lengths
-        )
         self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise S2FTError(

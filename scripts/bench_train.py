@@ -145,21 +145,21 @@ def peak_memory_bytes(device: str) -> int:
 
 
 def batch_of(trainer, step: int) -> dict:
-    """The examples of optimizer step ``step``, as s2ft's loop takes them, in one batch (the
-    benchmark's steps have one micro-batch)."""
+    """The examples of optimizer step ``step``, as s2ft's loop takes them, in one batch on
+    the trainer's device (the benchmark's steps have one micro-batch)."""
     from s2ft_cli.data.batches import collate
 
     examples = [trainer.train_set[i] for i in trainer.plan.step_examples(step)]
-    return collate(examples, trainer.tokenizer.pad_token_id)
+    batch = collate(examples, trainer.tokenizer.pad_token_id)
+    return {k: v.to(trainer.device) for k, v in batch.items()}
 
 
 def plain_step(trainer, step: int) -> float:
     """One step of a user's own loop, the one Hugging Face's Trainer runs without its extras:
     the model's own ``loss`` for ``labels=`` (s2ft's memory-lean loss on a model converted by
     ``get_s2ft_model``, transformers' on the others), backward, clipping, AdamW."""
-    batch = {k: v.to(trainer.device) for k, v in batch_of(trainer, step).items()}
     with trainer.autocast():
-        loss = trainer.model(**batch, use_cache=False).loss
+        loss = trainer.model(**batch_of(trainer, step), use_cache=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainer.params, trainer.recipe.train.max_grad_norm)
     trainer.optimizer.step()
@@ -178,7 +178,7 @@ def forward_time(trainer, steps: int, device: str) -> float:
     times = []
     with torch.no_grad(), trainer.autocast():
         for step in range(steps):
-            batch = {k: v.to(device) for k, v in batch_of(trainer, step).items()}
+            batch = batch_of(trainer, step)
             synchronize(device)
             start = time.perf_counter()
             trainer.engine(batch)
@@ -187,8 +187,8 @@ def forward_time(trainer, steps: int, device: str) -> float:
     return statistics.median(times)
 
 
-def timed_step(trainer, step: int, spec: dict, losses: list) -> float:
-    """Run optimizer step ``step`` of the spec's loop; its wall time (the loss into ``losses``)."""
+def timed_step(trainer, step: int, spec: dict) -> tuple[float, float]:
+    """Run optimizer step ``step`` of the spec's loop: its wall time and loss."""
     synchronize(spec["device"])
     start = time.perf_counter()
     if spec["loop"] == "plain":
@@ -196,15 +196,12 @@ def timed_step(trainer, step: int, spec: dict, losses: list) -> float:
     else:
         loss = float(trainer.train_step(step)[0])
     synchronize(spec["device"])
-    losses.append(loss)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, loss
 
 
 def run_interleaved(methods: list[str], spec: dict) -> dict:
     """Every method's loop in this one process, one step of each in turn (the order rotating
-    from step to step): step times under the same load of the machine, for the time ratios.
-    A process can run 30% slower than the next on a shared machine; steps alternating within
-    one see the same slowness."""
+    from step to step): step times under the same load of the machine, for the time ratios."""
     import tempfile
     from contextlib import ExitStack
 
@@ -219,7 +216,7 @@ def run_interleaved(methods: list[str], spec: dict) -> dict:
         for step in range(spec["warmup"] + spec["steps"]):
             turn = step % len(methods)
             for method in methods[turn:] + methods[:turn]:
-                times[method].append(timed_step(trainers[method], step, spec, []))
+                times[method].append(timed_step(trainers[method], step, spec)[0])
     return {method: t[spec["warmup"] :] for method, t in times.items()}
 
 
@@ -246,9 +243,8 @@ def run_method(method: str, spec: dict) -> dict:
         planned = plan.total(spec["checkpointing"])
         reset_peak_memory(device)
 
-        times, losses = [], []
-        for step in range(spec["warmup"] + spec["steps"]):
-            times.append(timed_step(trainer, step, spec, losses))
+        steps = [timed_step(trainer, step, spec) for step in range(spec["warmup"] + spec["steps"])]
+        times, losses = (list(column) for column in zip(*steps, strict=True))
         peak = peak_memory_bytes(device)
         forward_s = forward_time(trainer, spec["steps"], device)
         trainer.cleanup()
@@ -274,20 +270,13 @@ def run_method(method: str, spec: dict) -> dict:
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def in_subprocess(method: str, spec: dict, live_memory: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--spec", json.dumps(spec)]
+def in_subprocess(worker: str, what: str, spec: dict, live_memory: bool = False) -> dict:
+    """This script as ``--worker`` or ``--interleaved-worker`` ``what``: its JSON answer."""
+    cmd = [sys.executable, __file__, worker, what, "--spec", json.dumps(spec)]
     env = {**os.environ, **(LIVE_MEMORY_ENV if live_memory else {})}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def interleaved_in_subprocess(methods: list[str], spec: dict) -> dict:
-    cmd = [sys.executable, __file__, "--interleaved-worker", ",".join(methods)]
-    done = subprocess.run(cmd + ["--spec", json.dumps(spec)], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"the interleaved run failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -493,11 +482,12 @@ def main() -> None:
             }
             rounds = []
             for _ in range(args.repeats):
-                results = {m: in_subprocess(m, spec, args.live_memory) for m in methods}
+                results = {m: in_subprocess("--worker", m, spec, args.live_memory) for m in methods}
                 rounds.append({"results": results, "ratios": ratios(results)})
             medians = median_ratios([r["ratios"] for r in rounds])
-            interleaved = interleaved_in_subprocess(methods, spec) if args.interleave else None
-            if interleaved:
+            interleaved = None
+            if args.interleave:
+                interleaved = in_subprocess("--interleaved-worker", ",".join(methods), spec)
                 for key, value in interleaved_ratios(interleaved).items():
                     medians[key]["time"] = value
             title = (

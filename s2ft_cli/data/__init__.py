@@ -18,6 +18,7 @@ from .batches import (
     epoch_order,
     pack_examples,
     target_count,
+    training_plan,
 )
 from .examples import Datasets, SourceStats, build_examples, load_datasets, split_validation
 from .records import BUILTIN_PREFIX, FORMATS, load_records, read_record_file
@@ -46,5 +47,6 @@ __all__ = [
     "require_chat_template",
     "split_validation",
     "target_count",
+    "training_plan",
     "user_message",
 ]

@@ -152,6 +152,22 @@ def pack_examples(examples: list[Example], max_len: int) -> list[Example]:
     return packed
 
 
+def training_plan(
+    examples: list[Example],
+    pack_len: int | None,
+    batch_size: int,
+    world: int,
+    grad_accum: int,
+    seed: int,
+    group_by_length: bool,
+) -> tuple[list[Example], StepPlan]:
+    """The rows training takes — the examples, or packed ``pack_len`` tokens to a row
+    (data.packing) — and the plan of its steps, grouped by length if asked."""
+    rows = pack_examples(examples, pack_len) if pack_len else examples
+    lengths = [len(e.input_ids) for e in rows] if group_by_length else None
+    return rows, StepPlan(len(rows), batch_size, world, grad_accum, seed, lengths)
+
+
 def calibration_batches(
     examples: list[Example], samples: int, batch_size: int, seed: int, pad_id: int
 ) -> list[dict[str, torch.Tensor]]:

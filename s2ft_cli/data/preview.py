@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..files import atomic_write_text
-from .batches import StepPlan, pack_examples
+from .batches import training_plan
 from .examples import Datasets
 from .tokenization import IGNORE_INDEX, Example
 
@@ -125,11 +125,12 @@ def show(
             continue
         label, order = name, list(range(len(examples)))
         if name == "train":
+            examples, plan = training_plan(
+                examples, pack_len, batch_size, 1, 1, seed, group_by_length
+            )
+            order = plan.epoch_order(0)
             if pack_len:
-                examples = pack_examples(examples, pack_len)
                 label = f"train, packed ({len(examples):,} rows)"
-            lengths = [len(e.input_ids) for e in examples] if group_by_length else None
-            order = StepPlan(len(examples), batch_size, 1, 1, seed, lengths).epoch_order(0)
         s = SetStats.of(examples, batch_size, order)
         table.add_row(
             label,
