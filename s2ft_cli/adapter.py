@@ -38,23 +38,16 @@ from .ffn import keep_ffn_activations
 from .files import atomic_write_dir, read_json
 from .layers import S2Linear
 from .losses import detach_lean_loss
-from .models import (
-    TARGETS,
-    get_architecture,
-    model_shape,
-    module_path,
-    replace_module,
-    unit_index,
-)
+from .models import get_architecture, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout
 from .sharding import full_tensor
 from .state import (
     attach_save_pretrained,
     detach_save_pretrained,
-    register_adapter_io,
     remember_base_fingerprint,
     state_of,
 )
+from .targets import TARGETS
 
 ADAPTER_FORMAT = "s2ft-adapter"
 ADAPTER_VERSION = 2
@@ -445,7 +438,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     return adapter_of(model).save(path)
 
 
-def _write_adapter(model: nn.Module, path: str | Path, is_main_process: bool = True):
+def write_pretrained(model: nn.Module, path: str | Path, is_main_process: bool = True):
     """``save_pretrained`` of a converted or loaded model (see state.py): every process of
     a sharded model gathers the deltas, the main one writes."""
     sharded = any(isinstance(m.delta, DTensor) for m in _adapter_modules(model).values())
@@ -455,11 +448,9 @@ def _write_adapter(model: nn.Module, path: str | Path, is_main_process: bool = T
     return adapter.save(path) if is_main_process else None
 
 
-def _base_fingerprint(model: nn.Module) -> dict:
+def base_fingerprint(model: nn.Module) -> dict:
+    """The fingerprint of a converted model's base (its adapted weights as they are now)."""
     return fingerprint(model, {name: m.weight for name, m in _adapter_modules(model).items()})
-
-
-register_adapter_io(_write_adapter, _base_fingerprint)
 
 
 def adapter_of(model: nn.Module) -> Adapter:
@@ -478,7 +469,7 @@ def adapter_of(model: nn.Module) -> Adapter:
         remember_base_fingerprint(model)
         base = state.conversion.base_fingerprint
     else:
-        base = _base_fingerprint(model)
+        base = base_fingerprint(model)
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",
         base,

@@ -95,17 +95,19 @@ def select(
     ] = None,
 ) -> None:
     """Show which heads and channels a recipe trains, without training."""
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)  # a recipe's mistakes are reported before torch loads
+
     import torch
 
     from .config import DATA_STRATEGIES
     from .data import load_datasets
     from .models import load_model, load_tokenizer
     from .permute import plan_layout
-    from .recipe import load_recipe
     from .selection import select_units
     from .train import calibration_data
 
-    r = load_recipe(recipe, overrides)
     cfg = r.s2ft
     model = load_model(
         r.model.name_or_path,
@@ -186,12 +188,14 @@ def plan(
 ) -> None:
     """Show the memory a recipe's training run needs per GPU, before it starts (no weights
     are read: the model is built on the meta device)."""
-    from .memory import GIB, plan_memory
     from .recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
     if r.data is None:
         raise S2FTError("s2ft plan needs the recipe's data: section (data.max_seq_len).")
+
+    from .memory import GIB, plan_memory
+
     p = plan_memory(r, gpus)
     seq = r.data.max_seq_len
     how = "FSDP" if r.train.sharded(gpus) else "DDP" if gpus > 1 else ""
@@ -269,15 +273,17 @@ def data_command(
 ) -> None:
     """Show what the model will be trained on: examples with the trained tokens marked,
     and statistics of the set. Loads the tokenizer and the data, never the weights."""
-    from .data import load_datasets
-    from .data.preview import show as show_data
-    from .data.preview import write_json
-    from .models import load_tokenizer
     from .recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
     if r.data is None:
         raise S2FTError("s2ft data needs a data: section in the recipe (data.train at least).")
+
+    from .data import load_datasets
+    from .data.preview import show as show_data
+    from .data.preview import write_json
+    from .models import load_tokenizer
+
     tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
     data = load_datasets(r.data, r.train.seed, tokenizer)
     pack_len = r.data.max_seq_len if r.data.packing else None
@@ -301,11 +307,13 @@ def train(
 ) -> None:
     """Fine-tune a model with S²FT as the recipe says (also under torchrun)."""
     from .recipe import load_recipe
-    from .train import train as run_training
 
     r = load_recipe(recipe, overrides)
     if r.eval is not None:  # a misspelt eval task is refused before training, not after
         _known_tasks(r.eval.tasks, "eval.tasks")
+
+    from .train import train as run_training
+
     try:
         run_training(r, resume=resume, console=console)
     except TrainingInterrupted as stop:
@@ -414,7 +422,6 @@ def eval_command(
 ) -> None:
     """Evaluate on the paper's commonsense and arithmetic sets; or re-score saved outputs."""
     from .evaluation.report import results_table, score_file
-    from .evaluation.runner import evaluate
     from .evaluation.tasks import resolve_tasks
     from .recipe import eval_settings, load_recipe, run_directory
 
@@ -471,6 +478,8 @@ def eval_command(
     default_out = (
         run_dir / "eval" if run_dir else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    from .evaluation.runner import evaluate  # torch, once the options are known to be valid
+
     evaluate(
         model_name,
         settings,

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .models import TARGET_MATRICES, structure_matrices
+from .targets import TARGET_MATRICES, structure_matrices
 
 # S²FT-R, -W, -A, -S (weight × activation) and -G of the paper's §4 / Table 5
 STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")

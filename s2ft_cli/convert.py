@@ -9,10 +9,11 @@ from .errors import S2FTError
 from .ffn import recompute_ffn_activations
 from .layers import S2Linear
 from .losses import attach_lean_loss
-from .models import TARGETS, get_linear, model_shape, module_path, replace_module, unit_index
+from .models import get_linear, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout, plan_layout
 from .selection import Selection, select_units
 from .state import Conversion, attach_save_pretrained, state_of
+from .targets import TARGETS
 
 
 def get_s2ft_model(

@@ -33,8 +33,9 @@ from torch import nn
 from .convert import get_s2ft_model
 from .ffn import gated_ffns
 from .losses import chunk_rows
-from .models import DTYPES, TARGETS, ModelShape, decoder_layers, load_model, model_shape
+from .models import DTYPES, ModelShape, decoder_layers, load_model, model_shape
 from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
+from .targets import TARGETS
 
 # Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
 # a byte and keeps one 8-bit absmax per block of 64 (double quantization: plus one fp32

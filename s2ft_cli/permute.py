@@ -23,16 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import (
-    STRUCTURES,
-    TARGETS,
-    ModelShape,
-    Unit,
-    get_linear,
-    structure_matrices,
-    unit_index,
-)
+from .models import ModelShape, get_linear, unit_index
 from .selection import Selection
+from .targets import STRUCTURES, TARGETS, Unit, structure_matrices
 
 
 def _grouped(matrix: str) -> bool:

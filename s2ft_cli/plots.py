@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from .errors import S2FTError
-from .models import TARGETS
 from .selection import Selection
+from .targets import TARGETS
 
 
 def selection_heatmap(selection: Selection, path: str | Path) -> Path:

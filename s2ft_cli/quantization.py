@@ -20,8 +20,9 @@ from torch import nn
 
 from .errors import S2FTError
 from .layers import S2Linear
-from .models import TARGETS, decoder_layers, module_path, replace_module
+from .models import decoder_layers, module_path, replace_module
 from .state import remember_base_fingerprint
+from .targets import TARGETS
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 NF4_BLOCK_ELEMENTS = 2**22  # weights an nf4 product dequantizes at once: 16 MiB in fp32

@@ -28,7 +28,8 @@ from torch import nn
 from .config import S2FTConfig
 from .data import IGNORE_INDEX
 from .losses import example_losses
-from .models import STRUCTURES, TARGETS, ModelShape, Unit, get_linear, structure_consumer
+from .models import ModelShape, get_linear
+from .targets import STRUCTURES, TARGETS, Unit, structure_consumer
 
 Batches = list[dict[str, torch.Tensor]]
 Scores = dict[str, torch.Tensor]

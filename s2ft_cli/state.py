@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import S2FTError
+
+if TYPE_CHECKING:  # the state needs no torch: the package wires it in at import (__init__)
+    from torch import nn
 
 STATE_ATTRIBUTE = "s2ft_state"
 
@@ -136,7 +138,8 @@ def state_of(model: nn.Module) -> S2FTState:
 
 # A converted or loaded model's ``save_pretrained`` writes an S²FT adapter: what Hugging
 # Face's Trainer and TRL call at a checkpoint and at the end. The adapter module (above
-# this one in the pipeline) registers the writer, and how the base's fingerprint is taken.
+# this one in the pipeline) writes it and takes the base's fingerprint; the package's
+# __init__ registers the two when it is imported, before any module of it runs.
 _adapter_io: dict[str, Callable] = {}
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from s2ft_cli.data import IGNORE_INDEX
 from s2ft_cli.methods import TrainingMethod
-from s2ft_cli.models import TARGET_MATRICES
 from s2ft_cli.quantization import quantize_frozen_linears
+from s2ft_cli.targets import TARGET_MATRICES
 
 
 class TransformersLoss(nn.Module):

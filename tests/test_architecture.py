@@ -8,10 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "s2ft_cli"
 # Stages in the order a recipe flows through them; a module may import its own stage and
-# earlier ones. models.py holds facts (architectures, the target table) the recipe's
-# schema checks names against, so it comes first.
+# earlier ones. targets.py (the target table the recipe's schema checks names against) and
+# models.py (architectures, shapes) hold facts, so they come first.
 STAGES = [
-    ["errors", "files", "models", "__version__"],
+    ["errors", "files", "targets", "models", "__version__"],
     ["config", "recipe"],
     ["data", "losses"],
     ["selection", "scores", "plots"],

@@ -77,6 +77,35 @@ def test_bad_value_and_missing_recipe(tmp_path):
     assert result.returncode == 1 and "is not key=value" in result.stderr
 
 
+def test_help_listings_and_recipe_mistakes_answer_without_loading_torch(tmp_path):
+    """The command line imports torch and transformers (2-3 s) only once a recipe is
+    valid: --help, recipes, init and a recipe's mistakes answer without them."""
+    commands = [
+        ["--help"],
+        ["recipes"],
+        ["init", "quickstart", str(tmp_path / "q.yaml")],
+        ["select", str(QUICKSTART), "s2ft.targets.o_proj=2"],
+        ["train", str(QUICKSTART), "train.scheduler=cosinee"],
+        ["train", str(QUICKSTART), "eval.tasks=[gsm9k]"],
+        ["data", str(QUICKSTART), "data.max_seq_len=0"],
+        ["plan", str(tmp_path / "nope.yaml")],
+        ["eval", "--score-only", str(tmp_path / "nope.jsonl")],
+    ]
+    script = (
+        "import sys, json; from s2ft_cli.cli import app\n"
+        "try:\n    app(json.loads(sys.argv[1]))\nexcept SystemExit as stop:\n    code = stop.code\n"
+        "heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
+        "print(json.dumps([code, heavy]), file=sys.stderr)\n"
+    )
+    for args in commands:
+        result = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True
+        )
+        code, heavy = json.loads(result.stderr.splitlines()[-1])
+        assert heavy == [], (args, heavy)
+        assert code == (0 if args[0] in ("--help", "recipes", "init") else 1), (args, result)
+
+
 def test_unsupported_model_fails_cleanly(tmp_path):
     from transformers import GPT2Config
 

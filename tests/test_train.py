@@ -184,6 +184,30 @@ def test_bundled_recipes_are_valid_and_init_copies_them(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
+def test_a_recipe_takes_the_schedules_that_run_on_warmup_and_total_steps(tmp_path):
+    """train.scheduler: every name a recipe accepts is a transformers schedule that the
+    training loop steps; the others (a metric to step on, or arguments a recipe has no
+    key for) are refused by the recipe, before any model loads."""
+    from typing import get_args
+
+    from transformers import SchedulerType, get_scheduler
+
+    from s2ft_cli.recipe import Scheduler
+
+    accepted = set(get_args(Scheduler))
+    assert accepted < {s.value for s in SchedulerType}
+    for name in accepted:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=2, num_training_steps=6)
+        for _ in range(6):
+            optimizer.step()
+            schedule.step()
+        assert 0 <= optimizer.param_groups[0]["lr"] <= 1e-3, name
+    for name in {s.value for s in SchedulerType} - accepted:
+        with pytest.raises(S2FTError, match=f"train.scheduler: .*got '{name}'"):
+            load_recipe(recipe_file(tmp_path), [f"train.scheduler={name}"])
+
+
 def test_paths_resolve_against_the_recipe_or_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     path = recipe_file(tmp_path / "sub", RECIPE.replace('"builtin:arithmetic"', "d.json"))
