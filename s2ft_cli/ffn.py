@@ -31,12 +31,15 @@ class _SiLUProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Each gradient is one new buffer, its last factor applied in place: one
+        # intermediate-wide temporary less at the backward pass's peak.
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
         if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            grad_gate = grad * up
+            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        if ctx.needs_input_grad[1]:
+            grad_up = F.silu(gate).mul_(grad)
         return grad_gate, grad_up
 
 

@@ -58,6 +58,7 @@ def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor
                 probs.div_(total[:, None])
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
                 grad_hidden[span] = probs.to(dtype) @ weight
+            del logits, probs  # freed before the next chunk's buffer, not after it
     return losses
 
 
