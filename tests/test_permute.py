@@ -22,7 +22,7 @@ from s2ft_cli.selection import select_units
 
 from .conftest import tiny_model
 
-# matrices whose units are key/value heads (stated here, not read from models.TARGETS)
+# matrices whose units are key/value heads (stated here, not read from targets.TARGETS)
 GROUP_MATRICES = ("k_proj", "v_proj")
 
 ATTENTION_PAIRS = [

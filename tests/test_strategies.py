@@ -15,7 +15,7 @@ from s2ft_cli.selection import select_units
 
 from .conftest import stories_model, tiny_model
 
-# matrices whose units are columns (stated here, not read from models.TARGETS)
+# matrices whose units are columns (stated here, not read from targets.TARGETS)
 CONSUMERS = ("o_proj", "down_proj")
 
 # every kind of unit: query heads as rows and columns, key/value heads, channels both ways
