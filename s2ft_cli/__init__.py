@@ -20,13 +20,16 @@ __version__ = "0.1.0"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def _from_adapter_stage(name: str):
-    """``adapter.<name>``, imported when first called."""
+def _attribute(module: str, name: str):
+    """``s2ft_cli.<module>.<name>``, importing the module (and with it torch) if need be."""
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def _deferred(module: str, name: str):
+    """A function that calls ``s2ft_cli.<module>.<name>``, imported at the first call."""
 
     def call(*args, **kwargs):
-        from . import adapter
-
-        return getattr(adapter, name)(*args, **kwargs)
+        return _attribute(module, name)(*args, **kwargs)
 
     return call
 
@@ -35,10 +38,10 @@ def _from_adapter_stage(name: str):
 # stage can do: the package wires the two when it is imported, and the adapter stage (with
 # torch) is imported on first use.
 register_adapter_io(
-    _from_adapter_stage("write_pretrained"), _from_adapter_stage("base_fingerprint")
+    _deferred("adapter", "write_pretrained"), _deferred("adapter", "base_fingerprint")
 )
 
-# name -> the module that defines it
+# The library API: name -> the module that defines it, imported on first use.
 _API = {
     "load_adapter": "adapter",
     "merge_adapter": "adapter",
@@ -52,34 +55,27 @@ _API = {
     "example_losses": "losses",
     "Selection": "selection",
 }
-__all__ = [
-    "AdapterMismatchError",
-    "S2FTConfig",
-    "S2FTError",
-    "Selection",
-    "example_losses",
-    "get_s2ft_model",
-    "load_adapter",
-    "merge_adapter",
-    "save_adapter",
-    "unload_adapter",
-    "unmerge_adapter",
-]
+__all__ = sorted(_API)
 
-if TYPE_CHECKING:
-    from .adapter import load_adapter, merge_adapter, save_adapter, unload_adapter, unmerge_adapter
-    from .config import S2FTConfig
-    from .convert import get_s2ft_model
-    from .errors import AdapterMismatchError, S2FTError
-    from .losses import example_losses
-    from .selection import Selection
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from .adapter import (  # noqa: F401
+        load_adapter,
+        merge_adapter,
+        save_adapter,
+        unload_adapter,
+        unmerge_adapter,
+    )
+    from .config import S2FTConfig  # noqa: F401
+    from .convert import get_s2ft_model  # noqa: F401
+    from .errors import AdapterMismatchError, S2FTError  # noqa: F401
+    from .losses import example_losses  # noqa: F401
+    from .selection import Selection  # noqa: F401
 
 
 def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    globals()[name] = value
+    value = globals()[name] = _attribute(_API[name], name)
     return value
 
 

@@ -63,12 +63,15 @@ def main() -> None:
         head.weight.normal_(0, 0.02, generator=g)
         hidden = torch.randn(args.tokens, args.hidden, generator=g).requires_grad_(True)
         labels = torch.randint(0, vocab, (args.tokens,), generator=g)
+        # name -> (rows per chunk, the loss); transformers' has no chunks
+        methods = {"transformers": (None, transformers_loss)}
         rows = min(losses.chunk_rows(vocab), args.tokens)
-        methods = {"transformers": transformers_loss, f"lean, {rows} rows": lean_loss(None)}
-        methods.update({f"lean, {r} rows": lean_loss(int(r)) for r in args.rows.split(",") if r})
+        methods[f"lean, {rows} rows"] = (rows, lean_loss(None))
+        for r in (int(r) for r in args.rows.split(",") if r):
+            methods[f"lean, {r} rows"] = (r, lean_loss(r))
         times = {name: [] for name in methods}
         for _ in range(args.repeats):
-            for name, loss in methods.items():
+            for name, (_, loss) in methods.items():
                 start = time.perf_counter()
                 loss(hidden, head, labels)
                 times[name].append(time.perf_counter() - start)
@@ -76,9 +79,9 @@ def main() -> None:
         base = statistics.median(times["transformers"][1:])
         full = args.tokens * vocab * 4 / 2**20
         print(f"vocab {vocab}: transformers {base:.3f} s, logits {full:.0f} MiB")
-        for name, t in list(times.items())[1:]:
-            chunk = int(name.split()[1]) * vocab * 4 / 2**20
-            median = statistics.median(t[1:])
+        for name, (rows, _) in list(methods.items())[1:]:
+            chunk = rows * vocab * 4 / 2**20
+            median = statistics.median(times[name][1:])
             print(f"  {name}: {median:.3f} s ({median / base:.2f}×), one chunk {chunk:.0f} MiB")
 
 

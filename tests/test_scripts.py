@@ -17,14 +17,14 @@ from s2ft_cli.selection import select_units
 from .conftest import STORIES
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TARGETS = {"o_proj": 0.25, "down_proj": 0.1}  # the benchmark's S²FT on the tiny model
 
 
 def bench_train(out: Path, *args: str) -> dict:
     """``scripts/bench_train.py`` on the tiny model, one 1 × 32 shape; its one config."""
-    targets = {"o_proj": 0.25, "down_proj": 0.1}
     cmd = [sys.executable, str(SCRIPTS / "bench_train.py"), "--model", "preset:tiny-llama"]
     cmd += ["--shapes", "1x32", "--warmup", "0", "--threads", "1"]
-    cmd += ["--targets", json.dumps(targets), "--json", str(out), *args]
+    cmd += ["--targets", json.dumps(TARGETS), "--json", str(out), *args]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     (config,) = json.loads(out.read_text())["configs"]
     return config
@@ -39,7 +39,7 @@ def test_bench_train_measures_every_method(tmp_path):
     model = load_model("preset:tiny-llama")
     assert results["full"]["trainable"] == sum(p.numel() for p in model.parameters())
     assert results["floor"]["trainable"] == results["lean-floor"]["trainable"] == 0
-    selection = select_units(model, S2FTConfig(targets={"o_proj": 0.25, "down_proj": 0.1}))
+    selection = select_units(model, S2FTConfig(targets=TARGETS))
     assert results["s2ft"]["trainable"] == selection.trainable_params()
     assert all(r["forward_s"] > 0 for r in results.values())
     ratio = config["median_ratios"]["s2ft/full"]
