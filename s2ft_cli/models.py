@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import S2FTError
+from .gguf_bases import PACKAGED_MODELS, gguf_folder, is_gguf_source
 from .targets import TARGETS, Unit, structure_consumer, structure_matrices
 
 
@@ -244,12 +245,16 @@ def preset_names() -> list[str]:
 
 
 def _model_source(name_or_path: str) -> str:
-    """A local directory (checked to exist) or a hub id, as transformers takes it."""
+    """A local directory (checked to exist) or a hub id, as transformers takes it; a
+    packaged model or a ``.gguf`` file becomes its converted folder (:mod:`.gguf_bases`)."""
+    if is_gguf_source(name_or_path):
+        return str(gguf_folder(name_or_path))
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         raise S2FTError(
             f"Model directory {name_or_path!r} does not exist. Give model.name_or_path as a "
-            "local Hugging Face model directory, a hub id (e.g. meta-llama/Llama-3.2-1B), or "
+            "local Hugging Face model directory, a .gguf file, a hub id (e.g. "
+            f"meta-llama/Llama-3.2-1B), a packaged model ({', '.join(PACKAGED_MODELS)}) or "
             f"one of the presets {', '.join(preset_names())}."
         )
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
@@ -262,8 +267,9 @@ def load_model(
     seed: int = 0,
     weights: bool = True,
 ) -> nn.Module:
-    """Load a causal LM from a hub id, a local directory, or a built-in preset
-    (``preset:tiny-llama``: randomly initialised with ``seed``, no download).
+    """Load a causal LM from a hub id, a local directory, a ``.gguf`` file or packaged
+    model (dequantized, :mod:`.gguf_bases`), or a built-in preset (``preset:tiny-llama``:
+    randomly initialised with ``seed``, no download).
 
     ``weights=False`` builds the architecture on the meta device from the config alone,
     for work that needs only shapes (random selection of an 8B model reads no weights).
@@ -301,6 +307,8 @@ def load_model(
             "hub id; a hub id needs network access (or a local copy in the Hugging Face cache)."
         ) from err
     get_architecture(model)
+    if is_gguf_source(name_or_path):  # adapters name the base as the user did, not the cache
+        model.config.name_or_path = name_or_path
     return model
 
 

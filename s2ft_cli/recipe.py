@@ -32,7 +32,13 @@ class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name_or_path: str = Field(
-        description="Hub id, local directory, or a built-in preset such as preset:tiny-llama."
+        description="Hub id, local directory, .gguf file, a packaged model "
+        "(smollm2-135m-instruct), or a built-in preset such as preset:tiny-llama."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="The .gguf file inside the folder name_or_path (as transformers' "
+        "gguf_file=); the same as giving the file's path as name_or_path.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights' dtype when loaded."
@@ -75,7 +81,10 @@ class DataSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    train: DataSource
+    train: DataSource | list[DataSource] = Field(
+        description="One source, or a list of sources whose records are used together (e.g. "
+        "LLM-Adapters' separate commonsense training sets)."
+    )
     validation: DataSource | None = None
     val_size: int = Field(0, ge=0, description="Carve this many validation records from train.")
     prompt_template: Literal["alpaca", "chat"] = Field(
@@ -89,6 +98,16 @@ class DataSection(BaseModel):
         "attending only to itself (positions restart per example): no padding; the loss and "
         "gradient of every example are those it has alone. Batch sizes count rows.",
     )
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        return self.train if isinstance(self.train, list) else [self.train]
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataSection:
+        if not self.train_sources:
+            raise ValueError("data.train needs at least one source")
+        return self
 
 
 # transformers' schedules (``SchedulerType``) that run on the warm-up and total steps
@@ -357,9 +376,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return Path.cwd() if on_command_line else path.resolve().parent
 
     recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base("model.name_or_path"))
+    if recipe.model.gguf_file is not None:  # one spelling downstream: the file's path
+        folder = Path(recipe.model.name_or_path).expanduser()
+        recipe.model.name_or_path = str(folder / recipe.model.gguf_file)
+        recipe.model.gguf_file = None
     if recipe.data is not None:
-        for name in ("train", "validation"):
-            source = getattr(recipe.data, name)
+        sources = [("train", s) for s in recipe.data.train_sources]
+        for name, source in [*sources, ("validation", recipe.data.validation)]:
             if source is None or source.path.startswith("builtin:"):
                 continue
             folder = base(f"data.{name}.path")

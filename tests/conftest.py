@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,39 @@ def tiny_model(name: str, seed: int = 0, dtype=torch.float32):
             if module_name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+SMOLLM2 = "smollm2-135m-instruct"  # the packaged real model (make install installs it)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s2ft_cache(tmp_path_factory) -> Path:
+    """Converted GGUF models go to a cache of this session's (the first test that needs the
+    packaged model converts it, ~20 s), never the user's; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("s2ft-cache")
+    old = os.environ.get("S2FT_CACHE")
+    os.environ["S2FT_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("S2FT_CACHE", None)
+    else:
+        os.environ["S2FT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    """SmolLM2-135M-Instruct from its package (float32, eval mode); copy it before changing
+    it. A missing package fails the test with the command that installs it."""
+    from s2ft_cli.models import load_model
+
+    return load_model(SMOLLM2).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from s2ft_cli.models import load_tokenizer
+
+    return load_tokenizer(SMOLLM2)
 
 
 def stories_model():

@@ -218,7 +218,7 @@ def test_adapters_unfused_fused_and_exported_give_the_same_answers(tmp_path):
     common = ["--data-dir", data.parent.parent, "--tasks", "gsm8k", "--max-new-tokens", 12]
     output = invoke("--model", "preset:tiny-llama", "--adapter", tmp_path / "a1", "--adapter",
                     tmp_path / "a2", "--out", tmp_path / "unfused", *common)  # fmt: skip
-    assert "accuracy % by adapter" in output
+    assert "accuracy % (95% confidence interval) by adapter" in output
     invoke("--model", "preset:tiny-llama", "--adapter", tmp_path / "a1", "--merge",
            "--out", tmp_path / "fused", *common)  # fmt: skip
     invoke("--model", tmp_path / "merged", "--out", tmp_path / "exported", *common)

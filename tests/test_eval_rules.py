@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from s2ft_cli.cli import app
 from s2ft_cli.errors import S2FTError
-from s2ft_cli.evaluation.report import score, summarize
+from s2ft_cli.evaluation.report import score, summarize, wilson_interval
 from s2ft_cli.evaluation.tasks import GROUPS, TASKS, resolve_tasks, task_in_path, task_named
 
 runner = CliRunner()
@@ -92,7 +92,13 @@ def test_summary_averages_tasks_within_groups():
         {"task": "gsm8k", "correct": False},
     ]
     results = summarize(rows)
-    assert results["tasks"]["boolq"] == {"accuracy": 0.5, "correct": 1, "n": 2}
+    boolq = results["tasks"]["boolq"]
+    assert {k: boolq[k] for k in ("accuracy", "correct", "n")} == {
+        "accuracy": 0.5,
+        "correct": 1,
+        "n": 2,
+    }
+    assert boolq["ci95"] == pytest.approx([0.0945, 0.9055], abs=1e-4)  # Wilson, tabulated
     assert results["groups"]["commonsense"] == {
         "accuracy": 0.75,
         "n": 3,
@@ -146,9 +152,20 @@ def test_score_only_lines_without_a_task_take_the_one_named(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "rescored" / "results.json").read_text())
-    assert results["tasks"] == {
-        "gsm8k": {"accuracy": 1.0, "correct": 1, "n": 1},
-        "SVAMP": {"accuracy": 0.0, "correct": 0, "n": 1},
+    assert {t: (r["accuracy"], r["correct"], r["n"]) for t, r in results["tasks"].items()} == {
+        "gsm8k": (1.0, 1, 1),
+        "SVAMP": (0.0, 0, 1),
     }
     result = runner.invoke(app, ["eval", "--score-only", str(path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "line 1 cannot be scored: it has no 'task'" in result.output
+
+
+@pytest.mark.parametrize("correct,n", [(0, 5), (1, 2), (105, 500), (283, 500), (500, 500)])
+def test_wilson_intervals_solve_the_score_equation(correct, n):
+    """Each end of the 95 % Wilson interval is a p whose score statistic is 1.96:
+    (p̂ − p)² = z² p (1 − p) / n, with p̂ between the ends."""
+    low, high = wilson_interval(correct, n)
+    p_hat, z = correct / n, 1.96
+    assert low <= p_hat <= high
+    for p in (low, high):
+        assert (p_hat - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, abs=1e-12)

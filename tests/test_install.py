@@ -15,6 +15,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from s2ft_cli.cli import _recipe_files, app
+from s2ft_cli.gguf_bases import PACKAGED_MODELS
 from s2ft_cli.recipe import EvalSection, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,21 +96,22 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert (work / "runs" / "q" / "adapter" / "s2ft_adapter.json").is_file()
     assert not list(venv.rglob("runs")), "a run wrote into the installed package"
     # the PEFT export, from the wheel
-    _run([s2ft, "export", "runs/q", "--format", "peft", "--rank", "64", "--out", "p"], work, env)
+    _run([s2ft, "export", "runs/q", "--format", "peft", "--out", "p"], work, env)
     assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # the data package, from the wheel: s2ft data's tokens equal the library's
-    packed = _run([s2ft, "data", "q.yaml", "data.train.limit=120", "data.packing=true",
+    long_rows = ["data.train.limit=120", "data.max_seq_len=512"]
+    packed = _run([s2ft, "data", "q.yaml", *long_rows, "data.packing=true",
                    "--json", "d.json"], work, env).stdout  # fmt: skip
     assert "packed" in packed
     library = (
         "import json, sys; from s2ft_cli.data import load_datasets; "
         "from s2ft_cli.models import load_tokenizer; from s2ft_cli.recipe import load_recipe; "
-        "r = load_recipe('q.yaml', ['data.train.limit=120']); "
+        "r = load_recipe('q.yaml', ['data.train.limit=120', 'data.max_seq_len=512']); "
         "d = load_datasets(r.data, r.train.seed, load_tokenizer(r.model.name_or_path)); "
         "print(json.dumps([{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train]))"
     )
     rows = json.loads(_run([python, "-c", library], work, env).stdout)
-    assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 20
+    assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 70  # 120 - 50
     # the memory plan, from the wheel: s2ft plan prints the library's total
     printed = _run([s2ft, "plan", "q.yaml", "--gpus", "2"], work, env).stdout
     library = (
@@ -124,9 +126,10 @@ def test_recipes_that_need_outside_files_say_so_and_name_the_missing_path(tmp_pa
     runner = CliRunner()
     for name, path in _recipe_files().items():
         recipe = load_recipe(path)
-        local = recipe.model.name_or_path.startswith("preset:") and all(
+        model = recipe.model.name_or_path
+        local = (model.startswith("preset:") or model in PACKAGED_MODELS) and all(
             s is None or s.path.startswith("builtin:")
-            for s in (recipe.data.train, recipe.data.validation)
+            for s in (*recipe.data.train_sources, recipe.data.validation)
         )
         header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
         assert local or "Needs what s2ft does not ship" in header, name

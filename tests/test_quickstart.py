@@ -17,6 +17,7 @@ from s2ft_cli.errors import S2FTError
 from s2ft_cli.evaluation.runner import adapter_names
 from s2ft_cli.recipe import DataSource, load_recipe
 
+from .conftest import SMOLLM2
 from .test_cli import QUICKSTART
 from .test_eval import predictions
 
@@ -81,7 +82,9 @@ def test_eval_of_a_run_on_held_out_problems_has_a_base_row_and_an_adapter_row(tm
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", str(run), *short])
     assert result.exit_code == 0, result.output
-    assert "accuracy % by adapter" in result.output  # the comparison table
+    assert (
+        "accuracy % (95% confidence interval) by adapter" in result.output
+    )  # the comparison table
     rows = {}
     for name in ("base", "quick"):
         results = json.loads((run / "eval" / name / "results.json").read_text())
@@ -101,8 +104,8 @@ def test_eval_of_a_run_on_held_out_problems_has_a_base_row_and_an_adapter_row(tm
     assert [r["output"] for r in predictions(tmp_path / "a")] == [
         r["output"] for r in rows["quick"]
     ]
-    base = ["--model", "preset:tiny-llama", "--data-dir", "builtin:arithmetic", "--limit", "6"]
-    base += ["--max-new-tokens", "8", "--out", str(tmp_path / "b")]
+    base = ["--model", SMOLLM2, "--data-dir", "builtin:arithmetic", "--limit", "6"]
+    base += ["--max-new-tokens", "8", "--prompt-template", "chat", "--out", str(tmp_path / "b")]
     result = runner.invoke(app, ["eval", *base])
     assert result.exit_code == 0, result.output
     assert [r["output"] for r in predictions(tmp_path / "b")] == [r["output"] for r in rows["base"]]

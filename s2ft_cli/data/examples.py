@@ -132,7 +132,7 @@ def load_datasets(data, seed: int, tokenizer) -> Datasets:
         return kept
 
     sources: list[SourceStats] = []
-    train = examples(data.train)
+    train = [example for source in data.train_sources for example in examples(source)]
     if data.validation is not None:
         return Datasets(train, examples(data.validation), sources)
     return Datasets(*split_validation(train, data.val_size, seed), sources)

@@ -55,6 +55,17 @@ def score(rows: list[dict], source: str, task: Task | None = None) -> list[dict]
     return scored
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % (``z`` = 1.96) Wilson score interval of an accuracy of ``correct`` / ``n``:
+    unlike the normal approximation it stays within [0, 1] and is sound near 0 and 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # rounding
+
+
 def summarize(scored: list[dict]) -> dict:
     """Per-task accuracy and per-group averages of scored rows, tasks in canonical order."""
     counts: dict[str, list[int]] = {}
@@ -67,6 +78,7 @@ def summarize(scored: list[dict]) -> dict:
             "accuracy": counts[name][0] / counts[name][1],
             "correct": counts[name][0],
             "n": counts[name][1],
+            "ci95": list(wilson_interval(*counts[name])),
         }
         for name in TASKS
         if name in counts
@@ -136,15 +148,24 @@ def _percent(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _with_interval(r: dict) -> str:
+    """An accuracy with its 95 % interval, e.g. ``56.6 (52.2–60.9)``."""
+    if "ci95" not in r:  # results written before intervals were recorded
+        return _percent(r["accuracy"])
+    low, high = r["ci95"]
+    return f"{_percent(r['accuracy'])} ({_percent(low)}–{_percent(high)})"
+
+
 def results_table(title: str, results: dict) -> Table:
     """One model's accuracy per task, then each group's average (and speed when timed)."""
     timing = results.get("timing", {})
     table = Table(title=title, title_justify="left")
-    for col in ("task", "n", "correct", "accuracy %") + (("examples/s",) if timing else ()):
+    columns = ("task", "n", "correct", "accuracy % (95% CI)")
+    for col in columns + (("examples/s",) if timing else ()):
         table.add_column(col, justify="left" if col == "task" else "right")
     for name, r in results["tasks"].items():
         speed = (f"{timing[name]['examples_per_s']:.1f}",) if name in timing else ()
-        table.add_row(name, str(r["n"]), str(r["correct"]), _percent(r["accuracy"]), *speed)
+        table.add_row(name, str(r["n"]), str(r["correct"]), _with_interval(r), *speed)
     if results["groups"]:
         table.add_section()
     for group, g in results["groups"].items():
@@ -154,18 +175,25 @@ def results_table(title: str, results: dict) -> Table:
 
 
 def comparison_table(named: dict[str, dict]) -> Table:
-    """Accuracy per task (rows) for several models or adapters (columns)."""
-    table = Table(title="accuracy % by adapter", title_justify="left")
+    """Accuracy per task (rows), with its 95 % interval, for several models or adapters
+    (columns)."""
+    table = Table(
+        title="accuracy % (95% confidence interval) by adapter",
+        title_justify="left",
+        caption="intervals: Wilson score intervals over the task's n examples",
+        caption_justify="left",
+    )
     table.add_column("task")
+    table.add_column("n", justify="right")
     for name in named:
         table.add_column(name, justify="right")
     first = next(iter(named.values()))
     for task in first["tasks"]:
-        table.add_row(task, *(_percent(r["tasks"][task]["accuracy"]) for r in named.values()))
+        cells = [_with_interval(r["tasks"][task]) for r in named.values()]
+        table.add_row(task, str(first["tasks"][task]["n"]), *cells)
     if first["groups"]:
         table.add_section()
     for group in first["groups"]:
-        table.add_row(
-            f"{group} (avg)", *(_percent(r["groups"][group]["accuracy"]) for r in named.values())
-        )
+        averages = (_percent(r["groups"][group]["accuracy"]) for r in named.values())
+        table.add_row(f"{group} (avg)", str(first["groups"][group]["n"]), *averages)
     return table
