@@ -303,6 +303,14 @@ CASES = {
         lambda ws: ["select", ws.recipe, f"model.name_or_path={gpt2_dir(ws)}"],
         ["gpt2", "llama"],
     ),
+    "model-gguf-missing": (
+        lambda ws: ["train", ws.recipe, f"model.name_or_path={ws.root / 'absent.gguf'}"],
+        ["GGUF file", "absent.gguf", "does not exist", "smollm2-135m-instruct"],
+    ),
+    "model-gguf-unreadable": (
+        lambda ws: ["select", ws.recipe, f"model.name_or_path={ws.file('junk.gguf', 'junk')}"],
+        ["Could not read the GGUF file", "junk.gguf", "magic", "Hugging Face model folder"],
+    ),
     "model-unknown-preset": (
         lambda ws: ["select", ws.recipe, "model.name_or_path=preset:huge"],
         ["preset:huge", "preset:tiny-llama"],
