@@ -15,17 +15,17 @@ that ships the file, its pinned version and the file's sha256.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import S2FTError
-from .files import atomic_write_dir
+from .files import atomic_write_dir, atomic_write_text
 
 GGUF_SUFFIX = ".gguf"
 CONVERTED_MARKER = "s2ft_gguf_source.txt"  # written last: a folder without it is incomplete
@@ -61,7 +61,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 def is_gguf_source(name_or_path: str) -> bool:
     """Whether a ``model.name_or_path`` names a packaged model or a ``.gguf`` file."""
-    return name_or_path in PACKAGED_MODELS or name_or_path.endswith(GGUF_SUFFIX)
+    return name_or_path in PACKAGED_MODELS or name_or_path.lower().endswith(GGUF_SUFFIX)
 
 
 def file_sha256(path: Path) -> str:
@@ -72,9 +72,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: Path) -> str:
+    """The sha256 of a file, read once: later calls take it from the cache's record of the
+    file while its size and modification time are unchanged (a GGUF file of an 8B model
+    takes seconds to hash, and every load needs the digest)."""
+    path = path.resolve()
+    stat = path.stat()
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = cache_root() / "gguf" / "digests" / f"{hashlib.sha256(bytes(path)).hexdigest()}.json"
+    try:
+        known = json.loads(record.read_text())
+        if {k: known.get(k) for k in seen} == seen and known.get("path") == str(path):
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record yet, or a damaged one: hash the file
+    digest = file_sha256(path)
+    try:
+        atomic_write_text(record, json.dumps({"path": str(path), **seen, "sha256": digest}))
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
+
+
 def packaged_model_file(name: str) -> Path:
     """The GGUF file of a packaged model, its sha256 checked; refused with the command
-    that installs it when its package is missing or another version."""
+    that installs it when its package is missing, another version, or damaged."""
     spec = PACKAGED_MODELS[name]
     try:
         dist = importlib.metadata.distribution(spec.distribution)
@@ -82,20 +104,19 @@ def packaged_model_file(name: str) -> Path:
         raise S2FTError(
             f"The model {name!r} ({spec.description}) comes from the package "
             f"{spec.distribution}, which is not installed. Install it with: "
-            f"{spec.install_command}"
+            f"{spec.install_command}{_gguf_support_advice()}"
         ) from None
-    path = Path(dist.locate_file(spec.file))
-    if dist.version != spec.version or not path.is_file():
+    if dist.version != spec.version:
         raise S2FTError(
             f"The model {name!r} needs {spec.distribution} {spec.version}, but version "
-            f"{dist.version} is installed{'' if path.is_file() else ' without the model file'}. "
-            f"Install the expected one with: {spec.install_command}"
+            f"{dist.version} is installed. Install the expected one with: {spec.install_command}"
         )
-    if file_sha256(path) != spec.sha256:
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file() or content_digest(path) != spec.sha256:
+        state = "is missing" if not path.is_file() else f"does not have the sha256 {spec.sha256}"
         raise S2FTError(
-            f"{path} (the model {name!r}) does not have the expected sha256 {spec.sha256}: "
-            f"the file is damaged or was replaced. Reinstall it with: "
-            f"{spec.install_command} --force-reinstall"
+            f"{path}, the file of the model {name!r}, {state}: the package's files are damaged "
+            f"or were replaced. Reinstall it with: {spec.install_command} --force-reinstall"
         )
     return path
 
@@ -108,13 +129,21 @@ def cache_root() -> Path:
     return Path(base) / "s2ft"
 
 
+def _missing_gguf_support() -> list[str]:
+    return [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+
+
+def _gguf_support_advice() -> str:
+    missing = _missing_gguf_support()
+    return f"; and {' and '.join(missing)}: pip install 's2ft[gguf]'" if missing else ""
+
+
 def _require_gguf_support() -> None:
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    missing = _missing_gguf_support()
     if missing:
         raise S2FTError(
-            f"Reading a GGUF model needs the package{'s' if len(missing) > 1 else ''} "
-            f"{' and '.join(missing)}, which transformers uses to parse and dequantize the "
-            "file. Install them with: pip install 's2ft[gguf]'"
+            f"Reading a GGUF model needs {' and '.join(missing)}, which transformers uses to "
+            "parse and dequantize the file. Install with: pip install 's2ft[gguf]'"
         )
 
 
@@ -132,7 +161,7 @@ def _convert(gguf: Path, folder: Path) -> None:
             dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (ValueError, KeyError, NotImplementedError) as err:
         raise S2FTError(
             f"Could not read the GGUF file {gguf}: {str(err).rstrip('.')}. transformers reads "
             "GGUF files of the llama, mistral and qwen2/qwen3 families with standard "
@@ -147,9 +176,8 @@ def _announce(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def gguf_folder(name_or_path: str, announce=_announce) -> Path:
-    """The converted folder of a packaged model or ``.gguf`` file, made on first use
-    (``announce`` says so: it takes a while)."""
+def gguf_folder(name_or_path: str) -> Path:
+    """The converted folder of a packaged model or ``.gguf`` file, made on first use."""
     if name_or_path in PACKAGED_MODELS:
         gguf = packaged_model_file(name_or_path)
         digest = PACKAGED_MODELS[name_or_path].sha256
@@ -160,15 +188,29 @@ def gguf_folder(name_or_path: str, announce=_announce) -> Path:
                 f"GGUF file {name_or_path!r} does not exist. Give model.name_or_path as the "
                 f"path of a .gguf file, or a packaged model ({', '.join(PACKAGED_MODELS)})."
             )
-        digest = file_sha256(gguf)
+        digest = content_digest(gguf)
     folder = cache_root() / "gguf" / digest[:32]
     if (folder / CONVERTED_MARKER).is_file():
         return folder
     _require_gguf_support()
+    try:
+        _convert_once(gguf, folder)
+    except OSError as err:
+        raise S2FTError(
+            f"Could not write the converted model to {folder} ({err.strerror or err}): it "
+            "needs the model's size in float32 (4 bytes a parameter). Free space there, or "
+            "set S2FT_CACHE to a folder with room."
+        ) from err
+    return folder
+
+
+def _convert_once(gguf: Path, folder: Path) -> None:
+    """Convert under a lock: one process converts, the others then find the folder."""
+    import fcntl
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process converts; the others then find it
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / CONVERTED_MARKER).is_file():
-            announce(f"converting {gguf.name} once into {folder} (later loads take seconds)")
+            _announce(f"converting {gguf.name} once into {folder} (later loads take seconds)")
             atomic_write_dir(folder, lambda tmp: _convert(gguf, tmp))
-    return folder

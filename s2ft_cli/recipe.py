@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     model_validator,
 )
 
 from .config import S2FTConfig
 from .errors import S2FTError
+from .gguf_bases import is_gguf_source
 
 
 class ModelSection(BaseModel):
@@ -37,8 +40,8 @@ class ModelSection(BaseModel):
     )
     gguf_file: str | None = Field(
         None,
-        description="The .gguf file inside the folder name_or_path (as transformers' "
-        "gguf_file=); the same as giving the file's path as name_or_path.",
+        description="A .gguf file inside the local folder name_or_path: the same as giving "
+        "the file's path as name_or_path (which it becomes when the recipe is read).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights' dtype when loaded."
@@ -50,6 +53,22 @@ class ModelSection(BaseModel):
         "(int8) with bitsandbytes; the deltas train in float32.",
     )
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code.")
+
+    @model_validator(mode="after")
+    def _gguf_file_into_path(self) -> ModelSection:
+        """One spelling downstream: ``name_or_path`` is the file's path."""
+        if self.gguf_file is None:
+            return self
+        if not is_gguf_source(self.gguf_file):
+            raise ValueError(f"gguf_file {self.gguf_file!r} must name a .gguf file")
+        if is_gguf_source(self.name_or_path):
+            raise ValueError(
+                f"name_or_path {self.name_or_path!r} is a GGUF model already and gguf_file "
+                f"{self.gguf_file!r} names another; give one of them (model.gguf_file=null)"
+            )
+        self.name_or_path = str(Path(self.name_or_path) / self.gguf_file)
+        self.gguf_file = None
+        return self
 
 
 class DataSource(BaseModel):
@@ -76,12 +95,21 @@ class DataSource(BaseModel):
         return {"path": value} if isinstance(value, str) else value
 
 
+# data.train is one source or a list of them; the tags let validation report the errors of
+# the form given only, and _describe leaves them out of the key it names
+ONE_SOURCE, SOURCES = "one source", "sources"
+TrainSources = Annotated[
+    Annotated[DataSource, Tag(ONE_SOURCE)] | Annotated[list[DataSource], Tag(SOURCES)],
+    Discriminator(lambda value: SOURCES if isinstance(value, list) else ONE_SOURCE),
+]
+
+
 class DataSection(BaseModel):
     """``data:``: what to train on and how it is turned into tokens."""
 
     model_config = ConfigDict(extra="forbid")
 
-    train: DataSource | list[DataSource] = Field(
+    train: TrainSources = Field(
         description="One source, or a list of sources whose records are used together (e.g. "
         "LLM-Adapters' separate commonsense training sets)."
     )
@@ -294,7 +322,9 @@ def _fields_at(loc: tuple) -> list[str]:
 def _describe(err: ValidationError, source: str, flags: bool = False) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if isinstance(p, str | int))
+        loc = tuple(
+            p for p in e["loc"] if isinstance(p, str | int) and p not in (ONE_SOURCE, SOURCES)
+        )
         key = ".".join(map(str, loc))
         if flags:  # command-line options: --max-new-tokens, not max_new_tokens
             key = "--" + str(loc[0]).replace("_", "-") if loc else ""
@@ -326,7 +356,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node = data
-    for k in keys[:-1]:
+    for depth, k in enumerate(keys[:-1]):
+        if isinstance(node.get(k), list):
+            where = ".".join(keys[: depth + 1])
+            raise S2FTError(
+                f"Override {'.'.join(keys)}: {where} is a list in this recipe; give it whole, "
+                f"e.g. {where}='[{{path: a.json, limit: 100}}, {{path: b.json, limit: 100}}]'."
+            )
         if not isinstance(node.setdefault(k, {}), dict):
             raise S2FTError(f"Override {'.'.join(keys)}: {k!r} is not a section of the recipe.")
         node = node[k]
@@ -376,10 +412,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return Path.cwd() if on_command_line else path.resolve().parent
 
     recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base("model.name_or_path"))
-    if recipe.model.gguf_file is not None:  # one spelling downstream: the file's path
-        folder = Path(recipe.model.name_or_path).expanduser()
-        recipe.model.name_or_path = str(folder / recipe.model.gguf_file)
-        recipe.model.gguf_file = None
     if recipe.data is not None:
         sources = [("train", s) for s in recipe.data.train_sources]
         for name, source in [*sources, ("validation", recipe.data.validation)]:

@@ -28,7 +28,7 @@ def hf_trainer(kind: str, model, rows: list[dict], out: str):
         learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, bf16=False,
     )  # fmt: skip
     if kind == "transformers":
-        args = TrainingArguments(**common, remove_unused_columns=False)
+        args = TrainingArguments(**common)  # remove_unused_columns on, as by default
         return Trainer(model=model, args=args, train_dataset=rows)
     import trl  # a test dependency (the dev extra), not the package's
     from datasets import Dataset

@@ -1,10 +1,10 @@
 """Scoring outputs and reporting results: ``results.json``, ``predictions.jsonl``, tables.
 
-``results.json`` holds ``{"tasks": {name: {"accuracy", "correct", "n"}}, "groups": {group:
-{"accuracy", "n", "tasks"}}}``; a group's accuracy is the mean of its tasks' accuracies
-(the paper's "Avg."). ``predictions.jsonl`` holds one object per example with ``task``,
-``prompt``, ``output``, ``prediction``, ``answer`` and ``correct``; re-scoring it needs only
-``task``, ``output`` and ``answer`` of each line.
+``results.json`` holds ``{"tasks": {name: {"accuracy", "correct", "n", "ci95"}}, "groups":
+{group: {"accuracy", "n", "tasks"}}}``; ``ci95`` is a task's 95 % Wilson interval, a group's
+accuracy the mean of its tasks' accuracies (the paper's "Avg."). ``predictions.jsonl`` holds
+one object per example with ``task``, ``prompt``, ``output``, ``prediction``, ``answer`` and
+``correct``; re-scoring it needs only ``task``, ``output`` and ``answer`` of each line.
 """
 
 from __future__ import annotations
