@@ -12,7 +12,7 @@ consecutive query heads, so a group moves as a whole and its query heads may onl
 reordered within it. An exact search finds an order whenever one exists. Only when none
 does (e.g. o_proj heads spread over three partially selected groups) is a query-head
 selection *regrouped*: the same number of heads is kept, packed into the groups that held
-most of them (documented in the README and reported in ``Selection.adjustments``).
+most of them (documented in docs/METHOD.md and reported in ``Selection.adjustments``).
 """
 
 from __future__ import annotations

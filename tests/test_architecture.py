@@ -1,4 +1,4 @@
-"""The one-way flow of the packages (README, "Architecture"): no module imports one of a
+"""The one-way flow of the packages (docs/ARCHITECTURE.md): no module imports one of a
 later stage, not even inside a function, and every module has its place."""
 
 from __future__ import annotations
