@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import shlex
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -340,8 +342,62 @@ def _option(help: str, *names: str):
     return typer.Option(*names, help=help, show_default=False)
 
 
+# s2ft eval's options are the fields of the recipe's eval: section (EvalSection): one source
+# of their names, help and defaults. The names that read differently on the command line:
+EVAL_FLAGS = {
+    "adapters": "--adapter",  # repeated, one adapter each
+    "include_base": "--base/--no-base",
+    "do_sample": "--do-sample/--greedy",
+}
+
+
+def _eval_parameter(name: str, field) -> inspect.Parameter:
+    """A command-line option for one field of EvalSection: unset (None) unless given, so the
+    recipe's value, else the field's default, stands."""
+    annotation = field.annotation
+    kinds = set(typing.get_args(annotation)) - {type(None)} or {annotation}
+    if kinds <= {bool}:
+        kind = bool
+    elif kinds <= {int}:
+        kind = int
+    elif kinds <= {float}:
+        kind = float
+    elif any(typing.get_origin(k) is list for k in kinds):
+        kind = list[str]
+    else:  # str and Literal choices: the recipe's schema checks the value
+        kind = str
+    flag = EVAL_FLAGS.get(name, "--" + name.replace("_", "-"))
+    if kind is bool and "/" not in flag:
+        flag = f"{flag}/--no-{flag.removeprefix('--')}"
+    choices = [a for k in kinds for a in typing.get_args(k) if isinstance(a, str)]
+    help = field.description or ""
+    if choices:
+        help += f" One of {', '.join(choices)}."
+    if field.default not in (None, False, [], ()):
+        help += f" Default: {field.default}."
+    option = typer.Option(flag, help=f"{help} (recipe: eval.{name})", show_default=False)
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[kind | None, option],
+    )
+
+
+def _with_eval_options(command):
+    """Give ``command`` (whose last parameter is ``**options``) an option per EvalSection
+    field; their values reach it in ``options``."""
+    from .recipe import EvalSection
+
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[:-1]
+    fields = [_eval_parameter(n, f) for n, f in EvalSection.model_fields.items()]
+    command.__signature__ = inspect.Signature([*own, *fields])
+    return command
+
+
 @app.command("eval")
 @user_errors
+@_with_eval_options
 def eval_command(
     source: Annotated[
         Path | None,
@@ -352,66 +408,9 @@ def eval_command(
         ),
     ] = None,
     overrides: Overrides = None,
-    model: Annotated[str | None, _option("Base model: hub id, local directory or preset.")] = None,
-    adapter: Annotated[
-        list[Path] | None, _option("Adapter directory; repeat to evaluate several in turn.")
+    model: Annotated[
+        str | None, _option("Base model: hub id, local directory, .gguf file or preset.")
     ] = None,
-    base: Annotated[
-        bool | None,
-        _option(
-            "Also evaluate the base model itself, as 'base' (eval.include_base).",
-            "--base/--no-base",
-        ),
-    ] = None,
-    tasks: Annotated[
-        list[str] | None,
-        _option("Tasks or groups (commonsense, math), comma-separated or repeated."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        _option(
-            "Folder of <task>/test.json sets, one test file, or builtin:arithmetic (held-out "
-            "generated problems)."
-        ),
-    ] = None,
-    mode: Annotated[str | None, _option("generate (decode, extract the answer) or loglik.")] = None,
-    batch_size: Annotated[int | None, _option("Prompts per forward pass (16).")] = None,
-    limit: Annotated[int | None, _option("Only the first N examples of each task.")] = None,
-    max_new_tokens: Annotated[int | None, _option("Longest generated answer (256).")] = None,
-    num_beams: Annotated[
-        int | None,
-        _option(
-            "Beam search with this many beams (1: greedy, the fast default; the paper's "
-            "official scripts use 4)."
-        ),
-    ] = None,
-    do_sample: Annotated[
-        bool | None, _option("Sample instead of greedy decoding.", "--do-sample/--greedy")
-    ] = None,
-    temperature: Annotated[float | None, _option("Sampling temperature (1.0).")] = None,
-    top_p: Annotated[float | None, _option("Nucleus sampling mass (1.0).")] = None,
-    top_k: Annotated[int | None, _option("Sample among the k likeliest tokens (50).")] = None,
-    seed: Annotated[int | None, _option("Seed of sampling (0).")] = None,
-    stop_at_answer: Annotated[
-        bool | None,
-        _option(
-            "Stop a commonsense answer once it holds a label word (on by default).",
-            "--stop-at-answer/--no-stop-at-answer",
-        ),
-    ] = None,
-    prompt_template: Annotated[str | None, _option("alpaca or chat.")] = None,
-    merge: Annotated[
-        bool | None, _option("Fuse each adapter into the weights while it is evaluated.")
-    ] = None,
-    force: Annotated[
-        bool | None,
-        _option("Load adapters whose base weights' checksums differ (shapes must match)."),
-    ] = None,
-    dtype: Annotated[
-        str | None, _option("float32, bfloat16 or float16 (bfloat16 on CUDA, else float32).")
-    ] = None,
-    device: Annotated[str | None, _option("auto, cpu or cuda.")] = None,
-    out: Annotated[Path | None, _option("Folder for results.json and predictions.jsonl.")] = None,
     score_only: Annotated[
         Path | None,
         _option(
@@ -419,6 +418,7 @@ def eval_command(
             "task unless --tasks names one."
         ),
     ] = None,
+    **options,
 ) -> None:
     """Evaluate on the paper's commonsense and arithmetic sets; or re-score saved outputs."""
     from .evaluation.report import results_table, score_file
@@ -426,35 +426,12 @@ def eval_command(
     from .recipe import eval_settings, load_recipe, run_directory
 
     if score_only is not None:
-        folder = out or score_only.parent / "rescored"
-        named = resolve_tasks(tasks) if tasks else []
+        folder = Path(options["out"]) if options["out"] else score_only.parent / "rescored"
+        named = resolve_tasks(options["tasks"]) if options["tasks"] else []
         results = score_file(score_only, folder, named[0] if len(named) == 1 else None)
         console.print(results_table(f"re-scored {score_only}", results))
         console.print(f"results written to {folder}", highlight=False)
         return
-    options = {
-        "tasks": tasks,
-        "data_dir": data_dir,
-        "mode": mode,
-        "batch_size": batch_size,
-        "limit": limit,
-        "max_new_tokens": max_new_tokens,
-        "num_beams": num_beams,
-        "do_sample": do_sample,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "stop_at_answer": stop_at_answer,
-        "prompt_template": prompt_template,
-        "adapters": adapter,
-        "include_base": base,
-        "merge": merge,
-        "force": force,
-        "dtype": dtype,
-        "device": device,
-        "out": out,
-    }
     recipe, run_dir = None, None
     if source is not None:
         recipe_path, run_dir = run_directory(source)

@@ -147,3 +147,21 @@ def test_combine_is_listed_and_merge_is_its_hidden_old_name(tmp_path):
     for name, u in a.updates.items():
         assert torch.equal(u.index, b.updates[name].index), name
         assert torch.equal(u.delta, b.updates[name].delta), name
+
+
+def test_eval_options_are_the_recipe_eval_section():
+    """One source of names, help and defaults: every field of EvalSection is an option of
+    s2ft eval with its description as help, and s2ft eval has no other settings."""
+    import typer.main
+
+    from s2ft_cli.cli import EVAL_FLAGS
+    from s2ft_cli.recipe import EvalSection
+
+    command = typer.main.get_command(app).commands["eval"]
+    options = {p.name: p for p in command.params if p.param_type_name == "option"}
+    assert set(options) - {"model", "score_only", "help"} == set(EvalSection.model_fields)
+    for name, field in EvalSection.model_fields.items():
+        assert field.description in options[name].help, name
+        assert (
+            EVAL_FLAGS.get(name, "--" + name.replace("_", "-")).split("/")[0] in options[name].opts
+        )
