@@ -11,8 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .state import register_adapter_io
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported
 
 # Where bitsandbytes is installed, transformers imports it (for its 8-bit optimizers), and
 # its CPU backend warns at import that a hub kernel for an inference shortcut is missing;

@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from . import __version__
 from .errors import AdapterMismatchError, S2FTError
 from .ffn import keep_ffn_activations
 from .files import atomic_write_dir, read_json
@@ -48,6 +47,7 @@ from .state import (
     state_of,
 )
 from .targets import TARGETS
+from .version import __version__
 
 ADAPTER_FORMAT = "s2ft-adapter"
 ADAPTER_VERSION = 2

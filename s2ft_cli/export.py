@@ -10,7 +10,6 @@ from pathlib import Path
 
 from torch import nn
 
-from . import __version__
 from .adapter import CONFIG_NAME, V1_FILES, Adapter, adapter_of, load_adapter, merge_adapter
 from .checkpoints import Checkpointer
 from .convert import get_s2ft_model
@@ -20,6 +19,7 @@ from .models import load_model, load_tokenizer
 from .peft_format import SOURCE_NAME, save_peft
 from .recipe import Recipe, load_recipe
 from .selection import Selection
+from .version import __version__
 
 
 def find_checkpoint(run: Path, name: str) -> Path:

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "s2ft_cli"
 # earlier ones. targets.py (the target table the recipe's schema checks names against) and
 # models.py (architectures, shapes) hold facts, so they come first.
 STAGES = [
-    ["errors", "files", "targets", "gguf_bases", "models", "__version__"],
+    ["version", "errors", "files", "targets", "gguf_bases", "models"],
     ["config", "recipe"],
     ["data", "losses"],
     ["selection", "scores", "plots"],
@@ -59,6 +59,37 @@ def test_no_module_imports_a_later_stage():
             if stage(target) > stage(name):
                 backwards.append(f"{name} imports {target}")
     assert not backwards
+
+
+def root_imports(found: list[str], package: Path = PACKAGE) -> list[str]:
+    """Names taken from the package root: imported targets that are no module of it (the
+    checker names ``from . import __version__`` ``s2ft_cli.__version__``)."""
+
+    def is_module(target: str) -> bool:
+        path = package.parent.joinpath(*target.split("."))
+        return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+    return [t for t in found if not is_module(t)]
+
+
+def test_no_module_imports_the_package_root():
+    """The root holds the library API, which imports every stage: a module importing it
+    (even for ``__version__``) would import all the stages above its own."""
+    importers = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name, found = imports_of(path)
+        if name != "s2ft_cli" and root_imports(found):
+            importers[name] = root_imports(found)
+    assert importers == {}
+
+
+def test_the_checker_sees_an_import_of_the_root(tmp_path):
+    module = tmp_path / "s2ft_cli" / "evaluation" / "runner.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from .. import __version__\nfrom . import decoding\n")
+    (module.parent / "decoding.py").write_text("")
+    name, found = imports_of(module, tmp_path / "s2ft_cli")
+    assert root_imports(found, tmp_path / "s2ft_cli") == ["s2ft_cli.__version__"]
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

@@ -26,7 +26,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .. import __version__
 from ..adapter import load_adapter, merge_adapter, unload_adapter, unmerge_adapter
 from ..data import (
     BUILTIN_PREFIX,
@@ -39,6 +38,7 @@ from ..distributed import Processes, setup_processes
 from ..errors import S2FTError
 from ..models import load_model, load_tokenizer
 from ..recipe import DataSource, EvalSection
+from ..version import __version__
 from . import decoding
 from .report import (
     comparison_table,
