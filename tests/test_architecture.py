@@ -105,3 +105,59 @@ def test_every_module_has_a_stage():
     for path in PACKAGE.rglob("*.py"):
         name, _ = imports_of(path)
         stage(name)  # a KeyError names a module the stages do not place
+
+
+def import_cycles(package: Path = PACKAGE) -> set[frozenset[str]]:
+    """The strongly connected groups of modules (two or more) of the import graph: modules
+    that import each other, directly or through others."""
+    graph = {}
+    for path in sorted(package.rglob("*.py")):
+        name, found = imports_of(path, package)
+        graph[name] = {t for t in found if t != name}
+    index, low, stack, on_stack, groups = {}, {}, [], set(), set()
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in graph:
+                continue
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.add(frozenset(group))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_import_cycles_are_the_two_known_ones():
+    """Issue 27 removes these two (the PEFT format reads into Adapter, which reads PEFT
+    exports; the nf4 layer takes its block size from quantization, which builds it); no
+    other may appear."""
+    assert import_cycles() == {
+        frozenset({"s2ft_cli.adapter", "s2ft_cli.peft_format"}),
+        frozenset({"s2ft_cli.quantization", "s2ft_cli.nf4"}),
+    }
+
+
+def test_the_cycle_finder_finds_a_cycle_through_three_modules(tmp_path):
+    package = tmp_path / "s2ft_cli"
+    package.mkdir()
+    for name, target in (("a", "b"), ("b", "c"), ("c", "a"), ("d", "a")):
+        (package / f"{name}.py").write_text(f"def f():\n    from .{target} import x\n")
+    assert import_cycles(package) == {frozenset({"s2ft_cli.a", "s2ft_cli.b", "s2ft_cli.c"})}
