@@ -101,38 +101,11 @@ def select(
 
     r = load_recipe(recipe, overrides)  # a recipe's mistakes are reported before torch loads
 
-    import torch
-
-    from .config import DATA_STRATEGIES
-    from .data import load_datasets
-    from .models import load_model, load_tokenizer
-    from .permute import plan_layout
-    from .selection import select_units
-    from .train import calibration_data
+    from .convert import recipe_selection
 
     cfg = r.s2ft
-    model = load_model(
-        r.model.name_or_path,
-        r.model.dtype,
-        r.model.trust_remote_code,
-        seed=r.train.seed,
-        weights=cfg.strategy != "random",
-    )
-    calibration = None
-    if cfg.strategy in DATA_STRATEGIES:
-        if r.data is None:
-            raise S2FTError(
-                f"s2ft.strategy {cfg.strategy} measures the model on calibration data; the "
-                "recipe needs a data: section (data.train)."
-            )
-        tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        calibration = calibration_data(
-            cfg, load_datasets(r.data, r.train.seed, tokenizer).train, tokenizer.pad_token_id
-        )
-        if torch.cuda.is_available():
-            model.to("cuda")
-    _, selection = plan_layout(select_units(model, cfg, calibration))
-    summary = selection.summary(sum(p.numel() for p in model.parameters()))
+    selection, model_params = recipe_selection(r)
+    summary = selection.summary(model_params)
 
     order = f", order {cfg.order}" if cfg.strategy != "random" else ""
     table = Table(

@@ -1,17 +1,18 @@
-"""``get_s2ft_model``: select, co-permute and convert a model in place (paper §3)."""
+"""``get_s2ft_model``: select, co-permute and convert a model in place (paper §3); and the
+selection a recipe makes, as its run would make it (``s2ft select``)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .config import S2FTConfig
+from .config import DATA_STRATEGIES, S2FTConfig
 from .errors import S2FTError
 from .ffn import recompute_ffn_activations
 from .layers import S2Linear
 from .losses import attach_lean_loss
 from .models import get_linear, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout, plan_layout
-from .selection import Selection, select_units
+from .selection import Selection, calibration_data, select_units
 from .state import Conversion, attach_save_pretrained, state_of
 from .targets import TARGETS
 
@@ -72,3 +73,37 @@ def get_s2ft_model(
     attach_lean_loss(model)
     recompute_ffn_activations(model)
     return model
+
+
+def recipe_selection(recipe) -> tuple[Selection, int]:
+    """The units a recipe's run trains (original layout, after GQA regrouping) and the
+    model's parameter count, without training: random selection reads only the config
+    (a meta-device model); the scoring strategies load the weights, and the data-driven
+    ones measure calibration batches of the training data (on a GPU when there is one)."""
+    import torch
+
+    from .data import load_datasets
+    from .models import load_model, load_tokenizer
+
+    r, cfg = recipe, recipe.s2ft
+    model = load_model(
+        r.model.name_or_path,
+        r.model.dtype,
+        r.model.trust_remote_code,
+        seed=r.train.seed,
+        weights=cfg.strategy != "random",
+    )
+    calibration = None
+    if cfg.strategy in DATA_STRATEGIES:
+        if r.data is None:
+            raise S2FTError(
+                f"s2ft.strategy {cfg.strategy} measures the model on calibration data; the "
+                "recipe needs a data: section (data.train)."
+            )
+        tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
+        train_set = load_datasets(r.data, r.train.seed, tokenizer).train
+        calibration = calibration_data(cfg, train_set, tokenizer.pad_token_id)
+        if torch.cuda.is_available():
+            model.to("cuda")
+    _, selection = plan_layout(select_units(model, cfg, calibration))
+    return selection, sum(p.numel() for p in model.parameters())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import DATA_STRATEGIES, S2FTConfig
+from .data import calibration_batches
 from .errors import S2FTError
 from .models import ModelShape, model_shape
 from .scores import SCORERS
@@ -197,3 +198,12 @@ def select_units(
             units[layers[row]].setdefault(matrix, []).append(unit)
     units = {i: {m: sorted(ids) for m, ids in pm.items()} for i, pm in units.items() if pm}
     return Selection(shape=shape, config=config, units=units, scores=scores, scored=layers)
+
+
+def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
+    """The batches a data-driven strategy measures on (a seeded draw of
+    ``s2ft.calibration.samples`` training examples); None for the other strategies."""
+    if config.strategy not in DATA_STRATEGIES:
+        return None
+    c = config.calibration
+    return calibration_batches(train_set, c.samples, c.batch_size, config.seed, pad_id)

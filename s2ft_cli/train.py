@@ -39,10 +39,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .checkpoints import Checkpointer
-from .config import DATA_STRATEGIES, S2FTConfig
 from .data import (
     Datasets,
-    calibration_batches,
     collate,
     load_datasets,
     target_count,
@@ -57,7 +55,7 @@ from .metrics import MetricLogger, check_report_to, status_line
 from .models import enable_activation_checkpointing, load_model, load_tokenizer
 from .quantization import require_bitsandbytes, weight_count
 from .recipe import Recipe
-from .selection import Selection, select_units
+from .selection import Selection, calibration_data, select_units
 from .sharding import full_tensor, shard_like, shard_model
 
 
@@ -85,15 +83,6 @@ def token_loss_sums(
             loss, n = token_loss(model, batch)
         total, count = total + loss.item(), count + n
     return total, count
-
-
-def calibration_data(config: S2FTConfig, train_set: list, pad_id: int) -> list[dict] | None:
-    """The batches a data-driven strategy measures on (a seeded draw of
-    ``s2ft.calibration.samples`` training examples); None for the other strategies."""
-    if config.strategy not in DATA_STRATEGIES:
-        return None
-    c = config.calibration
-    return calibration_batches(train_set, c.samples, c.batch_size, config.seed, pad_id)
 
 
 def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
