@@ -14,9 +14,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from .errors import S2FTError, TrainingInterrupted
+from .tables import (
+    combine_table,
+    memory_table,
+    recipes_table,
+    results_table,
+    score_table,
+    selection_table,
+)
 
 app = typer.Typer(
     name="s2ft",
@@ -78,11 +85,6 @@ Overrides = Annotated[
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe file.", show_default=False)]
 
 
-def _ids(units: list[int], limit: int = 12) -> str:
-    shown = ", ".join(map(str, units[:limit]))
-    return shown + (f", … (+{len(units) - limit})" if len(units) > limit else "")
-
-
 @app.command()
 @user_errors
 def select(
@@ -108,34 +110,10 @@ def select(
     summary = selection.summary(model_params)
 
     order = f", order {cfg.order}" if cfg.strategy != "random" else ""
-    table = Table(
-        title=f"S²FT selection — {r.model.name_or_path}",
-        title_justify="left",
-        caption=f"strategy {cfg.strategy}{order}, allocation {cfg.allocation}, seed "
-        f"{cfg.seed}; unit ids in the original layout",
-        caption_justify="left",
-    )
-    for col, justify in (
-        ("layer", "right"),
-        ("matrix", "left"),
-        ("units", "right"),
-        ("selected ids", "left"),
-        ("trainable", "right"),
-    ):
-        table.add_column(col, justify=justify)
-    for row in summary["rows"]:
-        table.add_row(
-            str(row["layer"]),
-            row["matrix"],
-            f"{len(row['units'])}/{row['of']}",
-            _ids(row["units"]),
-            f"{row['params']:,}",
-        )
-    table.add_section()
-    table.add_row("total", "", "", "", f"{summary['trainable_params']:,}")
-    console.print(table)
+    describe = f"strategy {cfg.strategy}{order}, allocation {cfg.allocation}, seed {cfg.seed}"
+    console.print(selection_table(r.model.name_or_path, describe, summary))
     if cfg.strategy != "random":
-        console.print(_score_table(selection))
+        console.print(score_table(cfg.strategy, selection.score_quartiles()))
     console.print(
         f"trainable parameters: {summary['trainable_params']:,} of {summary['model_params']:,} "
         f"({100 * summary['fraction']:.3f}% of the model)"
@@ -174,65 +152,32 @@ def plan(
     p = plan_memory(r, gpus)
     seq = r.data.max_seq_len
     how = "FSDP" if r.train.sharded(gpus) else "DDP" if gpus > 1 else ""
-    table = Table(
-        title=f"Memory per GPU — {r.model.name_or_path}",
-        title_justify="left",
-        caption=f"batch {r.train.batch_size} × {seq} tokens per process, weights "
-        f"{r.model.dtype}, linears {r.model.quantization}, {gpus} process"
-        + ("es " + how if gpus > 1 else ""),
-        caption_justify="left",
+    caption = (
+        f"batch {r.train.batch_size} × {seq} tokens per process, weights {r.model.dtype}, "
+        f"linears {r.model.quantization}, {gpus} process" + ("es " + how if gpus > 1 else "")
     )
-    table.add_column("part")
-    table.add_column("GiB", justify="right")
-    rows = [
+    working = "working memory (loss chunk or one layer's gradients" + (
+        ", a dequantized weight block)" if r.model.quantization != "none" else ")"
+    )
+    parts = [
         ("frozen weights", p.weights),
         ("deltas, gradients, AdamW (fp32)", p.trainable),
         ("layers gathered while they run (FSDP)", p.gathered),
         ("saved activations", p.activations),
         ("saved activations, activation checkpointing", p.activations_checkpointed),
-        (
-            "working memory (loss chunk or one layer's gradients"
-            + (", a dequantized weight block)" if r.model.quantization != "none" else ")"),
-            p.working,
-        ),
+        (working, p.working),
     ]
-    for part, size in rows:
-        if size or "FSDP" not in part:
-            table.add_row(part, f"{size / GIB:.2f}")
-    table.add_section()
-    table.add_row("total", f"{p.total(False) / GIB:.2f}")
-    table.add_row("total with activation checkpointing", f"{p.total(True) / GIB:.2f}")
-    console.print(table)
+    shown = [(part, size / GIB) for part, size in parts if size or "FSDP" not in part]
+    totals = [
+        ("total", p.total(False) / GIB),
+        ("total with activation checkpointing", p.total(True) / GIB),
+    ]
+    title = f"Memory per GPU — {r.model.name_or_path}"
+    console.print(memory_table(title, caption, shown, totals))
     for note in p.notes:
         console.print(f"  {note}", highlight=False)
     current = "on" if r.model.gradient_checkpointing else "off"
     console.print(f"  this recipe: activation checkpointing {current}", highlight=False)
-
-
-def _score_table(selection) -> Table:
-    """Per target matrix, the distribution of the strategy's unit scores and where the
-    selected ones lie."""
-    import torch
-
-    table = Table(
-        title=f"{selection.config.strategy} scores (all units of the scored layers)",
-        title_justify="left",
-    )
-    for col in ("matrix", "min", "25%", "median", "75%", "max", "selected range"):
-        table.add_column(col, justify="left" if col == "matrix" else "right")
-    rows = {layer: k for k, layer in enumerate(selection.scored)}
-    for matrix, scores in selection.scores.items():
-        levels = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-        q = scores.flatten().double().quantile(levels)
-        picked = [
-            float(scores[rows[layer], unit])
-            for layer, per_matrix in selection.units.items()
-            for unit in per_matrix.get(matrix, [])
-            if layer in rows
-        ]
-        span = f"{min(picked):.4g} … {max(picked):.4g}" if picked else "—"
-        table.add_row(matrix, *(f"{v:.4g}" for v in q.tolist()), span)
-    return table
 
 
 @app.command("data")
@@ -394,7 +339,7 @@ def eval_command(
     **options,
 ) -> None:
     """Evaluate on the paper's commonsense and arithmetic sets; or re-score saved outputs."""
-    from .evaluation.report import results_table, score_file
+    from .evaluation.report import score_file
     from .evaluation.tasks import resolve_tasks
     from .recipe import eval_settings, load_recipe, run_directory
 
@@ -525,12 +470,7 @@ def combine_command(
     _refuse_existing(out)
     combined, overlaps = combine([Adapter.load(a) for a in adapters], factors, force)
     combined.save(out)
-    table = Table(title=f"combined {len(adapters)} adapters", title_justify="left")
-    for col in ("matrix", "units", "overlapping"):
-        table.add_column(col, justify="left" if col == "matrix" else "right")
-    for o in overlaps:
-        table.add_row(o.matrix, str(o.units), str(o.overlapping))
-    console.print(table)
+    console.print(combine_table(len(adapters), overlaps))
     total = sum(o.overlapping for o in overlaps)
     console.print(
         f"{total} overlapping units summed with weights {factors or [1.0] * len(adapters)}; "
@@ -585,13 +525,11 @@ def _recipe_files() -> dict[str, Path]:
 @user_errors
 def list_recipes() -> None:
     """List the bundled recipes (s2ft init NAME DEST copies one to edit and run)."""
-    table = Table(title="bundled recipes (s2ft init NAME DEST to copy one)", title_justify="left")
-    table.add_column("name")
-    table.add_column("what it runs")
-    for name, path in _recipe_files().items():
-        first = path.read_text().splitlines()[0].lstrip("# ").strip()
-        table.add_row(name, first)
-    console.print(table)
+    first_lines = {
+        name: path.read_text().splitlines()[0].lstrip("# ").strip()
+        for name, path in _recipe_files().items()
+    }
+    console.print(recipes_table(first_lines))
 
 
 @app.command()

@@ -90,6 +90,23 @@ class Selection:
             "fraction": total / model_params,
         }
 
+    def score_quartiles(self) -> list[tuple[str, list[float], tuple[float, float] | None]]:
+        """Per scored matrix: the quartiles (min, 25%, median, 75%, max) of the strategy's
+        unit scores over the scored layers, and the range the selected units' scores span."""
+        rows = {layer: k for k, layer in enumerate(self.scored or [])}
+        levels = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+        out = []
+        for matrix, scores in (self.scores or {}).items():
+            picked = [
+                float(scores[rows[layer], unit])
+                for layer, per_matrix in self.units.items()
+                for unit in per_matrix.get(matrix, [])
+                if layer in rows
+            ]
+            quartiles = scores.flatten().double().quantile(levels).tolist()
+            out.append((matrix, quartiles, (min(picked), max(picked)) if picked else None))
+        return out
+
     def to_dict(self) -> dict:
         return {
             "format": SELECTION_FORMAT,

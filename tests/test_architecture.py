@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "s2ft_cli"
 # earlier ones. targets.py (the target table the recipe's schema checks names against) and
 # models.py (architectures, shapes) hold facts, so they come first.
 STAGES = [
-    ["version", "errors", "files", "targets", "gguf_bases", "models"],
+    ["version", "errors", "files", "tables", "targets", "gguf_bases", "models"],
     ["config", "recipe"],
     ["data", "losses"],
     ["selection", "scores", "plots"],

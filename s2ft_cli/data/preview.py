@@ -13,10 +13,10 @@ import statistics
 from dataclasses import dataclass
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from ..files import atomic_write_text
+from ..tables import examples_table, records_table
 from .batches import training_plan
 from .examples import Datasets
 from .tokenization import IGNORE_INDEX, Example
@@ -102,25 +102,15 @@ def show(
     if count:
         console.print(f"(target tokens {legend})", highlight=False)
 
-    sources = Table(title="records", title_justify="left")
-    sources.add_column("source", overflow="fold")
-    for col in ("records", "examples", "dropped", "truncated"):
-        sources.add_column(col, justify="right")
-    for s in data.sources:
-        dropped = s.records - s.examples
-        sources.add_row(s.name, str(s.records), str(s.examples), str(dropped), str(s.truncated))
-    console.print(sources)
+    console.print(records_table(data.sources))
     if any(s.records > s.examples for s in data.sources):
         console.print(
             "dropped: no target token within max_seq_len; truncated: kept, cut at max_seq_len",
             highlight=False,
         )
 
-    table = Table(title=f"examples (batch size {batch_size})", title_justify="left")
-    for col in ("set", "examples", "tokens", "min", "median", "max", "targets", "padding"):
-        table.add_column(col, justify="left" if col == "set" else "right")
-    sets = {"train": data.train, "validation": data.validation}
-    for name, examples in sets.items():
+    sets = []
+    for name, examples in {"train": data.train, "validation": data.validation}.items():
         if not examples:
             continue
         label, order = name, list(range(len(examples)))
@@ -131,18 +121,8 @@ def show(
             order = plan.epoch_order(0)
             if pack_len:
                 label = f"train, packed ({len(examples):,} rows)"
-        s = SetStats.of(examples, batch_size, order)
-        table.add_row(
-            label,
-            f"{s.examples:,}",
-            f"{s.tokens:,}",
-            str(s.shortest),
-            f"{s.median:g}",
-            str(s.longest),
-            f"{s.targets / max(s.tokens, 1):.1%}",
-            f"{s.padding:.1%}",
-        )
-    console.print(table)
+        sets.append((label, SetStats.of(examples, batch_size, order)))
+    console.print(examples_table(batch_size, sets))
     console.print(
         "targets: share of the tokens the loss is taken on; padding: share of padding in the "
         "micro-batches (training: in the first epoch's order"

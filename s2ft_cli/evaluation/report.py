@@ -1,4 +1,5 @@
-"""Scoring outputs and reporting results: ``results.json``, ``predictions.jsonl``, tables.
+"""Scoring outputs and reporting results: ``results.json``, ``predictions.jsonl`` (their
+tables: :mod:`s2ft_cli.tables`).
 
 ``results.json`` holds ``{"tasks": {name: {"accuracy", "correct", "n", "ci95"}}, "groups":
 {group: {"accuracy", "n", "tasks"}}}``; ``ci95`` is a task's 95 % Wilson interval, a group's
@@ -13,8 +14,6 @@ import json
 import math
 import os
 from pathlib import Path
-
-from rich.table import Table
 
 from ..errors import S2FTError
 from ..files import atomic_write_text
@@ -142,58 +141,3 @@ def score_file(path: Path, out: Path, task: Task | None = None) -> dict:
     results = {**summarize(scored), "settings": {"score_only": str(path)}}
     write_results(out, results, scored)
     return results
-
-
-def _percent(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def _with_interval(r: dict) -> str:
-    """An accuracy with its 95 % interval, e.g. ``56.6 (52.2–60.9)``."""
-    if "ci95" not in r:  # results written before intervals were recorded
-        return _percent(r["accuracy"])
-    low, high = r["ci95"]
-    return f"{_percent(r['accuracy'])} ({_percent(low)}–{_percent(high)})"
-
-
-def results_table(title: str, results: dict) -> Table:
-    """One model's accuracy per task, then each group's average (and speed when timed)."""
-    timing = results.get("timing", {})
-    table = Table(title=title, title_justify="left")
-    columns = ("task", "n", "correct", "accuracy % (95% CI)")
-    for col in columns + (("examples/s",) if timing else ()):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    for name, r in results["tasks"].items():
-        speed = (f"{timing[name]['examples_per_s']:.1f}",) if name in timing else ()
-        table.add_row(name, str(r["n"]), str(r["correct"]), _with_interval(r), *speed)
-    if results["groups"]:
-        table.add_section()
-    for group, g in results["groups"].items():
-        blank = ("",) if timing else ()
-        table.add_row(f"{group} (avg)", str(g["n"]), "", _percent(g["accuracy"]), *blank)
-    return table
-
-
-def comparison_table(named: dict[str, dict]) -> Table:
-    """Accuracy per task (rows), with its 95 % interval, for several models or adapters
-    (columns)."""
-    table = Table(
-        title="accuracy % (95% confidence interval) by adapter",
-        title_justify="left",
-        caption="intervals: Wilson score intervals over the task's n examples",
-        caption_justify="left",
-    )
-    table.add_column("task")
-    table.add_column("n", justify="right")
-    for name in named:
-        table.add_column(name, justify="right")
-    first = next(iter(named.values()))
-    for task in first["tasks"]:
-        cells = [_with_interval(r["tasks"][task]) for r in named.values()]
-        table.add_row(task, str(first["tasks"][task]["n"]), *cells)
-    if first["groups"]:
-        table.add_section()
-    for group in first["groups"]:
-        averages = (_percent(r["groups"][group]["accuracy"]) for r in named.values())
-        table.add_row(f"{group} (avg)", str(first["groups"][group]["n"]), *averages)
-    return table

@@ -38,16 +38,10 @@ from ..distributed import Processes, setup_processes
 from ..errors import S2FTError
 from ..models import load_model, load_tokenizer
 from ..recipe import DataSource, EvalSection
+from ..tables import comparison_table, results_table
 from ..version import __version__
 from . import decoding
-from .report import (
-    comparison_table,
-    results_table,
-    score,
-    summarize,
-    writable_folder,
-    write_results,
-)
+from .report import score, summarize, writable_folder, write_results
 from .tasks import TASKS, Task, resolve_tasks, task_in_path, test_file
 
 # Held-out problems a built-in source gives when eval.limit does not say how many.
