@@ -33,16 +33,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .errors import AdapterMismatchError, S2FTError
-from .ffn import keep_ffn_activations
 from .files import atomic_write_dir, read_json
 from .layers import S2Linear
-from .losses import detach_lean_loss
 from .models import get_architecture, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout
 from .sharding import full_tensor
 from .state import (
-    attach_save_pretrained,
-    detach_save_pretrained,
+    adapter_save_pretrained,
     remember_base_fingerprint,
     state_of,
 )
@@ -553,7 +550,7 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, force: bool = Fal
         layer = S2Linear(base, u.axis, u.index, u.delta, False, delta_dtype=u.delta.dtype)
         replace_module(model, name, layer)
     state.loaded = adapter.config
-    attach_save_pretrained(model)
+    state.install(model, "save_pretrained", adapter_save_pretrained(model))
     return model
 
 
@@ -640,11 +637,8 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         replace_module(model, name, m.unload())
     if state.conversion is not None:
         apply_layout(model, state.conversion.layout, model_shape(model), inverse=True)
-        del model.s2ft_selection
-        detach_lean_loss(model)
-        keep_ffn_activations(model)
     state.conversion = state.loaded = None
-    detach_save_pretrained(model)
+    state.uninstall()
     fuse(model, adapter)
     return model
 
@@ -657,7 +651,7 @@ def unload_adapter(model: nn.Module) -> nn.Module:
     for name, m in _adapter_modules(model).items():
         replace_module(model, name, m.unload())
     state.loaded = None
-    detach_save_pretrained(model)
+    state.uninstall()
     return model
 
 

@@ -7,13 +7,13 @@ from torch import nn
 
 from .config import DATA_STRATEGIES, S2FTConfig
 from .errors import S2FTError
-from .ffn import recompute_ffn_activations
+from .ffn import recomputing_forwards
 from .layers import S2Linear
-from .losses import attach_lean_loss
+from .losses import lean_forward
 from .models import get_linear, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout, plan_layout
 from .selection import Selection, calibration_data, select_units
-from .state import Conversion, attach_save_pretrained, state_of
+from .state import Conversion, adapter_save_pretrained, state_of
 from .targets import TARGETS
 
 
@@ -32,7 +32,7 @@ def get_s2ft_model(
     selection used, in the original layout; the model's S²FT state records the conversion,
     ``model.save_pretrained(dir)`` writes the trained update as an S²FT adapter, and
     ``model(..., labels=...)`` computes ``s2ft train``'s memory-lean loss while training
-    (:func:`~s2ft_cli.losses.attach_lean_loss`); its FFNs recompute their activation in the
+    (:func:`~s2ft_cli.losses.lean_forward`); its FFNs recompute their activation in the
     backward pass (:mod:`~s2ft_cli.ffn`).
     ``calibration`` (batches of ``input_ids``, ``attention_mask``, ``labels``) is what the
     activation and gradient strategies measure.
@@ -68,10 +68,13 @@ def get_s2ft_model(
             )
             replace_module(model, module_path(model, layer, matrix), module)
     state.conversion = Conversion(config, selection, layout)
-    model.s2ft_selection = selection  # the library API's name for state.conversion.selection
-    attach_save_pretrained(model)
-    attach_lean_loss(model)
-    recompute_ffn_activations(model)
+    # what merge_adapter takes off again (state.uninstall)
+    state.install(model, "s2ft_selection", selection)  # the library API's name for it
+    state.install(model, "save_pretrained", adapter_save_pretrained(model))
+    if (forward := lean_forward(model)) is not None:
+        state.install(model, "forward", forward)
+    for ffn, ffn_forward in recomputing_forwards(model):
+        state.install(ffn, "forward", ffn_forward)
     return model
 
 

@@ -48,7 +48,7 @@ def _ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def gated_ffns(model: nn.Module) -> list[nn.Module]:
-    """The FFNs of ``model`` whose product :func:`recompute_ffn_activations` computes."""
+    """The SiLU-gated FFNs of ``model`` (LLaMA's gate, up and down projections)."""
     if getattr(model.config, "hidden_act", None) not in GATED_ACTIVATIONS:
         return []
     ffns = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
@@ -56,16 +56,7 @@ def gated_ffns(model: nn.Module) -> list[nn.Module]:
     return [f for f in ffns if f is not None and all(hasattr(f, n) for n in names)]
 
 
-def recompute_ffn_activations(model: nn.Module) -> bool:
-    """Make every SiLU-gated FFN of ``model`` recompute its activation in the backward
-    pass; returns whether the model has such FFNs."""
-    ffns = gated_ffns(model)
-    for ffn in ffns:
-        ffn.__dict__["forward"] = _ffn_forward.__get__(ffn)
-    return bool(ffns)
-
-
-def keep_ffn_activations(model: nn.Module) -> None:
-    """Undo :func:`recompute_ffn_activations`: the FFNs' own forward again."""
-    for ffn in gated_ffns(model):
-        ffn.__dict__.pop("forward", None)
+def recomputing_forwards(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """For every SiLU-gated FFN of ``model``, a ``forward`` to install on it that recomputes
+    its activation in the backward pass."""
+    return [(ffn, _ffn_forward.__get__(ffn)) for ffn in gated_ffns(model)]

@@ -137,7 +137,7 @@ def _signature(forward) -> inspect.Signature:
 
 
 def _lean_forward(self, *args, **kwargs):
-    """A converted model's forward (see :func:`attach_lean_loss`)."""
+    """A converted model's forward (see :func:`lean_forward`)."""
     forward = type(self).forward
     call = _signature(forward).bind(self, *args, **kwargs).arguments
     extra = call.pop("kwargs", {})
@@ -171,26 +171,24 @@ def _lean_forward(self, *args, **kwargs):
     )
 
 
-def attach_lean_loss(model: nn.Module) -> None:
-    """Make ``model(..., labels=...)`` of a converted model compute its loss as ``s2ft train``
-    does while gradients are recorded: the decoder's hidden states of target positions go
-    through the frozen head a chunk at a time (:func:`token_losses`), never the batch's
-    full-vocabulary logits, so Hugging Face's Trainer and every script that passes
-    ``labels=`` train with ``s2ft train``'s memory. The loss equals transformers' causal-LM
-    loss (``num_items_in_batch``, ``ignore_index``, ``shift_labels`` as there); the output
-    then has no logits. Without gradients (evaluation), with ``logits_to_keep`` or TRL's
-    ``fused_lm_head``, the model's own forward runs. Supported architectures only."""
+def lean_forward(model: nn.Module):
+    """A converted model's ``forward``, to install on it: ``model(..., labels=...)`` computes
+    its loss as ``s2ft train`` does while gradients are recorded: the decoder's hidden
+    states of target positions go through the frozen head a chunk at a time
+    (:func:`token_losses`), never the batch's full-vocabulary logits, so Hugging Face's
+    Trainer and every script that passes ``labels=`` train with ``s2ft train``'s memory.
+    The loss equals transformers' causal-LM loss (``num_items_in_batch``, ``ignore_index``,
+    ``shift_labels`` as there); the output then has no logits. Without gradients
+    (evaluation), with ``logits_to_keep`` or TRL's ``fused_lm_head``, the model's own
+    forward runs. None for an unsupported architecture."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in ARCHITECTURES:
+    if getattr(config, "model_type", None) not in ARCHITECTURES:
+        return None
 
-        def forward(self, *args, **kwargs):
-            return _lean_forward(self, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        return _lean_forward(self, *args, **kwargs)
 
-        # the model's own signature (input_ids, labels, ...): the Trainer's
-        # remove_unused_columns and every library that reads it see the real arguments
-        functools.update_wrapper(forward, type(model).forward)
-        model.__dict__["forward"] = forward.__get__(model)
-
-
-def detach_lean_loss(model: nn.Module) -> None:
-    model.__dict__.pop("forward", None)
+    # the model's own signature (input_ids, labels, ...): the Trainer's
+    # remove_unused_columns and every library that reads it see the real arguments
+    functools.update_wrapper(forward, type(model).forward)
+    return forward.__get__(model)

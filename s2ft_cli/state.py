@@ -97,6 +97,17 @@ class Conversion:
 
 
 @dataclass
+class Patch:
+    """An attribute s2ft set on a module's instance (a method or a value), and what the
+    instance held under that name before."""
+
+    module: object
+    name: str
+    before: object = None
+    had: bool = False
+
+
+@dataclass
 class S2FTState:
     """What s2ft has done to one model (see the module's docstring)."""
 
@@ -104,6 +115,24 @@ class S2FTState:
     loaded: dict | None = None  # the config of an adapter loaded unfused
     served: list[str] = field(default_factory=list)
     fused: list = field(default_factory=list)  # (Adapter, rows/columns before), oldest first
+    patches: list[Patch] = field(default_factory=list)  # installed, oldest first
+
+    def install(self, module: nn.Module, name: str, value) -> None:
+        """Set ``module.name`` to ``value`` on the instance (a forward, save_pretrained,
+        s2ft_selection), to be taken off by :meth:`uninstall`."""
+        held = module.__dict__
+        self.patches.append(Patch(module, name, held.get(name), name in held))
+        held[name] = value
+
+    def uninstall(self) -> None:
+        """Take off everything :meth:`install` set, newest first: each instance holds what
+        it held before (usually nothing: its class's methods again)."""
+        while self.patches:
+            patch = self.patches.pop()
+            if patch.had:
+                patch.module.__dict__[patch.name] = patch.before
+            else:
+                patch.module.__dict__.pop(patch.name, None)
 
     @property
     def name(self) -> str:
@@ -167,10 +196,6 @@ def _save_pretrained(model: nn.Module, save_directory, *args, is_main_process=Tr
     return _adapter_io["write"](model, save_directory, is_main_process=is_main_process)
 
 
-def attach_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` write the S²FT adapter (until it is detached)."""
-    model.__dict__["save_pretrained"] = _save_pretrained.__get__(model)
-
-
-def detach_save_pretrained(model: nn.Module) -> None:
-    model.__dict__.pop("save_pretrained", None)
+def adapter_save_pretrained(model: nn.Module):
+    """``model.save_pretrained`` writing the S²FT adapter, for :meth:`S2FTState.install`."""
+    return _save_pretrained.__get__(model)
