@@ -212,7 +212,7 @@ def test_the_library_and_hugging_face_trainer_on_an_nf4_base_save_the_bases_adap
     quantize_frozen_linears(model, "nf4")
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
-        learning_rate=1e-2, report_to=[], use_cpu=True,
+        learning_rate=1e-2,
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=rows).train()
     Trainer(model=model, args=args).save_model(str(tmp_path / "final"))

@@ -116,8 +116,6 @@ def test_hugging_face_trainer_saves_the_adapter_it_trained(tmp_path):
         max_steps=4,
         save_steps=2,
         learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
     )
     Trainer(model=model, args=args, train_dataset=rows).train()
     Trainer(model=model, args=args).save_model(str(tmp_path / "final"))
