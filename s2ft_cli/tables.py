@@ -146,8 +146,6 @@ def _percent(x: float) -> str:
 
 def _with_interval(r: dict) -> str:
     """An accuracy with its 95 % interval, e.g. ``56.6 (52.2–60.9)``."""
-    if "ci95" not in r:  # results written before intervals were recorded
-        return _percent(r["accuracy"])
     low, high = r["ci95"]
     return f"{_percent(r['accuracy'])} ({_percent(low)}–{_percent(high)})"
 

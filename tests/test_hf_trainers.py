@@ -51,12 +51,16 @@ def test_checkpoints_and_the_final_model_hold_the_trained_adapter(kind, tmp_path
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
 
+    optimized_the_deltas_alone(trainer, model)
+    for folder in (tmp_path / "run" / f"checkpoint-{STEPS}", tmp_path / "final"):
+        holds_the_trained_adapter(model, base, folder)
+
+
+def optimized_the_deltas_alone(trainer, model) -> None:
+    """The trainer's optimizer holds the S² deltas and nothing else; nothing else trains."""
     deltas = {id(p) for name, p in model.named_parameters() if name.endswith(".delta")}
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == deltas == {id(p) for p in model.parameters() if p.requires_grad}
-
-    for folder in (tmp_path / "run" / f"checkpoint-{STEPS}", tmp_path / "final"):
-        holds_the_trained_adapter(model, base, folder)
 
 
 def holds_the_trained_adapter(model, base, folder) -> None:

@@ -33,7 +33,7 @@ from s2ft_cli.serving import adapters_per_sequence, serve_adapters
 from .conftest import SHARED, SMOLLM2, batch, logit_tol
 from .test_cli import QUICKSTART
 from .test_engine import check_engine
-from .test_hf_trainers import holds_the_trained_adapter
+from .test_hf_trainers import holds_the_trained_adapter, optimized_the_deltas_alone
 from .test_train import max_diff
 from .torchrun import torchrun
 
@@ -281,9 +281,7 @@ def chat_rows(tokenizer, count: int = 8) -> list[dict]:
 
 def trained_and_reloaded(trainer, model, base, out: Path) -> None:
     """The trainer optimised the deltas alone; its saved model holds the trained update."""
-    deltas = {id(p) for name, p in model.named_parameters() if name.endswith(".delta")}
-    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimized == deltas == {id(p) for p in model.parameters() if p.requires_grad}
+    optimized_the_deltas_alone(trainer, model)
     trainer.save_model(str(out))
     holds_the_trained_adapter(model, base, out)
 
@@ -319,6 +317,7 @@ def test_trl_sft_trainer_trains_on_the_assistant_turn(smollm2_base, smollm2_toke
     including ``<|im_end|>``, plus the newline the template writes after it (which s2ft
     leaves out: generation stops at ``<|im_end|>``)."""
     import trl
+    from datasets import Dataset
 
     from s2ft_cli import get_s2ft_model
 
@@ -338,7 +337,7 @@ def test_trl_sft_trainer_trains_on_the_assistant_turn(smollm2_base, smollm2_toke
     trainer = trl.SFTTrainer(
         model=model,
         args=args,
-        train_dataset=dataset_of(dataset),
+        train_dataset=Dataset.from_list(dataset),
         processing_class=smollm2_tokenizer,
     )
     collated = next(iter(trainer.get_train_dataloader()))
@@ -353,12 +352,6 @@ def test_trl_sft_trainer_trains_on_the_assistant_turn(smollm2_base, smollm2_toke
         assert theirs in ours, smollm2_tokenizer.decode(theirs)
     trainer.train()
     trained_and_reloaded(trainer, model, smollm2_base, tmp_path / "final")
-
-
-def dataset_of(rows: list[dict]):
-    from datasets import Dataset
-
-    return Dataset.from_list(rows)
 
 
 def test_merge_leaves_a_plain_model_with_the_real_signature(smollm2_base):
