@@ -10,12 +10,11 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
-from .state import register_adapter_io
 from .version import __version__ as __version__  # re-exported
 
 # Where bitsandbytes is installed, transformers imports it (for its 8-bit optimizers), and
 # its CPU backend warns at import that a hub kernel for an inference shortcut is missing;
-# s2ft turns that shortcut off (quantization.py), so the warning is noise on every command.
+# s2ft turns that shortcut off (training/quantization.py), so the warning is noise on every command.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
@@ -24,51 +23,35 @@ def _attribute(module: str, name: str):
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-def _deferred(module: str, name: str):
-    """A function that calls ``s2ft_cli.<module>.<name>``, imported at the first call."""
-
-    def call(*args, **kwargs):
-        return _attribute(module, name)(*args, **kwargs)
-
-    return call
-
-
-# A converted model's save_pretrained writes its adapter (state.py), which only a later
-# stage can do: the package wires the two when it is imported, and the adapter stage (with
-# torch) is imported on first use.
-register_adapter_io(
-    _deferred("adapter", "write_pretrained"), _deferred("adapter", "base_fingerprint")
-)
-
 # The library API: name -> the module that defines it, imported on first use.
 _API = {
-    "load_adapter": "adapter",
-    "merge_adapter": "adapter",
-    "save_adapter": "adapter",
-    "unload_adapter": "adapter",
-    "unmerge_adapter": "adapter",
-    "S2FTConfig": "config",
-    "get_s2ft_model": "convert",
+    "load_adapter": "adapter.runtime",
+    "merge_adapter": "adapter.runtime",
+    "save_adapter": "adapter.format",
+    "unload_adapter": "adapter.runtime",
+    "unmerge_adapter": "adapter.runtime",
+    "S2FTConfig": "engine.config",
+    "get_s2ft_model": "adapter.runtime",
     "AdapterMismatchError": "errors",
     "S2FTError": "errors",
-    "example_losses": "losses",
-    "Selection": "selection",
+    "example_losses": "engine.losses",
+    "Selection": "engine.selection",
 }
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
-    from .adapter import (  # noqa: F401
+    from .adapter.format import save_adapter  # noqa: F401
+    from .adapter.runtime import (  # noqa: F401
+        get_s2ft_model,
         load_adapter,
         merge_adapter,
-        save_adapter,
         unload_adapter,
         unmerge_adapter,
     )
-    from .config import S2FTConfig  # noqa: F401
-    from .convert import get_s2ft_model  # noqa: F401
+    from .engine.config import S2FTConfig  # noqa: F401
+    from .engine.losses import example_losses  # noqa: F401
+    from .engine.selection import Selection  # noqa: F401
     from .errors import AdapterMismatchError, S2FTError  # noqa: F401
-    from .losses import example_losses  # noqa: F401
-    from .selection import Selection  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -103,7 +103,7 @@ def select(
 
     r = load_recipe(recipe, overrides)  # a recipe's mistakes are reported before torch loads
 
-    from .convert import recipe_selection
+    from .engine.convert import recipe_selection
 
     cfg = r.s2ft
     selection, model_params = recipe_selection(r)
@@ -124,7 +124,7 @@ def select(
         selection.save(json_path)
         console.print(f"selection written to {json_path}")
     if plot is not None:
-        from .plots import selection_heatmap
+        from .engine.plots import selection_heatmap
 
         selection_heatmap(selection, plot)
         console.print(f"heatmap written to {plot}")
@@ -147,7 +147,7 @@ def plan(
     if r.data is None:
         raise S2FTError("s2ft plan needs the recipe's data: section (data.max_seq_len).")
 
-    from .memory import GIB, plan_memory
+    from .training.memory import GIB, plan_memory
 
     p = plan_memory(r, gpus)
     seq = r.data.max_seq_len
@@ -202,7 +202,7 @@ def data_command(
     from .data import load_datasets
     from .data.preview import show as show_data
     from .data.preview import write_json
-    from .models import load_tokenizer
+    from .engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
     data = load_datasets(r.data, r.train.seed, tokenizer)
@@ -232,7 +232,7 @@ def train(
     if r.eval is not None:  # a misspelt eval task is refused before training, not after
         _known_tasks(r.eval.tasks, "eval.tasks")
 
-    from .train import train as run_training
+    from .training.trainer import train as run_training
 
     try:
         run_training(r, resume=resume, console=console)
@@ -460,8 +460,8 @@ def combine_command(
     ] = False,
 ) -> None:
     """Combine adapters trained separately into one (weighted sum of their updates)."""
-    from .adapter import Adapter
-    from .combine import combine
+    from .adapter.combine import combine
+    from .adapter.format import Adapter
 
     try:
         factors = [float(w) for w in weights.split(",")] if weights else None

@@ -1,5 +1,5 @@
 """Exports of a training run or an adapter: the adapter (of the run's end, or of any
-checkpoint), the same as a PEFT LoRA adapter (``peft_format.py``: PEFT, vLLM and the other
+checkpoint), the same as a PEFT LoRA adapter (``adapter/peft.py``: PEFT, vLLM and the other
 LoRA servers read it), or a complete Hugging Face model with the update fused in, for tools
 that know nothing about s2ft."""
 
@@ -10,15 +10,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapter import CONFIG_NAME, V1_FILES, Adapter, adapter_of, load_adapter, merge_adapter
-from .checkpoints import Checkpointer
-from .convert import get_s2ft_model
+from .adapter.format import CONFIG_NAME, V1_FILES, Adapter, adapter_of
+from .adapter.peft import SOURCE_NAME, save_peft
+from .adapter.runtime import get_s2ft_model, load_adapter, merge_adapter
+from .engine.models import load_model, load_tokenizer
+from .engine.selection import Selection
 from .errors import S2FTError
 from .files import atomic_write_dir
-from .models import load_model, load_tokenizer
-from .peft_format import SOURCE_NAME, save_peft
 from .recipe import Recipe, load_recipe
-from .selection import Selection
+from .training.checkpoints import Checkpointer
 from .version import __version__
 
 

@@ -24,9 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from .config import S2FTConfig
+from .engine.config import S2FTConfig
+from .engine.gguf_bases import is_gguf_source
 from .errors import S2FTError
-from .gguf_bases import is_gguf_source
 
 
 class ModelSection(BaseModel):

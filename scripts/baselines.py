@@ -1,5 +1,5 @@
 """The baselines of the benchmarks and experiments as training methods of s2ft's own loop
-(``s2ft_cli.methods``): PEFT LoRA, full fine-tuning and the frozen floor train through
+(``s2ft_cli.training.methods``): PEFT LoRA, full fine-tuning and the frozen floor train through
 the very ``Trainer`` that ``s2ft train`` runs, with another set of trainable parameters.
 Each can use s2ft's memory-lean loss (the loop's default) or transformers' own loss, the
 one a user of those libraries computes with ``model(**batch, labels=...)``."""
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from s2ft_cli.data import IGNORE_INDEX
-from s2ft_cli.methods import TrainingMethod
-from s2ft_cli.quantization import quantize_frozen_linears
-from s2ft_cli.targets import TARGET_MATRICES
+from s2ft_cli.engine.targets import TARGET_MATRICES
+from s2ft_cli.training.methods import TrainingMethod
+from s2ft_cli.training.quantization import quantize_frozen_linears
 
 
 class TransformersLoss(nn.Module):

@@ -22,9 +22,9 @@ import torch
 
 from s2ft_cli import S2FTConfig
 from s2ft_cli.data import Example, calibration_batches
-from s2ft_cli.losses import example_losses
-from s2ft_cli.models import load_model
-from s2ft_cli.selection import select_units
+from s2ft_cli.engine.losses import example_losses
+from s2ft_cli.engine.models import load_model
+from s2ft_cli.engine.selection import select_units
 
 
 def batches(vocab: int, samples: int, batch: int, seq: int) -> list[dict]:

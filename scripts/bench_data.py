@@ -34,7 +34,7 @@ WAYS = ("padded", "grouped", "packed")
 def llama2_tokenizer(folder: Path):
     """The LLaMA-2 sentencepiece tokenizer, in the folder the tests build for it."""
     sys.path.insert(0, str(REPO))
-    from s2ft_cli.models import load_tokenizer
+    from s2ft_cli.engine.models import load_tokenizer
     from tests.real_tokenizers import llama2_folder
 
     return load_tokenizer(str(llama2_folder(folder)))
@@ -44,7 +44,7 @@ def trainer_for(way: str, args, datasets, out: str):
     from rich.console import Console
 
     from s2ft_cli.recipe import Recipe
-    from s2ft_cli.train import Trainer
+    from s2ft_cli.training.trainer import Trainer
 
     recipe = Recipe.model_validate(
         {

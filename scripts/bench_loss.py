@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from s2ft_cli import losses
+from s2ft_cli.engine import losses
 
 
 def transformers_loss(hidden, head, labels) -> None:

@@ -27,10 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from s2ft_cli import get_s2ft_model
-from s2ft_cli.adapter import Adapter, adapter_of, fuse, switch
-from s2ft_cli.models import load_model
-from s2ft_cli.serving import adapters_per_sequence, serve_adapters
-from s2ft_cli.targets import TARGET_MATRICES
+from s2ft_cli.adapter.format import Adapter, adapter_of
+from s2ft_cli.adapter.runtime import fuse, switch
+from s2ft_cli.adapter.serving import adapters_per_sequence, serve_adapters
+from s2ft_cli.engine.models import load_model
+from s2ft_cli.engine.targets import TARGET_MATRICES
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

@@ -1,6 +1,6 @@
 """Training-step cost of S²FT against full fine-tuning, PEFT LoRA and the frozen floor.
 
-Every method trains through s2ft's own loop (``s2ft_cli.train.Trainer.train_step``: the
+Every method trains through s2ft's own loop (``s2ft_cli.training.trainer.Trainer.train_step``: the
 step ``s2ft train`` runs, fused AdamW, gradient clipping at 1.0), with the baselines of
 ``scripts/baselines.py`` as other sets of trainable parameters, on random token batches
 (one per step); with ``--loop plain`` through a user's own loop instead, the one Hugging
@@ -68,7 +68,7 @@ def training_method(name: str):
     """The method's trainable parameters and loss, for s2ft's own training loop."""
     from baselines import Floor, FullFineTuning, LoRA
 
-    from s2ft_cli.methods import S2FT
+    from s2ft_cli.training.methods import S2FT
 
     return {
         "full": lambda: FullFineTuning(transformers_loss=True),
@@ -87,9 +87,9 @@ def trainer_for(method: str, spec: dict, out: str):
     from rich.console import Console
 
     from s2ft_cli.data import Datasets, Example
-    from s2ft_cli.models import load_model
+    from s2ft_cli.engine.models import load_model
     from s2ft_cli.recipe import Recipe
-    from s2ft_cli.train import Trainer
+    from s2ft_cli.training.trainer import Trainer
 
     steps = spec["warmup"] + spec["steps"]
     recipe = Recipe.model_validate(
@@ -224,7 +224,7 @@ def run_method(method: str, spec: dict) -> dict:
     """Set up the loop, run ``warmup + steps`` optimizer steps, measure."""
     import tempfile
 
-    from s2ft_cli.memory import plan_memory
+    from s2ft_cli.training.memory import plan_memory
 
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
@@ -232,7 +232,7 @@ def run_method(method: str, spec: dict) -> dict:
     # not the run's own.
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import s2ft_cli.train  # noqa: F401
+    import s2ft_cli.training.trainer  # noqa: F401
 
     if method in ("lora", "qlora"):
         import peft  # noqa: F401

@@ -33,10 +33,10 @@ from transformers.utils import logging as hf_logging
 
 from s2ft_cli import merge_adapter
 from s2ft_cli.data import Datasets, Example, load_datasets
-from s2ft_cli.methods import S2FT
-from s2ft_cli.models import load_model, load_tokenizer
+from s2ft_cli.engine.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import Trainer, token_loss_sums
+from s2ft_cli.training.methods import S2FT
+from s2ft_cli.training.trainer import Trainer, token_loss_sums
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -82,14 +82,14 @@ def s2ft_cache(tmp_path_factory) -> Path:
 def smollm2_base():
     """SmolLM2-135M-Instruct from its package (float32, eval mode); copy it before changing
     it. A missing package fails the test with the command that installs it."""
-    from s2ft_cli.models import load_model
+    from s2ft_cli.engine.models import load_model
 
     return load_model(SMOLLM2).eval()
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from s2ft_cli.models import load_tokenizer
+    from s2ft_cli.engine.models import load_tokenizer
 
     return load_tokenizer(SMOLLM2)
 
@@ -115,7 +115,7 @@ def one_process_batch_8(tmp_path_factory) -> Path:
     """The reference recipe and run of the multi-process tests: one process, batch 8, no
     accumulation, 6 steps."""
     from s2ft_cli.recipe import load_recipe
-    from s2ft_cli.train import train
+    from s2ft_cli.training.trainer import train
 
     from .test_train import RECIPE, recipe_file
 

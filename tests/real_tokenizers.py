@@ -129,6 +129,6 @@ def llama2_folder(folder: Path) -> Path:
 
 
 def load(folder: Path):
-    from s2ft_cli.models import load_tokenizer
+    from s2ft_cli.engine.models import load_tokenizer
 
     return load_tokenizer(str(folder))

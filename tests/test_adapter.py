@@ -20,10 +20,11 @@ from s2ft_cli import (
     unload_adapter,
     unmerge_adapter,
 )
-from s2ft_cli import adapter as adapter_module
-from s2ft_cli.adapter import Adapter, adapter_of, fingerprint, matrix_statistics
-from s2ft_cli.layers import S2Linear
-from s2ft_cli.state import state_of
+from s2ft_cli.adapter import fingerprint as fingerprint_module
+from s2ft_cli.adapter.fingerprint import Fingerprint, matrix_print
+from s2ft_cli.adapter.format import Adapter, adapter_of
+from s2ft_cli.engine.layers import S2Linear
+from s2ft_cli.engine.state import state_of
 
 from .conftest import batch, stories_model, tiny_model
 
@@ -162,7 +163,7 @@ def test_save_from_a_loaded_adapter_round_trips(tmp_path):
 def test_damaged_tensors_are_refused_before_the_model_is_touched(tmp_path):
     from safetensors.torch import save_file
 
-    from s2ft_cli.layers import S2Linear
+    from s2ft_cli.engine.layers import S2Linear
 
     save_adapter(trained(), tmp_path / "a")
     file = tmp_path / "a" / "s2ft_adapter.safetensors"
@@ -186,7 +187,7 @@ def test_merging_onto_matrices_with_a_fused_adapter_changes_nothing(tmp_path):
     load_adapter(base, tmp_path / "a", force=True)  # the fused update moved the checksums
     with pytest.raises(S2FTError, match="already has a fused adapter"):
         merge_adapter(base)
-    from s2ft_cli.layers import S2Linear
+    from s2ft_cli.engine.layers import S2Linear
 
     fused = {name for adapter, _ in state_of(base).fused for name in adapter.updates}
     assert all(isinstance(m, S2Linear) for n, m in base.named_modules() if n in fused)
@@ -303,7 +304,8 @@ def test_fingerprint_of_a_co_permuted_model_is_that_of_its_original_layout(tmp_p
     model = get_s2ft_model(copy.deepcopy(base), CFG)
     assert state_of(model).conversion.layout  # its adapted matrices hold permuted rows/columns
     saved = adapter_of(model).config["base_model"]["fingerprint"]
-    plain = fingerprint(base, {n: base.get_submodule(n).weight for n in saved["matrices"]})
+    weights = {n: base.get_submodule(n).weight for n in saved["matrices"]}
+    plain = Fingerprint.measure(base, weights).to_dict()
     assert saved["probes"]["values"].keys() == plain["probes"]["values"].keys()
     for name, want in plain["probes"]["values"].items():
         got = saved["probes"]["values"][name]
@@ -375,15 +377,15 @@ def test_the_fingerprint_reads_a_weight_in_chunks_and_never_copies_it(monkeypatc
     with NoCopyOf(weight), pytest.raises(AssertionError, match="made a tensor"):
         weight.double()  # the guard works
     with NoCopyOf(weight), pytest.raises(AssertionError, match="made a tensor"):
-        matrix_statistics(weight)  # one chunk of 2^22 elements: a whole copy
-    whole = matrix_statistics(weight)
-    monkeypatch.setattr(adapter_module, "FINGERPRINT_CHUNK", 1000)  # 5 rows at a time
+        matrix_print(weight)  # one chunk of 2^22 elements: a whole copy
+    whole = matrix_print(weight)
+    monkeypatch.setattr(fingerprint_module, "FINGERPRINT_CHUNK", 1000)  # 5 rows at a time
     for w in (weight, weight.bfloat16(), weight.t().contiguous().t()):
         with NoCopyOf(w):
-            chunked = matrix_statistics(w)
-        reference = whole if w.dtype == torch.float32 else matrix_statistics(w.float())
-        assert chunked.norm == pytest.approx(reference.norm, rel=1e-12)
-        assert chunked.z == pytest.approx(reference.z, abs=1e-12)
+            chunked = matrix_print(w)
+        reference = whole if w.dtype == torch.float32 else matrix_print(w.float())
+        assert chunked.probes.norm == pytest.approx(reference.probes.norm, rel=1e-12)
+        assert chunked.probes.z == pytest.approx(reference.probes.z, abs=1e-12)
         assert chunked.mean_abs == pytest.approx(reference.mean_abs, rel=1e-12)
 
 
@@ -391,15 +393,15 @@ def test_the_probes_are_the_same_on_every_machine():
     """An adapter written today is checked with the same probes tomorrow: pinned values
     (they change only if torch's seeded CPU generator does)."""
     w = torch.linspace(-1, 1, 35, dtype=torch.float64).view(5, 7) ** 3
-    stats = matrix_statistics(w)
-    assert stats.norm == pytest.approx(2.432262028006944, rel=1e-14)
+    stats = matrix_print(w)
+    assert stats.probes.norm == pytest.approx(2.432262028006944, rel=1e-14)
     assert stats.mean_abs == pytest.approx(0.2722689075630252, rel=1e-14)
     expected = [2.528430968639, -0.349297374168, 1.823978334297, -1.823978334297]
-    assert list(stats.z[:4]) == pytest.approx(expected, abs=1e-11)
+    assert list(stats.probes.z[:4]) == pytest.approx(expected, abs=1e-11)
     # rows/columns stored in another order are probed at their original positions
     rows, cols = torch.tensor([4, 0, 3, 1, 2]), torch.tensor([6, 5, 4, 3, 2, 1, 0])
     stored = w[rows][:, cols]
-    assert matrix_statistics(stored, rows, cols).z == pytest.approx(stats.z, abs=1e-13)
+    assert matrix_print(stored, rows, cols).probes.z == pytest.approx(stats.probes.z, abs=1e-13)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -412,7 +414,7 @@ def test_the_same_base_on_a_gpu_is_accepted(tmp_path):
 
 
 def test_combining_compares_the_bases_by_probes_and_older_adapters_by_mean_abs(tmp_path):
-    from s2ft_cli.combine import combine
+    from s2ft_cli.adapter.combine import combine
 
     def adapter(base, name, targets, seed):
         model = get_s2ft_model(copy.deepcopy(base), {"targets": targets, "seed": seed})

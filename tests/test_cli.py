@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from s2ft_cli import Selection
 from s2ft_cli.cli import app
-from s2ft_cli.models import load_model
-from s2ft_cli.permute import plan_layout
+from s2ft_cli.engine.models import load_model
+from s2ft_cli.engine.permute import plan_layout
+from s2ft_cli.engine.selection import select_units
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.selection import select_units
 
 from .conftest import STORIES
 
@@ -122,7 +122,7 @@ def test_combine_is_listed_and_merge_is_its_hidden_old_name(tmp_path):
     missing from --help, says it was renamed and writes the same adapter."""
     import torch
 
-    from s2ft_cli.adapter import Adapter
+    from s2ft_cli.adapter.format import Adapter
 
     from .conftest import tiny_model
     from .test_serving import random_adapter

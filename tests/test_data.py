@@ -18,7 +18,7 @@ from s2ft_cli.data import (
     load_records,
     split_validation,
 )
-from s2ft_cli.models import char_tokenizer
+from s2ft_cli.engine.models import char_tokenizer
 from s2ft_cli.recipe import DataSource
 
 TOK = char_tokenizer()

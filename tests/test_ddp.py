@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from s2ft_cli import get_s2ft_model
-from s2ft_cli.checkpoints import checkpoints_of
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import Trainer, train
+from s2ft_cli.training.checkpoints import checkpoints_of
+from s2ft_cli.training.trainer import Trainer, train
 
 from .conftest import batch, tiny_model
 from .test_train import RECIPE, max_diff, recipe_file

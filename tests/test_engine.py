@@ -15,8 +15,8 @@ from s2ft_cli import (
     save_adapter,
     unmerge_adapter,
 )
-from s2ft_cli.adapter import read_adapter
-from s2ft_cli.layers import S2Linear
+from s2ft_cli.adapter.format import read_adapter
+from s2ft_cli.engine.layers import S2Linear
 
 from .conftest import TINY_CONFIGS, batch, logit_tol, stories_model, tiny_model
 

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from s2ft_cli.cli import app
-from s2ft_cli.models import char_tokenizer
+from s2ft_cli.engine.models import char_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import train
+from s2ft_cli.training.trainer import train
 
 from .conftest import SHARED, STORIES
 from .test_train import RECIPE

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from s2ft_cli import get_s2ft_model, merge_adapter, save_adapter
 from s2ft_cli.cli import app
 from s2ft_cli.data import alpaca_prompt, arithmetic_problems, prompt_ids
+from s2ft_cli.engine.models import char_tokenizer, load_model, load_tokenizer
 from s2ft_cli.evaluation import decoding
 from s2ft_cli.evaluation.tasks import TASKS, Task
-from s2ft_cli.models import char_tokenizer, load_model, load_tokenizer
 from s2ft_cli.recipe import EvalSection
 
 from .conftest import SHARED, STORIES, stories_model

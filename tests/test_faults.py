@@ -19,12 +19,12 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from s2ft_cli import checkpoints as checkpoints_module
-from s2ft_cli.checkpoints import checkpoints_of
 from s2ft_cli.cli import app
 from s2ft_cli.errors import S2FTError
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import Trainer, train
+from s2ft_cli.training import checkpoints as checkpoints_module
+from s2ft_cli.training.checkpoints import checkpoints_of
+from s2ft_cli.training.trainer import Trainer, train
 
 from .test_train import RECIPE, max_diff, metrics, recipe_file, s2ft
 
@@ -81,7 +81,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
 
 KILL_WHILE_WRITING = """\
 import os, signal, sys
-import s2ft_cli.checkpoints as c
+import s2ft_cli.training.checkpoints as c
 from s2ft_cli.cli import main
 real, calls = c.save_file, []
 def save_then_die(tensors, filename, *args, **kwargs):
@@ -222,7 +222,7 @@ def test_a_full_disk_anywhere_is_one_message_from_the_cli(tmp_path):
     script = textwrap.dedent(
         """\
         import errno, os, sys
-        from s2ft_cli.adapter import Adapter
+        from s2ft_cli.adapter.format import Adapter
         from s2ft_cli.cli import main
         def full(adapter, folder):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))

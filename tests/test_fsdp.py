@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from s2ft_cli.checkpoints import checkpoints_of
 from s2ft_cli.recipe import load_recipe
+from s2ft_cli.training.checkpoints import checkpoints_of
 
 from .test_ddp import gathered_views, save_gathered
 from .test_train import max_diff, recipe_file
@@ -53,8 +53,8 @@ def test_fsdp_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8,
 def _shards_worker(recipe_path: str) -> None:
     """One process of ``torchrun``: set up a sharded run, recording which processes read
     weights; rank 0 saves every process's view of the parameters."""
-    import s2ft_cli.train as train_module
-    from s2ft_cli.train import Trainer
+    import s2ft_cli.training.trainer as train_module
+    from s2ft_cli.training.trainer import Trainer
 
     torch.set_num_threads(1)
     reads, load = [], train_module.load_model

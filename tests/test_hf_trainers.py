@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from s2ft_cli import get_s2ft_model, load_adapter
-from s2ft_cli.adapter import Adapter, adapter_of
+from s2ft_cli.adapter.format import Adapter, adapter_of
 
 from .conftest import STORIES, batch, stories_model
 

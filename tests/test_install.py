@@ -15,7 +15,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from s2ft_cli.cli import _recipe_files, app
-from s2ft_cli.gguf_bases import PACKAGED_MODELS
+from s2ft_cli.engine.gguf_bases import PACKAGED_MODELS
 from s2ft_cli.recipe import EvalSection, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,8 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert "packed" in packed
     library = (
         "import json, sys; from s2ft_cli.data import load_datasets; "
-        "from s2ft_cli.models import load_tokenizer; from s2ft_cli.recipe import load_recipe; "
+        "from s2ft_cli.engine.models import load_tokenizer; "
+        "from s2ft_cli.recipe import load_recipe; "
         "r = load_recipe('q.yaml', ['data.train.limit=120', 'data.max_seq_len=512']); "
         "d = load_datasets(r.data, r.train.seed, load_tokenizer(r.model.name_or_path)); "
         "print(json.dumps([{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train]))"
@@ -115,7 +116,8 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     # the memory plan, from the wheel: s2ft plan prints the library's total
     printed = _run([s2ft, "plan", "q.yaml", "--gpus", "2"], work, env).stdout
     library = (
-        "from s2ft_cli.memory import GIB, plan_memory; from s2ft_cli.recipe import load_recipe; "
+        "from s2ft_cli.training.memory import GIB, plan_memory; "
+        "from s2ft_cli.recipe import load_recipe; "
         "print(f\"{plan_memory(load_recipe('q.yaml'), 2).total(False) / GIB:.2f}\")"
     )
     total = _run([python, "-c", library], work, env).stdout.strip()

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from s2ft_cli import S2FTConfig, get_s2ft_model, merge_adapter
-from s2ft_cli import losses as losses_module
 from s2ft_cli.data import IGNORE_INDEX
-from s2ft_cli.losses import example_losses, token_losses
-from s2ft_cli.models import decoder_layers, enable_activation_checkpointing
+from s2ft_cli.engine import losses as losses_module
+from s2ft_cli.engine.losses import example_losses, token_losses
+from s2ft_cli.engine.models import decoder_layers, enable_activation_checkpointing
 
 from .conftest import tiny_model
 

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 from s2ft_cli import get_s2ft_model
 from s2ft_cli.cli import app
 from s2ft_cli.data import Example, collate
-from s2ft_cli.losses import example_losses
-from s2ft_cli.memory import ADAMW_BYTES, GIB, plan_memory
-from s2ft_cli.models import load_model
+from s2ft_cli.engine.losses import example_losses
+from s2ft_cli.engine.models import load_model
 from s2ft_cli.recipe import load_recipe
+from s2ft_cli.training.memory import ADAMW_BYTES, GIB, plan_memory
 
 from .test_train import recipe_file
 
@@ -79,7 +79,7 @@ def test_the_plan_counts_weights_and_state_without_reading_weights(tmp_path, mon
         reads.append(kwargs.get("weights", True))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("s2ft_cli.memory.load_model", recording)
+    monkeypatch.setattr("s2ft_cli.training.memory.load_model", recording)
     recipe = load_recipe(path)
     dense = plan_memory(recipe)
     assert reads == [False]

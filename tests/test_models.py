@@ -7,8 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from s2ft_cli import S2FTError, get_s2ft_model
-from s2ft_cli.models import get_linear, load_model, model_shape
-from s2ft_cli.targets import TARGETS, Unit
+from s2ft_cli.engine.models import get_linear, load_model, model_shape
+from s2ft_cli.engine.targets import TARGETS, Unit
 
 from .conftest import TINY_CONFIGS, tiny_model
 

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from s2ft_cli import S2FTError, get_s2ft_model
 from s2ft_cli.data import IGNORE_INDEX, Example, StepPlan, collate, pack_examples, target_count
-from s2ft_cli.losses import example_losses
+from s2ft_cli.engine.losses import example_losses
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import train
+from s2ft_cli.training.trainer import train
 
 from .conftest import STORIES
 from .test_train import max_diff, recipe_file

@@ -17,11 +17,11 @@ from transformers.utils import find_adapter_config_file
 from typer.testing import CliRunner
 
 from s2ft_cli import S2FTError, load_adapter, merge_adapter
-from s2ft_cli.adapter import V1_FILES, Adapter
+from s2ft_cli.adapter.format import V1_FILES, Adapter
+from s2ft_cli.adapter.serving import adapters_per_sequence, serve_adapters
 from s2ft_cli.cli import app
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.serving import adapters_per_sequence, serve_adapters
-from s2ft_cli.train import train
+from s2ft_cli.training.trainer import train
 
 from .conftest import STORIES, batch, logit_tol, stories_model
 

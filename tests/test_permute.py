@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from s2ft_cli import S2FTConfig
-from s2ft_cli.models import load_model
-from s2ft_cli.permute import (
+from s2ft_cli.engine.models import load_model
+from s2ft_cli.engine.permute import (
     _contiguous,
     _order,
     _plan_structure,
     apply_layout,
     plan_layout,
 )
-from s2ft_cli.selection import select_units
+from s2ft_cli.engine.selection import select_units
 
 from .conftest import tiny_model
 

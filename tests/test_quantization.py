@@ -19,14 +19,15 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter, nf4
-from s2ft_cli.adapter import Adapter, adapter_of
+from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter
+from s2ft_cli.adapter.format import Adapter, adapter_of
 from s2ft_cli.cli import app
-from s2ft_cli.layers import S2Linear
-from s2ft_cli.models import load_model
-from s2ft_cli.quantization import quantize_frozen_linears, quantized_linear
+from s2ft_cli.engine.layers import S2Linear
+from s2ft_cli.engine.models import load_model
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import Trainer, train
+from s2ft_cli.training import nf4, quantization
+from s2ft_cli.training.quantization import quantize_frozen_linears, quantized_linear
+from s2ft_cli.training.trainer import Trainer, train
 
 from .conftest import STORIES, batch, stories_model, tiny_model
 from .test_engine import dense_grads, loss_of, rel_err
@@ -70,7 +71,7 @@ def dense_twin(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("source", ["stories260K", "llama-gqa-bias"])
 def test_delta_gradients_equal_dense_autograd_on_the_dequantized_model(kind, source, monkeypatch):
-    monkeypatch.setattr(nf4, "NF4_BLOCK_ELEMENTS", 1024)  # several blocks per nf4 product
+    monkeypatch.setattr(quantization, "NF4_BLOCK_ELEMENTS", 1024)  # several blocks per nf4 product
     base = stories_model() if source == "stories260K" else tiny_model(source)
     ids = batch(base, size=2, length=24)
     model = get_s2ft_model(copy.deepcopy(base), {"targets": TARGETS, "seed": 3})
@@ -106,12 +107,12 @@ def test_blockwise_nf4_products_equal_bitsandbytes_own(
     """The forward product and the input's gradient, a block of rows at a time, equal
     bitsandbytes' Linear4bit (whole weight dequantized) on the same quantized weight; rows
     that do not hold whole quantization blocks (96 columns) are dequantized whole."""
-    monkeypatch.setattr(nf4, "NF4_BLOCK_ELEMENTS", 2048)
+    monkeypatch.setattr(quantization, "NF4_BLOCK_ELEMENTS", 2048)
     linear = nn.Linear(in_features, out_features, bias=bias)
     whole = quantized_linear(linear, "nf4", blockwise=False)
     blockwise = quantized_linear(linear, "nf4")
     assert type(blockwise) is nf4.BlockwiseLinear4bit
-    blocks = list(nf4.dequantized_blocks(blockwise.weight))
+    blocks = list(nf4.dequantized_blocks(blockwise.weight, blockwise.block_elements))
     assert len(blocks) == (1 if in_features % 64 else -(-out_features * in_features // 2048))
     assert torch.equal(torch.cat([w for _, w in blocks]), dequantized(whole))
     x = torch.randn(2, 7, in_features, requires_grad=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from s2ft_cli import S2FTConfig
-from s2ft_cli.models import load_model
-from s2ft_cli.selection import select_units
+from s2ft_cli.engine.models import load_model
+from s2ft_cli.engine.selection import select_units
 
 from .conftest import STORIES
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from s2ft_cli import S2FTConfig, S2FTError, Selection
-from s2ft_cli.selection import select_units
+from s2ft_cli.engine.selection import select_units
 
 from .conftest import tiny_model
 

@@ -13,15 +13,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from s2ft_cli import get_s2ft_model, load_adapter, save_adapter
-from s2ft_cli.adapter import Adapter, fuse, switch, unfuse
+from s2ft_cli.adapter.combine import combine
+from s2ft_cli.adapter.format import Adapter
+from s2ft_cli.adapter.runtime import fuse, switch, unfuse
+from s2ft_cli.adapter.serving import adapters_per_sequence, serve_adapters, stop_serving
 from s2ft_cli.cli import app
-from s2ft_cli.combine import combine
+from s2ft_cli.engine.models import load_model
 from s2ft_cli.errors import AdapterMismatchError, S2FTError
 from s2ft_cli.export import _trained_model, find_checkpoint
-from s2ft_cli.models import load_model
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.serving import adapters_per_sequence, serve_adapters, stop_serving
-from s2ft_cli.train import train
+from s2ft_cli.training.trainer import train
 
 from .conftest import logit_tol, tiny_model
 

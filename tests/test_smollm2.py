@@ -18,17 +18,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import s2ft_cli.gguf_bases as gguf_bases
+import s2ft_cli.engine.gguf_bases as gguf_bases
 from s2ft_cli import load_adapter, merge_adapter
+from s2ft_cli.adapter.serving import adapters_per_sequence, serve_adapters
 from s2ft_cli.cli import app
 from s2ft_cli.data import build_examples
 from s2ft_cli.data.arithmetic import arithmetic_problems
+from s2ft_cli.engine.gguf_bases import CONVERTED_MARKER, gguf_folder, packaged_model_file
+from s2ft_cli.engine.models import load_model
 from s2ft_cli.errors import S2FTError
 from s2ft_cli.evaluation.report import wilson_interval
-from s2ft_cli.gguf_bases import CONVERTED_MARKER, gguf_folder, packaged_model_file
-from s2ft_cli.models import load_model
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.serving import adapters_per_sequence, serve_adapters
 
 from .conftest import SHARED, SMOLLM2, batch, logit_tol
 from .test_cli import QUICKSTART

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from s2ft_cli import S2FTError, get_s2ft_model, load_adapter, merge_adapter, unmerge_adapter
-from s2ft_cli.adapter import Adapter, adapter_of, fuse, unfuse, unload_adapter
-from s2ft_cli.serving import adapters_per_sequence, serve_adapters, stop_serving
-from s2ft_cli.state import state_of
+from s2ft_cli.adapter.format import Adapter, adapter_of
+from s2ft_cli.adapter.runtime import fuse, unfuse, unload_adapter
+from s2ft_cli.adapter.serving import adapters_per_sequence, serve_adapters, stop_serving
+from s2ft_cli.engine.state import state_of
 
 from .conftest import batch, logit_tol, tiny_model
 from .test_adapter import CFG, trained

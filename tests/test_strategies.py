@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from s2ft_cli import S2FTConfig, S2FTError
 from s2ft_cli.data import Example, calibration_batches
-from s2ft_cli.losses import example_losses
-from s2ft_cli.models import get_linear, model_shape, unit_index
-from s2ft_cli.selection import select_units
+from s2ft_cli.engine.losses import example_losses
+from s2ft_cli.engine.models import get_linear, model_shape, unit_index
+from s2ft_cli.engine.selection import select_units
 
 from .conftest import stories_model, tiny_model
 
@@ -202,7 +202,7 @@ def test_select_reports_scores_and_plots_the_selection(tmp_path):
 
     from s2ft_cli.cli import app
     from s2ft_cli.recipe import load_recipe
-    from s2ft_cli.train import train
+    from s2ft_cli.training.trainer import train
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -258,7 +258,8 @@ def test_ties_never_put_a_unit_in_both_large_and_small():
 
 
 def test_a_resumed_run_keeps_its_measured_selection(tmp_path, monkeypatch):
-    import s2ft_cli.train as training
+    import s2ft_cli.training.methods as methods
+    import s2ft_cli.training.trainer as training
     from s2ft_cli.recipe import load_recipe
 
     recipe = tmp_path / "r.yaml"
@@ -275,6 +276,6 @@ def test_a_resumed_run_keeps_its_measured_selection(tmp_path, monkeypatch):
     def measure_again(*args, **kwargs):
         raise AssertionError("a resumed run must not measure its selection again")
 
-    monkeypatch.setattr(training, "select_units", measure_again)
+    monkeypatch.setattr(methods, "select_units", measure_again)
     training.train(load_recipe(recipe, ["train.max_steps=3"]), resume=True)
     assert (tmp_path / "run" / "selection.json").read_text() == chosen

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from s2ft_cli import load_adapter
 from s2ft_cli.data import load_datasets
+from s2ft_cli.engine.models import load_model, load_tokenizer
 from s2ft_cli.errors import S2FTError
-from s2ft_cli.methods import TrainingMethod
-from s2ft_cli.models import load_model, load_tokenizer
 from s2ft_cli.recipe import load_recipe
-from s2ft_cli.train import Trainer, token_loss_sums, train
+from s2ft_cli.training.methods import TrainingMethod
+from s2ft_cli.training.trainer import Trainer, token_loss_sums, train
 
 from .torchrun import torchrun
 
@@ -278,7 +278,7 @@ def test_report_to_tensorboard_without_the_package_is_one_message(tmp_path, monk
 def test_a_step_makes_one_all_reduce_and_counts_tokens_on_the_cpu(tmp_path, monkeypatch):
     """Target and token counts come from the examples at collate time; the loss sum and
     the stop requests travel in one all-reduce per step (evaluations add their own)."""
-    from s2ft_cli.distributed import Processes
+    from s2ft_cli.training.distributed import Processes
 
     calls, real = [], Processes.all_sum
 

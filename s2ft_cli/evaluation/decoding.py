@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import alpaca_prompt, build_examples, collate, user_message
-from ..losses import example_losses
+from ..engine.losses import example_losses
 from ..recipe import EvalSection
 from .tasks import ANSWER_SENTENCE, Task
 

@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..adapter import load_adapter, merge_adapter, unload_adapter, unmerge_adapter
+from ..adapter.runtime import load_adapter, merge_adapter, unload_adapter, unmerge_adapter
 from ..data import (
     BUILTIN_PREFIX,
     load_records,
@@ -34,11 +34,11 @@ from ..data import (
     read_record_file,
     require_chat_template,
 )
-from ..distributed import Processes, setup_processes
+from ..engine.models import load_model, load_tokenizer
 from ..errors import S2FTError
-from ..models import load_model, load_tokenizer
 from ..recipe import DataSource, EvalSection
 from ..tables import comparison_table, results_table
+from ..training.distributed import Processes, setup_processes
 from ..version import __version__
 from . import decoding
 from .report import score, summarize, writable_folder, write_results

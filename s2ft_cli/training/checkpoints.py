@@ -1,6 +1,7 @@
 """A training run's checkpoints on disk: the :class:`Checkpointer` that writes, prunes,
 finds and loads them (training and export share it), reading their files safely, and
-saying why one could not be written. Checkpoints are read only as safetensors, ``weights_only``
+saying why one could not be written; the checks that a run may resume from one, and the
+state it resumes with. Checkpoints are read only as safetensors, ``weights_only``
 torch state or JSON, so a file holding pickled code is refused, never run."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import S2FTError
-from .files import atomic_write_dir
+from ..engine.layers import full_tensor
+from ..errors import S2FTError
+from ..files import atomic_write_dir
 from .sharding import shard_like
 
 CHECKPOINTS = "checkpoints"
@@ -154,3 +157,97 @@ class Checkpointer:
                             "checkpoint does not belong to this run's recipe."
                         )
                     p.copy_(shard_like(deltas[name], p))
+
+    @staticmethod
+    def restore(
+        checkpoint: Path, model: nn.Module, params: list, optimizer, scheduler, rank: int
+    ) -> int:
+        """Continue from ``checkpoint`` (every process reads it): the deltas, the optimizer
+        (each process takes its slices of sharded moments), the schedule and this process's
+        random states; returns the checkpoint's step."""
+        Checkpointer.load_deltas(model, checkpoint)
+        state = Checkpointer.trainer_state(checkpoint)
+        saved = state["optimizer"]
+        for i, p in enumerate(params):
+            s = saved["state"].get(i, {})
+            s.update({k: shard_like(v, p) for k, v in s.items() if v.shape == p.shape})
+        optimizer.load_state_dict(saved)
+        scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        rng = rng[rank] if isinstance(rng, list) else rng  # older: one state for all
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        return state["step"]
+
+
+def random_states() -> dict:
+    """This process's random states, as a checkpoint keeps them (one per process)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def whole_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """The trainable parameters (on the CPU) and the optimizer's state as a checkpoint
+    holds them: sharded tensors gathered whole (every process must call it), so that the
+    files are those of an unsharded run."""
+    trainable = {
+        n: full_tensor(p.detach()).cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    state = optimizer.state_dict()
+    state["state"] = {
+        i: {k: full_tensor(v) for k, v in s.items()} for i, s in sorted(state["state"].items())
+    }
+    return trainable, state
+
+
+def check_resumable(checkpoint: Path, meta: dict, now: dict, run: Path) -> None:
+    """Refuse to resume a run whose batch layout ``now`` (what its meta.json records:
+    global batch, batch size, grad_accum, processes, packing, length grouping) is not the
+    checkpoint's: step N is the N-th global batch of the data order, and each process
+    continues its own random stream. Checkpoints from before a record resume as before."""
+    order = {k: now[k] for k in ("packing", "group_by_length")}
+    then = {k: meta.get(k, False) for k in order}
+    if then != order:
+        keys = {"packing": "data.packing", "group_by_length": "train.group_by_length"}
+
+        def options(order: dict, sep: str, join: str) -> str:
+            return join.join(f"{keys[k]}{sep}{str(v).lower()}" for k, v in order.items())
+
+        raise S2FTError(
+            f"Checkpoint {checkpoint} was trained with {options(then, ' ', ' and ')}; this run "
+            f"has {options(order, ' ', ' and ')}. A resumed run keeps its data order (step N "
+            f"trains the N-th global batch of it): resume with {options(then, '=', ' ')}, or "
+            f"start a new run from this checkpoint (s2ft export {run} --checkpoint "
+            f"{meta['step']} --merged --out MERGED)."
+        )
+    if "global_batch" not in meta:
+        return
+    if (meta["global_batch"], meta["processes"]) == (now["global_batch"], now["processes"]):
+        return
+
+    def layout(batch_size: int, processes: int, grad_accum: int) -> str:
+        return (
+            f"global batch {batch_size * processes * grad_accum} (batch_size {batch_size} × "
+            f"{processes} process{'es' if processes > 1 else ''} × grad_accum {grad_accum})"
+        )
+
+    then = layout(meta["batch_size"], meta["processes"], meta["grad_accum"])
+    raise S2FTError(
+        f"Checkpoint {checkpoint} was trained with {then}; this run has "
+        f"{layout(now['batch_size'], now['processes'], now['grad_accum'])}. A resumed run keeps "
+        "both the global batch and the process count (a step is the next global batch of the "
+        "data order, and each process continues its own random stream): resume with "
+        f"train.batch_size={meta['batch_size']} train.grad_accum={meta['grad_accum']} on "
+        f"{meta['processes']} process{'es' if meta['processes'] > 1 else ''}. To go on "
+        "with another batch or process count, start a new run from this checkpoint "
+        f"instead: s2ft export {run} --checkpoint {meta['step']} --merged --out "
+        "MERGED, then s2ft train RECIPE model.name_or_path=MERGED output_dir=NEW_DIR (a "
+        "fresh optimizer and learning-rate schedule; its adapter applies to MERGED)."
+    )

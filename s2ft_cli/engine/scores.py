@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..data import IGNORE_INDEX
 from .config import S2FTConfig
-from .data import IGNORE_INDEX
 from .losses import example_losses
 from .models import ModelShape, get_linear
 from .targets import STRUCTURES, TARGETS, Unit, structure_consumer

@@ -26,9 +26,7 @@ from __future__ import annotations
 import gc
 import math
 import random
-import resource
 import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,25 +36,25 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .checkpoints import Checkpointer
-from .data import (
+from ..data import (
     Datasets,
     collate,
     load_datasets,
     target_count,
     training_plan,
 )
+from ..engine.losses import example_losses
+from ..engine.models import enable_activation_checkpointing, load_model, load_tokenizer
+from ..errors import S2FTError, TrainingInterrupted
+from ..files import atomic_write_text
+from ..recipe import Recipe
+from .checkpoints import Checkpointer, check_resumable, random_states, whole_state
 from .distributed import setup_processes
-from .errors import S2FTError, TrainingInterrupted
-from .files import atomic_write_text
-from .losses import example_losses
 from .methods import S2FT, TrainingMethod
-from .metrics import MetricLogger, check_report_to, status_line
-from .models import enable_activation_checkpointing, load_model, load_tokenizer
-from .quantization import require_bitsandbytes, weight_count
-from .recipe import Recipe
-from .selection import Selection, calibration_data, select_units
-from .sharding import full_tensor, shard_like, shard_model
+from .metrics import MetricLogger, check_report_to, peak_memory_gb, setup_summary, status_line
+from .quantization import require_bitsandbytes
+from .sharding import shard_model
+from .signals import StopRequest
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -92,53 +90,6 @@ def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM during training asks the loop to stop at the end of the current
-    step, so that the checkpoint it saves continues exactly. SIGTERM is what ``kill``,
-    cluster schedulers (before their SIGKILL) and torchrun (to every process) send. A
-    Ctrl-C while a stop is pending stops at once (the newest complete checkpoint is kept);
-    a repeated SIGTERM changes nothing."""
-
-    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.signal: int | None = None  # the first signal received
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signal = signum
-        self.console.print(
-            f"[yellow]{self.SIGNALS[signum]}:[/] saving a checkpoint after this step, then "
-            "stopping (press Ctrl-C again to stop at once).",
-            highlight=False,
-        )
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-
-
 class Trainer:
     """Fine-tune a model as a recipe says: with S²FT, or with another ``method`` (the
     benchmarks' baselines); on the recipe's data, or on ready ``datasets``."""
@@ -171,7 +122,8 @@ class Trainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_run(checkpoint)
-        self._log_setup()
+        if self.is_main:
+            self.console.print("\n  ".join(setup_summary(self)), highlight=False)
 
     def _setup_processes(self) -> Path | None:
         """Join the processes, seed this one, and check the output folder (rank 0); returns
@@ -266,7 +218,12 @@ class Trainer:
         self._stop: StopRequest | None = None  # set while train() runs
         self._stopped_by: int | None = None  # the signal every process stops for
         if self.resume:
-            self._load_checkpoint(checkpoint)
+            meta = self.checkpointer.meta(checkpoint)
+            check_resumable(checkpoint, meta, self._batch_layout(), self.out)
+            self.method.check_resume(self.model, meta, checkpoint)
+            self.step = self.checkpointer.restore(
+                checkpoint, self.model, self.params, self.optimizer, self.scheduler, self.rank
+            )
             self.procs.on_main(self._tidy_resumed_run)
         else:
             self.procs.on_main(self._start_run)
@@ -301,59 +258,11 @@ class Trainer:
         self.checkpointer.remove_partial()
         self.logger.resume(self.step)
 
-    def measured_selection(self, model) -> Selection | None:
-        """A scoring strategy's selection, measured once (on rank 0, calibration batches
-        from the training data) and shared, so that every process trains the same units;
-        a resumed run reads its selection.json. None for random selection: the seed alone
-        fixes it everywhere."""
-        c = self.recipe.s2ft
-        if c.strategy == "random":
-            return None
-        if self.resume:  # the run's own choice: measuring again could move a tie
-            return Selection.from_json((self.out / "selection.json").read_text())
-
-        def measure() -> Selection:
-            pad_id = self.tokenizer.pad_token_id
-            return select_units(model, c, calibration_data(c, self.train_examples, pad_id))
-
-        return self.procs.on_main(measure)
-
     def autocast(self):
         """A fresh autocast context (bf16 on CUDA by default), or a no-op."""
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _log_setup(self) -> None:
-        if not self.is_main:
-            return
-        r = self.recipe
-        total = sum(weight_count(p) for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.params)
-        processes = f"{self.world} process{'es' if self.world > 1 else ''}"
-        if self.sharded:
-            processes += ", FSDP"
-        lines = [
-            f"[bold]s2ft train[/] {r.model.name_or_path} on {self.device} ({processes})",
-            f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
-            *self.method.describe(self.model),
-        ]
-        if r.model.quantization != "none":
-            lines.append(f"frozen linear weights in {r.model.quantization} (bitsandbytes)")
-        lines += [
-            f"{len(self.train_examples)} training / {len(self.val_set)} validation examples"
-            + (
-                f", packed into {len(self.train_set)} rows"
-                if self.train_set is not self.train_examples
-                else ""
-            )
-            + (", grouped by length" if r.train.group_by_length else "")
-            + f", global batch {self.global_batch}, {self.total_steps} steps"
-            + (f", resuming at step {self.step}" if self.step else ""),
-            f"output: {self.out}",
-            *(f"[yellow]data:[/] {note}" for note in self.data_notes),
-        ]
-        self.console.print("\n  ".join(lines), highlight=False)
 
     # -----------------------------------------------------------------------------------
     def _micro_batch(self, step: int, m: int) -> dict:
@@ -507,30 +416,10 @@ class Trainer:
         holds every process's RNG states (each continues its own dropout stream) and, in
         meta.json, the batch layout that maps steps to examples. Sharded tensors are
         gathered whole (by every process), so the files are those of an unsharded run."""
-        rng = self.procs.gather(
-            {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            }
-        )
+        rng = self.procs.gather(random_states())
         trainable = optimizer = None
         if self.is_main or self.sharded:  # gathering a sharded tensor takes every process
-            trainable = {
-                n: full_tensor(p.detach()).cpu().contiguous()
-                for n, p in self.model.named_parameters()
-                if p.requires_grad
-            }
-            optimizer = self.optimizer.state_dict()
-            optimizer["state"] = {
-                i: {k: full_tensor(v) for k, v in s.items()}
-                for i, s in sorted(optimizer["state"].items())
-            }
-        self.procs.on_main(lambda: self._write_checkpoint(trainable, optimizer, rng))
-
-    def _write_checkpoint(self, trainable: dict, optimizer: dict, rng: list[dict]) -> None:
-        """(Rank 0.) The checkpoint folder of this step, with ``rng`` in rank order."""
-        t = self.recipe.train
+            trainable, optimizer = whole_state(self.model, self.optimizer)
         state = {
             "step": self.step,
             "optimizer": optimizer,
@@ -540,91 +429,22 @@ class Trainer:
         meta = {
             "step": self.step,
             "total_steps": self.total_steps,
+            **self._batch_layout(),
+            **self.method.checkpoint_meta(self.model),
+        }
+        self.procs.on_main(lambda: self.checkpointer.write(self.step, trainable, state, meta))
+
+    def _batch_layout(self) -> dict:
+        """What maps the steps to examples besides the seed (``check_resumable``)."""
+        t = self.recipe.train
+        return {
             "global_batch": self.global_batch,
             "batch_size": t.batch_size,
             "grad_accum": t.grad_accum,
             "processes": self.world,
-            **self._data_order(),
-            **self.method.checkpoint_meta(self.model),
+            "packing": self.packed,
+            "group_by_length": t.group_by_length,
         }
-        self.checkpointer.write(self.step, trainable, state, meta)
-
-    def _load_checkpoint(self, path: Path) -> None:
-        """Continue from checkpoint ``path`` (every process reads it)."""
-        meta = self.checkpointer.meta(path)
-        self._check_batch_layout(path, meta)
-        self.method.check_resume(self.model, meta, path)
-        self.checkpointer.load_deltas(self.model, path)
-        state = self.checkpointer.trainer_state(path)
-        optimizer = state["optimizer"]
-        for i, p in enumerate(self.params):  # each process takes its slices of sharded ones
-            s = optimizer["state"].get(i, {})
-            s.update({k: shard_like(v, p) for k, v in s.items() if v.shape == p.shape})
-        self.optimizer.load_state_dict(optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        rng = rng[self.rank] if isinstance(rng, list) else rng  # older: one state for all
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        self.step = state["step"]
-
-    def _data_order(self) -> dict:
-        """What decides the data order besides the seed and the global batch."""
-        return {"packing": self.packed, "group_by_length": self.recipe.train.group_by_length}
-
-    def _check_data_order(self, path: Path, meta: dict) -> None:
-        """Refuse to resume with another packing or length grouping than the checkpoint's
-        (checkpoints from before these options had neither)."""
-        now = self._data_order()
-        then = {k: meta.get(k, False) for k in now}
-        if then == now:
-            return
-        keys = {"packing": "data.packing", "group_by_length": "train.group_by_length"}
-
-        def options(order: dict, sep: str, join: str) -> str:
-            return join.join(f"{keys[k]}{sep}{str(v).lower()}" for k, v in order.items())
-
-        raise S2FTError(
-            f"Checkpoint {path} was trained with {options(then, ' ', ' and ')}; this run has "
-            f"{options(now, ' ', ' and ')}. A resumed run keeps its data order (step N trains "
-            f"the N-th global batch of it): resume with {options(then, '=', ' ')}, or start a "
-            f"new run from this checkpoint (s2ft export {self.out} --checkpoint "
-            f"{meta['step']} --merged --out MERGED)."
-        )
-
-    def _check_batch_layout(self, path: Path, meta: dict) -> None:
-        """Refuse to resume with another global batch or process count than the
-        checkpoint's: step N is the N-th global batch of the data order, and each process
-        continues its own random stream. Checkpoints older than this record resume as
-        before."""
-        self._check_data_order(path, meta)
-        if "global_batch" not in meta:
-            return
-        if (meta["global_batch"], meta["processes"]) == (self.global_batch, self.world):
-            return
-        t = self.recipe.train
-
-        def layout(batch_size: int, processes: int, grad_accum: int) -> str:
-            return (
-                f"global batch {batch_size * processes * grad_accum} (batch_size {batch_size} × "
-                f"{processes} process{'es' if processes > 1 else ''} × grad_accum {grad_accum})"
-            )
-
-        then = layout(meta["batch_size"], meta["processes"], meta["grad_accum"])
-        raise S2FTError(
-            f"Checkpoint {path} was trained with {then}; this run has "
-            f"{layout(t.batch_size, self.world, t.grad_accum)}. A resumed run keeps both the "
-            "global batch and the process count (a step is the next global batch of the data "
-            "order, and each process continues its own random stream): resume with "
-            f"train.batch_size={meta['batch_size']} train.grad_accum={meta['grad_accum']} on "
-            f"{meta['processes']} process{'es' if meta['processes'] > 1 else ''}. To go on "
-            "with another batch or process count, start a new run from this checkpoint "
-            f"instead: s2ft export {self.out} --checkpoint {meta['step']} --merged --out "
-            "MERGED, then s2ft train RECIPE model.name_or_path=MERGED output_dir=NEW_DIR (a "
-            "fresh optimizer and learning-rate schedule; its adapter applies to MERGED)."
-        )
 
     def cleanup(self) -> None:
         # DDP's reducer holds the process group. Freed after the group is destroyed, it

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
 from .models import ARCHITECTURES, compute_dtype
 
 # Rows of logits formed at once: as many as fit in CHUNK_LOGITS values (32 MiB in fp32),

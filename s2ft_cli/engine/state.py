@@ -23,14 +23,11 @@ they come out again only after the training is merged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from .errors import S2FTError
+from torch import nn
 
-if TYPE_CHECKING:  # the state needs no torch: the package wires it in at import (__init__)
-    from torch import nn
+from ..errors import S2FTError
 
 STATE_ATTRIBUTE = "s2ft_state"
 
@@ -91,9 +88,9 @@ class Conversion:
     config: object
     selection: object
     layout: dict
-    # the base's fingerprint taken from the weights as loaded, before they were sharded
-    # or quantized; None: taken from the weights when the adapter is written
-    base_fingerprint: dict | None = None
+    # the base's fingerprint (adapter/fingerprint.py) taken from the weights as loaded,
+    # before they were sharded or quantized; None: taken when the adapter is written
+    base_fingerprint: object | None = None
 
 
 @dataclass
@@ -163,39 +160,3 @@ def state_of(model: nn.Module) -> S2FTState:
         state = S2FTState()
         model.__dict__[STATE_ATTRIBUTE] = state
     return state
-
-
-# A converted or loaded model's ``save_pretrained`` writes an S²FT adapter: what Hugging
-# Face's Trainer and TRL call at a checkpoint and at the end. The adapter module (above
-# this one in the pipeline) writes it and takes the base's fingerprint; the package's
-# __init__ registers the two when it is imported, before any module of it runs.
-_adapter_io: dict[str, Callable] = {}
-
-
-def register_adapter_io(write: Callable, base_fingerprint: Callable) -> None:
-    _adapter_io.update(write=write, base_fingerprint=base_fingerprint)
-
-
-def remember_base_fingerprint(model: nn.Module, run: Callable = lambda work: work()) -> None:
-    """Record a converted model's base fingerprint from its weights as they are now, before
-    they are sharded or quantized, so that its adapter matches the base as loaded; ``run``
-    runs the measurement (``Processes.on_main``: on rank 0, shared with every process). A
-    fingerprint already recorded is kept."""
-    conversion = state_of(model).conversion
-    if conversion is not None and conversion.base_fingerprint is None:
-        conversion.base_fingerprint = run(lambda: _adapter_io["base_fingerprint"](model))
-
-
-def _save_pretrained(model: nn.Module, save_directory, *args, is_main_process=True, **kwargs):
-    """``model.save_pretrained(dir)`` of a converted or loaded model: the S²FT adapter in
-    the original layout (``s2ft_adapter.json`` + ``s2ft_adapter.safetensors``), which
-    ``load_adapter`` reads back onto the base. Of Hugging Face's other arguments only
-    ``is_main_process`` applies (several processes call it; one writes); state dict,
-    serialisation and sharding do not. The writer refuses a model with no adapter
-    (``check("save")``)."""
-    return _adapter_io["write"](model, save_directory, is_main_process=is_main_process)
-
-
-def adapter_save_pretrained(model: nn.Module):
-    """``model.save_pretrained`` writing the S²FT adapter, for :meth:`S2FTState.install`."""
-    return _save_pretrained.__get__(model)

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Adapter, Update
-from .errors import S2FTError
-from .layers import linear_on
-from .models import replace_module
-from .state import state_of
+from ..engine.layers import linear_on
+from ..engine.models import replace_module
+from ..engine.state import state_of
+from ..errors import S2FTError
+from .format import Adapter, Update
 
 
 @dataclass(frozen=True)

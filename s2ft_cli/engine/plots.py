@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import S2FTError
+from ..errors import S2FTError
 from .selection import Selection
 from .targets import TARGETS
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import S2FTError
+from ..errors import S2FTError
 from .gguf_bases import PACKAGED_MODELS, gguf_folder, is_gguf_source
 from .targets import TARGETS, Unit, structure_consumer, structure_matrices
 

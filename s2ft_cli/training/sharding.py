@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..adapter.fingerprint import remember_base_fingerprint
+from ..engine.models import decoder_layers
 from .distributed import Processes
-from .models import decoder_layers
-from .state import remember_base_fingerprint
 
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,12 +69,6 @@ def _copy_from_main(model: nn.Module, source: dict[str, torch.Tensor], device) -
             model.get_submodule(owner)._buffers[attr] = whole
         else:
             tensor.copy_(whole)
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole of a sharded tensor (every process must call it, in the same order), or
-    the tensor itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import S2FTError
-from .layers import S2Linear
-from .models import decoder_layers, module_path, replace_module
-from .state import remember_base_fingerprint
-from .targets import TARGETS
+from ..adapter.fingerprint import remember_base_fingerprint
+from ..engine.layers import S2Linear
+from ..engine.models import decoder_layers, module_path, replace_module
+from ..engine.targets import TARGETS
+from ..errors import S2FTError
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 NF4_BLOCK_ELEMENTS = 2**22  # weights an nf4 product dequantizes at once: 16 MiB in fp32
@@ -59,6 +59,8 @@ def quantized_linear(linear: nn.Linear, kind: str, blockwise: bool = True) -> nn
         layer.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, quant_type="nf4", compress_statistics=True
         )
+        if blockwise:
+            layer.block_elements = NF4_BLOCK_ELEMENTS
         # Its CPU inference shortcut repacks the weight in place the first time it runs
         # without grad (validation), for the training steps after it too, and needs
         # out_features % 32 == 0: off, one format throughout.

@@ -1,19 +1,23 @@
-"""The training metrics and where they go: ``metrics.jsonl`` in the run folder (always),
-a console line per record when the output is not a terminal (logs of batch jobs), and
-TensorBoard event files under ``<output_dir>/tensorboard/`` with
-``train.report_to: [tensorboard]``. Rank 0 writes; every process calls the logger, which
-goes through ``Processes.on_main`` so that a failed write stops every process."""
+"""What a run reports: its set-up summary, and the training metrics and where they go:
+``metrics.jsonl`` in the run folder (always), a console line per record when the output is
+not a terminal (logs of batch jobs), and TensorBoard event files under
+``<output_dir>/tensorboard/`` with ``train.report_to: [tensorboard]``. Rank 0 writes; every
+process calls the logger, which goes through ``Processes.on_main`` so that a failed write
+stops every process."""
 
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
+from ..errors import S2FTError
+from ..files import atomic_write_text
 from .distributed import Processes
-from .errors import S2FTError
-from .files import atomic_write_text
+from .quantization import weight_count
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -196,3 +200,42 @@ class MetricLogger:
     def close(self) -> None:
         for backend in self.backends:
             backend.close()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def setup_summary(trainer) -> list[str]:
+    """The lines (rich markup) a run prints when set up: model, device and processes, the
+    trainable parameters, what the method trains, the data and the steps, the output."""
+    r = trainer.recipe
+    total = sum(weight_count(p) for p in trainer.model.parameters())
+    trainable = sum(p.numel() for p in trainer.params)
+    processes = f"{trainer.world} process{'es' if trainer.world > 1 else ''}"
+    if trainer.sharded:
+        processes += ", FSDP"
+    lines = [
+        f"[bold]s2ft train[/] {r.model.name_or_path} on {trainer.device} ({processes})",
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
+        *trainer.method.describe(trainer.model),
+    ]
+    if r.model.quantization != "none":
+        lines.append(f"frozen linear weights in {r.model.quantization} (bitsandbytes)")
+    lines += [
+        f"{len(trainer.train_examples)} training / {len(trainer.val_set)} validation examples"
+        + (
+            f", packed into {len(trainer.train_set)} rows"
+            if trainer.train_set is not trainer.train_examples
+            else ""
+        )
+        + (", grouped by length" if r.train.group_by_length else "")
+        + f", global batch {trainer.global_batch}, {trainer.total_steps} steps"
+        + (f", resuming at step {trainer.step}" if trainer.step else ""),
+        f"output: {trainer.out}",
+        *(f"[yellow]data:[/] {note}" for note in trainer.data_notes),
+    ]
+    return lines

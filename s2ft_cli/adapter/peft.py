@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import Adapter, Update
-from .errors import S2FTError
-from .files import atomic_write_dir, read_json
+from ..errors import S2FTError
+from ..files import atomic_write_dir, read_json
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,12 +37,12 @@ PREFIX = "base_model.model."  # PEFT's keys: the model inside its wrapper
 VLLM_MAX_RANK = 512  # vLLM's largest --max-lora-rank
 
 
-def _shape(adapter: Adapter, name: str) -> tuple[int, int]:
+def _shape(adapter, name: str) -> tuple[int, int]:
     out, inp = adapter.config["base_model"]["fingerprint"]["matrices"][name]
     return out, inp
 
 
-def check_ranks(adapter: Adapter, rank: int | None) -> None:
+def check_ranks(adapter, rank: int | None) -> None:
     """Refuse a module whose rank exceeds ``rank`` (the padded rank asked for) or vLLM's
     limit, naming it and its rank."""
     limit = VLLM_MAX_RANK if rank is None else rank
@@ -59,7 +58,7 @@ def check_ranks(adapter: Adapter, rank: int | None) -> None:
             )
 
 
-def lora_factors(update: Update, shape: tuple[int, int], rank: int):
+def lora_factors(update, shape: tuple[int, int], rank: int):
     """(A, B) of one update: ``B @ A`` is the update in the original layout, zeros beyond
     its own rank up to ``rank``."""
     out, inp = shape
@@ -76,7 +75,7 @@ def lora_factors(update: Update, shape: tuple[int, int], rank: int):
     return a.contiguous(), b.contiguous()
 
 
-def peft_config(adapter: Adapter, rank: int | None) -> dict:
+def peft_config(adapter, rank: int | None) -> dict:
     """PEFT's LoraConfig as a dict: one ``r`` = ``lora_alpha`` (padded), or per-module
     ``rank_pattern`` / ``alpha_pattern`` (exact module paths)."""
     ranks = {name: len(u.index) for name, u in adapter.updates.items()}
@@ -102,8 +101,9 @@ def peft_config(adapter: Adapter, rank: int | None) -> dict:
     }
 
 
-def save_peft(adapter: Adapter, path: str | Path, rank: int | None = None) -> Path:
-    """Write ``adapter`` as a PEFT LoRA adapter directory (padded to ``rank`` if given)."""
+def save_peft(adapter, path: str | Path, rank: int | None = None) -> Path:
+    """Write ``adapter`` (an :class:`~s2ft_cli.adapter.format.Adapter`) as a PEFT LoRA
+    adapter directory (padded to ``rank`` if given)."""
     check_ranks(adapter, rank)
     tensors = {}
     for name, u in sorted(adapter.updates.items()):
@@ -132,10 +132,11 @@ def is_peft_export(path: Path) -> bool:
     return (Path(path) / SOURCE_NAME).is_file()
 
 
-def load_peft_export(path: str | Path) -> Adapter:
-    """The S²FT adapter a PEFT export of ours came from: its config from
-    ``s2ft_source.json``, each module's ids and delta read back from its one-hot factor and
-    its other factor (checked: one 1 per row or column, zeros elsewhere and in padding)."""
+def read_peft_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], tuple[Path, Path]]:
+    """What the S²FT adapter a PEFT export of ours came from holds, as ``read_adapter``
+    returns it (config, tensors, files): its config from ``s2ft_source.json``, each
+    module's ids and delta read back from its one-hot factor and its other factor (checked:
+    one 1 per row or column, zeros elsewhere and in padding)."""
     path = Path(path)
     damaged = "the export is damaged — export the adapter again (s2ft export --format peft)."
     source = read_json(path / SOURCE_NAME, damaged)
@@ -173,4 +174,4 @@ def load_peft_export(path: str | Path) -> Adapter:
             raise S2FTError(f"{name}'s LoRA factors are not an s2ft export's; {damaged}")
         stored[f"{name}.{axis}"], stored[f"{name}.delta"] = index, delta.contiguous()
     files = (path / SOURCE_NAME, path / PEFT_WEIGHTS_NAME)
-    return Adapter.from_tensors(source["adapter"], stored, f"PEFT export {path}", files)
+    return source["adapter"], stored, files

@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from .errors import S2FTError
+from ..errors import S2FTError
 
 
 class _ColumnBlockDelta(torch.autograd.Function):
@@ -291,3 +292,14 @@ class S2Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"delta on {self.axis} {where}"
         )
+
+
+def s2_layers(model: nn.Module) -> dict[str, S2Linear]:
+    """A model's S² layers by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, S2Linear)}
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor FSDP2 sharded (a delta, an optimizer moment: every process
+    must call it, in the same order), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import calibration_batches
+from ..errors import S2FTError
 from .config import DATA_STRATEGIES, S2FTConfig
-from .data import calibration_batches
-from .errors import S2FTError
 from .models import ModelShape, model_shape
 from .scores import SCORERS
 
@@ -150,7 +150,7 @@ class Selection:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        from .files import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json())
 

@@ -1,42 +1,37 @@
-"""``get_s2ft_model``: select, co-permute and convert a model in place (paper §3); and the
-selection a recipe makes, as its run would make it (``s2ft select``)."""
+"""Select, co-permute and convert a model in place (paper §3), the engine of the library's
+``get_s2ft_model`` (``adapter/runtime.py``, which adds the adapter's ``save_pretrained``);
+and the selection a recipe makes, as its run would make it (``s2ft select``)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..errors import S2FTError
 from .config import DATA_STRATEGIES, S2FTConfig
-from .errors import S2FTError
 from .ffn import recomputing_forwards
 from .layers import S2Linear
 from .losses import lean_forward
 from .models import get_linear, model_shape, module_path, replace_module, unit_index
 from .permute import apply_layout, plan_layout
 from .selection import Selection, calibration_data, select_units
-from .state import Conversion, adapter_save_pretrained, state_of
+from .state import Conversion, state_of
 from .targets import TARGETS
 
 
-def get_s2ft_model(
+def convert_model(
     model: nn.Module,
     config: S2FTConfig | dict,
     selection: Selection | None = None,
     calibration: list[dict] | None = None,
 ) -> nn.Module:
-    """Convert ``model`` to S²FT in place and return it.
-
-    Selects units (or takes ``selection``), co-permutes every structure that has a
-    trainable matrix, freezes every parameter and replaces each target matrix with an
-    :class:`S2Linear` whose zero-initialised delta covers the selected block. The logits
-    are unchanged until training updates a delta. ``model.s2ft_selection`` holds the
-    selection used, in the original layout; the model's S²FT state records the conversion,
-    ``model.save_pretrained(dir)`` writes the trained update as an S²FT adapter, and
-    ``model(..., labels=...)`` computes ``s2ft train``'s memory-lean loss while training
-    (:func:`~s2ft_cli.losses.lean_forward`); its FFNs recompute their activation in the
-    backward pass (:mod:`~s2ft_cli.ffn`).
-    ``calibration`` (batches of ``input_ids``, ``attention_mask``, ``labels``) is what the
-    activation and gradient strategies measure.
-    """
+    """The engine of ``get_s2ft_model`` (which adds the adapter's ``save_pretrained``):
+    selects units (or takes ``selection``), co-permutes every structure that has a trainable
+    matrix, freezes every parameter and replaces each target matrix with an
+    :class:`S2Linear` whose zero-initialised delta covers the selected block; the logits are
+    unchanged until training updates a delta. The model's S²FT state records the conversion
+    and installs ``model.s2ft_selection`` (the selection, original layout), the memory-lean
+    loss of ``model(..., labels=...)`` (:func:`~.losses.lean_forward`) and FFNs that
+    recompute their activation in the backward pass (:mod:`~.ffn`)."""
     if not isinstance(config, S2FTConfig):
         config = S2FTConfig(**config)
     state = state_of(model)
@@ -70,7 +65,6 @@ def get_s2ft_model(
     state.conversion = Conversion(config, selection, layout)
     # what merge_adapter takes off again (state.uninstall)
     state.install(model, "s2ft_selection", selection)  # the library API's name for it
-    state.install(model, "save_pretrained", adapter_save_pretrained(model))
     if (forward := lean_forward(model)) is not None:
         state.install(model, "forward", forward)
     for ffn, ffn_forward in recomputing_forwards(model):
@@ -85,7 +79,7 @@ def recipe_selection(recipe) -> tuple[Selection, int]:
     ones measure calibration batches of the training data (on a GPU when there is one)."""
     import torch
 
-    from .data import load_datasets
+    from ..data import load_datasets
     from .models import load_model, load_tokenizer
 
     r, cfg = recipe, recipe.s2ft

@@ -1,4 +1,4 @@
-"""What a training run trains. The loop in ``train.py`` is the same for every method; a
+"""What a training run trains. The loop in ``trainer.py`` is the same for every method; a
 :class:`TrainingMethod` says which parameters of the loaded model train, what a run and
 its checkpoints record about them, and what the run leaves behind. :class:`S2FT` (paper
 §3) is the toolkit's; the benchmarks' baselines (PEFT LoRA, full fine-tuning, the frozen
@@ -11,15 +11,16 @@ from pathlib import Path
 
 from torch import nn
 
-from .convert import get_s2ft_model
-from .errors import S2FTError
-from .losses import ExampleLosses
+from ..adapter.runtime import get_s2ft_model
+from ..engine.losses import ExampleLosses
+from ..engine.selection import Selection, calibration_data, select_units
+from ..errors import S2FTError
 from .quantization import quantize_frozen_linears
 
 
 class TrainingMethod:
     """The trainable parameters of a run; the defaults suit a method with nothing to
-    record. ``trainer`` is the :class:`~s2ft_cli.train.Trainer` setting up: its recipe,
+    record. ``trainer`` is the :class:`~s2ft_cli.training.trainer.Trainer` setting up: its recipe,
     processes, training examples and tokenizer are ready when :meth:`prepare` runs."""
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
@@ -65,10 +66,28 @@ class S2FT(TrainingMethod):
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
         """Select, co-permute and convert; then quantize the frozen linears (permuting
         quantized blocks would mix their scales)."""
-        selection = trainer.measured_selection(model)
+        selection = self.measured_selection(model, trainer)
         model = get_s2ft_model(model, trainer.recipe.s2ft, selection=selection)
         quantize_frozen_linears(model, trainer.recipe.model.quantization)
         return model
+
+    @staticmethod
+    def measured_selection(model: nn.Module, trainer) -> Selection | None:
+        """A scoring strategy's selection, measured once (on rank 0, calibration batches
+        from the training data) and shared, so that every process trains the same units;
+        a resumed run reads its selection.json. None for random selection: the seed alone
+        fixes it everywhere."""
+        c = trainer.recipe.s2ft
+        if c.strategy == "random":
+            return None
+        if trainer.resume:  # the run's own choice: measuring again could move a tie
+            return Selection.from_json((trainer.out / "selection.json").read_text())
+
+        def measure() -> Selection:
+            pad_id = trainer.tokenizer.pad_token_id
+            return select_units(model, c, calibration_data(c, trainer.train_examples, pad_id))
+
+        return trainer.procs.on_main(measure)
 
     def describe(self, model: nn.Module) -> list[str]:
         return [f"targets {model.s2ft_selection.config.targets}"] + [
@@ -89,7 +108,7 @@ class S2FT(TrainingMethod):
             )
 
     def save(self, model: nn.Module, out: Path, trainer) -> str:
-        path = out / "adapter"  # model.save_pretrained writes the S²FT adapter (state.py)
+        path = out / "adapter"  # model.save_pretrained writes the S²FT adapter (adapter/format.py)
         if trainer.sharded:  # every process gathers the deltas
             model.save_pretrained(path, is_main_process=trainer.is_main)
         else:

@@ -15,7 +15,7 @@ saves its input's selected columns, a producer its whole input (paper §3.3). Pe
 of a block above the lowest trained one, in elements: the input norm's input and its
 1/rms (H + 1), the attention's rotated queries and keys, values, output and log-sum-exp
 (2·q + 2·kv + heads), the second norm (H + 1), the FFN's gate output and up projection
-(2·I; 3·I with its activation where the FFN is not SiLU-gated, ``ffn.py``); then the S²
+(2·I; 3·I with its activation where the FFN is not SiLU-gated, ``engine/ffn.py``); then the S²
 layers' own. The loss keeps d(loss)/d(hidden) of the
 target positions (N·H). A step's working memory on top of the saved set is the larger of
 the loss's chunk of float32 logits (one buffer, and its half-precision product or
@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .convert import get_s2ft_model
-from .ffn import gated_ffns
-from .losses import chunk_rows
-from .models import DTYPES, ModelShape, decoder_layers, load_model, model_shape
+from ..engine.convert import convert_model
+from ..engine.ffn import gated_ffns
+from ..engine.losses import chunk_rows
+from ..engine.models import DTYPES, ModelShape, decoder_layers, load_model, model_shape
+from ..engine.targets import TARGETS
 from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
-from .targets import TARGETS
 
 # Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
 # a byte and keeps one 8-bit absmax per block of 64 (double quantization: plus one fp32
@@ -94,7 +94,7 @@ def _block_elements(
 ) -> int:
     """Elements per token one decoder block saves: ``trained`` maps its trained matrices to
     their selected units; ``below``: whether something trainable lies under the block;
-    ``recomputed``: whether the FFN recomputes its activation (``ffn.py``)."""
+    ``recomputed``: whether the FFN recomputes its activation (``engine/ffn.py``)."""
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     saved = 0
@@ -130,7 +130,7 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     model = load_model(m.name_or_path, m.dtype, m.trust_remote_code, weights=False)
     shape = model_shape(model)
     counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
-    model = get_s2ft_model(model, counting)
+    model = convert_model(model, counting)
     selection = model.s2ft_selection
     units = {
         layer: {matrix: len(ids) for matrix, ids in per_matrix.items() if ids}

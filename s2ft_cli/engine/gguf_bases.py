@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import S2FTError
-from .files import atomic_write_dir, atomic_write_text
+from ..errors import S2FTError
+from ..files import atomic_write_dir, atomic_write_text
 
 GGUF_SUFFIX = ".gguf"
 CONVERTED_MARKER = "s2ft_gguf_source.txt"  # written last: a folder without it is incomplete

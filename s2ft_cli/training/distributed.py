@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import S2FTError
+from ..errors import S2FTError
 
 T = TypeVar("T")
 

@@ -19,11 +19,9 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
 
-from .quantization import NF4_BLOCK_ELEMENTS
 
-
-def rows_per_block(quant_state: QuantState) -> int:
-    """Rows dequantized at once: about ``NF4_BLOCK_ELEMENTS`` weights. Only where a row
+def rows_per_block(quant_state: QuantState, block_elements: int) -> int:
+    """Rows dequantized at once: about ``block_elements`` weights. Only where a row
     holds whole quantization blocks (their scales are per ``blocksize`` weights; every
     LLaMA width is a multiple of 64): bitsandbytes' CPU kernel reads a block of rows
     starting inside a quantization block with other scales than the whole weight's, so
@@ -31,14 +29,17 @@ def rows_per_block(quant_state: QuantState) -> int:
     rows, cols = quant_state.shape
     if cols % quant_state.blocksize:
         return rows
-    return max(1, NF4_BLOCK_ELEMENTS // cols)
+    return max(1, block_elements // cols)
 
 
-def dequantized_blocks(weight: bnb.nn.Params4bit) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(rows, their dequantized weights) of a 4-bit weight, block after block."""
+def dequantized_blocks(
+    weight: bnb.nn.Params4bit, block_elements: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, their dequantized weights) of a 4-bit weight, blocks of about
+    ``block_elements`` weights one after another."""
     state = weight.quant_state
     rows, cols = state.shape
-    step = rows_per_block(state)
+    step = rows_per_block(state, block_elements)
     if step >= rows:
         yield slice(0, rows), dequantize_4bit(weight.data, state)
         return
@@ -66,9 +67,10 @@ class _BlockwiseProduct(torch.autograd.Function):
     """``x Wᵀ + b`` for a frozen 4-bit ``W``; the backward pass gives only x's gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, block_elements):
         ctx.weight = weight  # a frozen parameter, not an activation
-        parts = [x @ w.to(x.dtype).T for _, w in dequantized_blocks(weight)]
+        ctx.block_elements = block_elements
+        parts = [x @ w.to(x.dtype).T for _, w in dequantized_blocks(weight, block_elements)]
         out = torch.cat(parts, dim=-1)
         return out if bias is None else out.add_(bias)
 
@@ -76,16 +78,20 @@ class _BlockwiseProduct(torch.autograd.Function):
     def backward(ctx, grad):
         flat = grad.reshape(-1, grad.shape[-1])
         grad_x = flat.new_zeros(flat.shape[0], ctx.weight.quant_state.shape[1])
-        for rows, w in dequantized_blocks(ctx.weight):
+        for rows, w in dequantized_blocks(ctx.weight, ctx.block_elements):
             grad_x.addmm_(flat[:, rows], w.to(flat.dtype))
-        return grad_x.view(*grad.shape[:-1], -1), None, None
+        return grad_x.view(*grad.shape[:-1], -1), None, None, None
 
 
 class BlockwiseLinear4bit(bnb.nn.Linear4bit):
     """A frozen bitsandbytes 4-bit linear whose products dequantize one block of rows at
-    a time (computed in ``compute_dtype``, as ``Linear4bit``)."""
+    a time (computed in ``compute_dtype``, as ``Linear4bit``): ``block_elements`` weights,
+    set by ``quantization.quantized_linear``."""
+
+    block_elements: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return _BlockwiseProduct.apply(x.to(dtype), self.weight, bias).to(x.dtype)
+        product = _BlockwiseProduct.apply(x.to(dtype), self.weight, bias, self.block_elements)
+        return product.to(x.dtype)
