@@ -26,3 +26,35 @@ def test_every_relative_link_of_the_documentation_resolves():
         if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()
     ]
     assert broken == []
+
+
+IMPORT = re.compile(r"^from (s2ft_cli[\w.]*) import ([\w, ]+)$", re.M)
+MODULE = re.compile(r"`(s2ft_cli(?:\.\w+)+)(?:\([^`]*\))?`")
+
+
+def test_every_import_and_module_path_the_documentation_names_exists():
+    """The snippets' ``from s2ft_cli... import ...`` lines and the dotted names in
+    backticks (``s2ft_cli.training.trainer.Trainer``) name what the package holds."""
+    import importlib
+
+    def exists(dotted: str) -> bool:
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                value = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for name in parts[cut:]:
+                value = getattr(value, name, None)
+            return value is not None
+        return False
+
+    pages = [REPO / "README.md", REPO / "DEVELOPERS.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = {
+        f"{module}.{name.strip()}"
+        for page in pages
+        for module, names in IMPORT.findall(page.read_text())
+        for name in names.split(",")
+    }
+    named |= {path for page in pages for path in MODULE.findall(page.read_text())}
+    assert sorted(n for n in named if not exists(n)) == []
