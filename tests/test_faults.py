@@ -46,33 +46,32 @@ def straight(tmp_path_factory) -> Path:
     return folder / "run" / "adapter"
 
 
-@pytest.mark.parametrize(
-    "sig, status, name",
-    [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")],
-    ids=["ctrl-c", "sigterm"],
-)
-def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
-    tmp_path, straight, sig, status, name
-):
+def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, straight):
     """Ctrl-C (SIGINT) and SIGTERM (kill, cluster schedulers, torchrun) stop at the end of
-    the step with a checkpoint; the exit status is the shell's 128 + signal number."""
+    the step with a checkpoint; the exit status is the shell's 128 + signal number. A run
+    stopped by one, resumed and stopped by the other, then resumed to the end, ends where
+    the uninterrupted run does."""
     path = recipe_file(tmp_path, LONG)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "s2ft_cli", "train", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json", proc)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == status and "Traceback" not in stderr
-    assert f"{name}: saving a checkpoint after this step" in stdout
-    assert "Interrupted at step" in stderr and f"s2ft train {path} --resume" in stderr
-    newest = checkpoints_of(tmp_path / "run")[-1]
-    step = int(newest.name.split("-")[1])
-    assert 4 <= step < 40 and f"step {step} of 40" in stderr
-    assert not (tmp_path / "run" / "adapter").exists()
+    step = 0
+    for sig, status, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        resume = ["--resume"] if step else []
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "s2ft_cli", "train", str(path), *resume],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        after = (step // 4 + 1) * 4  # the next regular checkpoint (save_every: 4)
+        wait_for(tmp_path / "run" / "checkpoints" / f"step-{after:07d}" / "meta.json", proc)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == status and "Traceback" not in stderr
+        assert f"{name}: saving a checkpoint after this step" in stdout
+        assert "Interrupted at step" in stderr and f"s2ft train {path} --resume" in stderr
+        newest = checkpoints_of(tmp_path / "run")[-1]
+        step = int(newest.name.split("-")[1])
+        assert after <= step < 40 and f"step {step} of 40" in stderr
+        assert not (tmp_path / "run" / "adapter").exists()
 
     result = s2ft("train", path, "--resume")
     assert result.returncode == 0, result.stderr

@@ -79,10 +79,6 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     work = tmp_path / "work"
     work.mkdir()
     s2ft = venv / "bin" / "s2ft"
-    show = "import s2ft_cli.recipes as r; print(r.__file__, __import__('s2ft_cli').__file__)"
-    where = _run([python, "-c", show], work, env).stdout.split()
-    assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
-
     listing = _run([s2ft, "recipes"], work, env).stdout
     assert "quickstart" in listing and "llama3-8b-math" in listing
     _run([s2ft, "init", "quickstart", "q.yaml"], work, env)
@@ -98,29 +94,30 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     # the PEFT export, from the wheel
     _run([s2ft, "export", "runs/q", "--format", "peft", "--out", "p"], work, env)
     assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    # the data package, from the wheel: s2ft data's tokens equal the library's
+    # the data package and the memory plan, from the wheel: s2ft data's tokens and s2ft
+    # plan's total are the library's, which one process of the installed package computes
     long_rows = ["data.train.limit=120", "data.max_seq_len=512"]
     packed = _run([s2ft, "data", "q.yaml", *long_rows, "data.packing=true",
                    "--json", "d.json"], work, env).stdout  # fmt: skip
     assert "packed" in packed
-    library = (
-        "import json, sys; from s2ft_cli.data import load_datasets; "
-        "from s2ft_cli.engine.models import load_tokenizer; "
-        "from s2ft_cli.recipe import load_recipe; "
-        "r = load_recipe('q.yaml', ['data.train.limit=120', 'data.max_seq_len=512']); "
-        "d = load_datasets(r.data, r.train.seed, load_tokenizer(r.model.name_or_path)); "
-        "print(json.dumps([{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train]))"
-    )
-    rows = json.loads(_run([python, "-c", library], work, env).stdout)
-    assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 70  # 120 - 50
-    # the memory plan, from the wheel: s2ft plan prints the library's total
     printed = _run([s2ft, "plan", "q.yaml", "--gpus", "2"], work, env).stdout
     library = (
-        "from s2ft_cli.training.memory import GIB, plan_memory; "
+        "import json; import s2ft_cli, s2ft_cli.recipes; from s2ft_cli.data import load_datasets; "
+        "from s2ft_cli.engine.models import load_tokenizer; "
         "from s2ft_cli.recipe import load_recipe; "
-        "print(f\"{plan_memory(load_recipe('q.yaml'), 2).total(False) / GIB:.2f}\")"
+        "from s2ft_cli.training.memory import GIB, plan_memory; "
+        "r = load_recipe('q.yaml', ['data.train.limit=120', 'data.max_seq_len=512']); "
+        "d = load_datasets(r.data, r.train.seed, load_tokenizer(r.model.name_or_path)); "
+        "print(json.dumps({'where': [s2ft_cli.recipes.__file__, s2ft_cli.__file__], "
+        "'rows': [{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train], "
+        "'plan': f\"{plan_memory(load_recipe('q.yaml'), 2).total(False) / GIB:.2f}\"}))"
     )
-    total = _run([python, "-c", library], work, env).stdout.strip()
+    computed = json.loads(_run([python, "-c", library], work, env).stdout)
+    where = computed["where"]
+    assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
+    rows = computed["rows"]
+    assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 70  # 120 - 50
+    total = computed["plan"]
     assert "│ total " in printed and total in printed.split("│ total ")[1].split("\n")[0]
 
 
