@@ -7,7 +7,6 @@ import functools
 import inspect
 import shlex
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Annotated
@@ -230,7 +229,9 @@ def train(
 
     r = load_recipe(recipe, overrides)
     if r.eval is not None:  # a misspelt eval task is refused before training, not after
-        _known_tasks(r.eval.tasks, "eval.tasks")
+        from .evaluation.tasks import known_tasks
+
+        known_tasks(r.eval.tasks, "eval.tasks")
 
     from .training.trainer import train as run_training
 
@@ -242,18 +243,6 @@ def train(
             f"[yellow]stopped:[/] {stop} Resume with:\n  {command}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(stop.exit_code) from None
-
-
-def _known_tasks(tasks: list[str] | None, key: str) -> None:
-    """Refuse task names the evaluation does not know (the recipe schema leaves them to
-    the evaluation stage, which comes after it)."""
-    from .evaluation.tasks import resolve_tasks
-
-    if tasks is not None:
-        try:
-            resolve_tasks(tasks)
-        except S2FTError as err:
-            raise S2FTError(f"Invalid s2ft eval options: {key}: {err}") from None
 
 
 def _option(help: str, *names: str):
@@ -340,8 +329,8 @@ def eval_command(
 ) -> None:
     """Evaluate on the paper's commonsense and arithmetic sets; or re-score saved outputs."""
     from .evaluation.report import score_file
+    from .evaluation.request import eval_request
     from .evaluation.tasks import resolve_tasks
-    from .recipe import eval_settings, load_recipe, run_directory
 
     if score_only is not None:
         folder = Path(options["out"]) if options["out"] else score_only.parent / "rescored"
@@ -350,43 +339,7 @@ def eval_command(
         console.print(results_table(f"re-scored {score_only}", results))
         console.print(f"results written to {folder}", highlight=False)
         return
-    recipe, run_dir = None, None
-    if source is not None:
-        recipe_path, run_dir = run_directory(source)
-        recipe = load_recipe(recipe_path, overrides)
-        run_dir = run_dir or Path(recipe.output_dir)
-    elif overrides:
-        raise S2FTError(
-            f"key=value overrides ({overrides[0]}) need a recipe; give one, or use the options."
-        )
-    settings = eval_settings(recipe.eval if recipe else None, options)
-    _known_tasks(settings.tasks, "--tasks (eval.tasks)")
-    model_name = model or (recipe.model.name_or_path if recipe else None)
-    if model_name is None:
-        raise S2FTError(
-            "Which model? Give --model (hub id, local directory or preset), a recipe, or a "
-            "training run's directory."
-        )
-    adapters = [Path(a) for a in settings.adapters or []]
-    if settings.adapters is None and run_dir is not None and (run_dir / "adapter").is_dir():
-        adapters = [run_dir / "adapter"]
-    default_out = (
-        run_dir / "eval" if run_dir else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    from .evaluation.runner import evaluate  # torch, once the options are known to be valid
-
-    evaluate(
-        model_name,
-        settings,
-        adapters,
-        Path(settings.out) if settings.out else default_out,
-        dtype=settings.dtype or (recipe.model.dtype if recipe else None),
-        prompt_template=settings.prompt_template
-        or (recipe.data.prompt_template if recipe and recipe.data else "alpaca"),
-        trust_remote_code=recipe.model.trust_remote_code if recipe else False,
-        model_seed=recipe.train.seed if recipe else 0,
-        console=console,
-    )
+    eval_request(source, overrides, model, options).run(console)  # torch from here on
 
 
 @app.command()
@@ -460,16 +413,14 @@ def combine_command(
     ] = False,
 ) -> None:
     """Combine adapters trained separately into one (weighted sum of their updates)."""
-    from .adapter.combine import combine
-    from .adapter.format import Adapter
+    from .adapter.combine import combine_directories
 
     try:
         factors = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:  # combine() refuses nan and inf
         raise S2FTError(f"--weights {weights!r}: give numbers separated by commas.") from None
     _refuse_existing(out)
-    combined, overlaps = combine([Adapter.load(a) for a in adapters], factors, force)
-    combined.save(out)
+    overlaps = combine_directories(adapters, out, factors, force)
     console.print(combine_table(len(adapters), overlaps))
     total = sum(o.overlapping for o in overlaps)
     console.print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -108,3 +109,13 @@ def combine(
         torch.float32,
     )
     return Adapter(config, updates, "The combined adapter"), overlaps
+
+
+def combine_directories(
+    paths: list[Path], out: Path, weights: list[float] | None = None, force: bool = False
+) -> list[Overlap]:
+    """``s2ft combine``: read the adapter directories, combine them, write the result to
+    ``out``; per matrix how many units overlapped."""
+    combined, overlaps = combine([Adapter.load(path) for path in paths], weights, force)
+    combined.save(out)
+    return overlaps

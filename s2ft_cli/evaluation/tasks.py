@@ -162,6 +162,16 @@ def resolve_tasks(names: list[str] | str | None) -> list[Task]:
     return [t for t in TASKS.values() if t.name in chosen]
 
 
+def known_tasks(tasks: list[str] | None, key: str) -> None:
+    """Refuse task names the evaluation does not know, naming the option (``key``): the
+    recipe schema leaves them to the evaluation stage, which comes after it."""
+    if tasks is not None:
+        try:
+            resolve_tasks(tasks)
+        except S2FTError as err:
+            raise S2FTError(f"Invalid s2ft eval options: {key}: {err}") from None
+
+
 def task_in_path(path: Path) -> Task | None:
     """The task a test file belongs to, read from its folder names (``…/gsm8k/test.json``)."""
     for part in reversed(path.resolve().parts):
