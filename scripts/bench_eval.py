@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-template", default="alpaca", help="alpaca | chat")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -63,7 +64,9 @@ def main() -> None:
             if mode == "loglik":
                 sets = [s for s in sets if s.task.kind == "label"]
             if evaluator is None:
-                evaluator = Evaluator(args.model, settings, "float32", "alpaca", console=quiet)
+                evaluator = Evaluator(
+                    args.model, settings, "float32", args.prompt_template, console=quiet
+                )
             evaluator.settings = settings
             evaluator.run([TestSet(t.task, t.path, t.records[:size]) for t in sets], "warm-up")
             runs = [evaluator.run(sets, "none")[0]["timing"] for _ in range(args.repeats)]

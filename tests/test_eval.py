@@ -97,7 +97,28 @@ def test_loglik_batched_equals_each_sequence_alone_on_the_real_model():
                 logits = model(torch.tensor([ids])).logits[0].double()
             logp = torch.log_softmax(logits, -1)
             reference = sum(logp[i - 1, ids[i]].item() for i in range(len(head), len(ids)))
-            assert value == pytest.approx(reference, abs=2e-3), label
+            assert value == pytest.approx(reference, abs=1e-4), label
+
+
+@pytest.mark.parametrize(
+    ("task", "batch_size"),
+    [("ARC-Easy", 5), ("ARC-Easy", 32), ("boolq", 16), ("social_i_qa", 7)],
+)
+def test_loglik_reading_shared_prefixes_once_equals_reading_every_choice_whole(
+    task, batch_size, smollm2_base, smollm2_tokenizer
+):
+    """SmolLM2 with its chat template (a system turn every question shares): the batch's
+    common part, each question's prefix and each choice's own tokens read in turn give the
+    log-likelihoods of every choice read whole, within 1e-4, and the same answers. One
+    question a batch (batch 5, up to 5 choices), several, padded prefixes and tails."""
+    records = shared_records(task, 8)
+    args = (smollm2_tokenizer, records, TASKS[task], "chat", batch_size, torch.device("cpu"))
+    shared = decoding.answer_logliks(smollm2_base, *args)
+    whole = decoding.answer_logliks(smollm2_base, *args, share_prefixes=False)
+    for got, want in zip(shared, whole, strict=True):
+        assert list(got) == list(want)
+        assert max(abs(got[k] - want[k]) for k in got) <= 1e-4
+        assert decoding.best_label(got) == decoding.best_label(want)
 
 
 # ---------------------------------------------------------------------------------------

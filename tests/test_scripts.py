@@ -80,3 +80,19 @@ def test_experiment_forgetting_records_every_run(tmp_path):
     assert runs["s2ft", "small"]["trainable"] == small.trainable_params()
     assert runs["full", "large"]["trainable"] == sum(p.numel() for p in model.parameters())
     assert all(r["drift"] > 0 for r in results["runs"])
+
+
+def test_bench_loglik_times_both_readings_and_checks_they_agree(tmp_path):
+    """``scripts/bench_loglik.py`` on stories260K: both readings timed, the same answers and
+    log-likelihoods within 1e-4 (the script asserts it), written to its JSON."""
+    out = tmp_path / "loglik.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_loglik.py"), "--model", str(STORIES)]
+    cmd += ["--prompt-template", "alpaca", "--tasks", "boolq,ARC-Easy", "--limit", "6"]
+    cmd += ["--rounds", "1", "--batch-size", "4", "--threads", "1", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["tasks"]
+    assert [r["task"] for r in rows] == ["boolq", "ARC-Easy"]
+    for row in rows:
+        assert row["same_answers"] == row["records"] == 6 and row["max_abs_diff"] <= 1e-4
+        assert len(row["whole_per_s"]) == len(row["shared_per_s"]) == 1
+        assert row["ratio"] == row["shared_per_s"][0] / row["whole_per_s"][0]
