@@ -47,23 +47,30 @@ class Baseline(TrainingMethod):
 
 
 class LoRA(Baseline):
-    """PEFT LoRA of rank ``r`` on the seven linear projections; on a quantized base
+    """PEFT LoRA of rank ``r`` on the seven linear projections (or ``targets``); on a quantized base
     (``model.quantization``), QLoRA as PEFT users run it: the base is quantized first into
     bitsandbytes' own layers (no blockwise products), LoRA wraps them."""
 
-    def __init__(self, r: int = 16, alpha: int = 32, transformers_loss: bool = False):
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: int = 32,
+        transformers_loss: bool = False,
+        targets: list[str] | None = None,
+    ):
         super().__init__(transformers_loss)
         self.r, self.alpha = r, alpha
+        self.targets = list(targets or TARGET_MATRICES)
 
     def prepare(self, model: nn.Module, trainer) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         quantize_frozen_linears(model, trainer.recipe.model.quantization, blockwise=False)
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(TARGET_MATRICES))
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=self.targets)
         return get_peft_model(model, config)
 
     def describe(self, model: nn.Module) -> list[str]:
-        return [f"LoRA r={self.r}, alpha={self.alpha} on {', '.join(TARGET_MATRICES)}"]
+        return [f"LoRA r={self.r}, alpha={self.alpha} on {', '.join(self.targets)}"]
 
 
 class FullFineTuning(Baseline):

@@ -198,7 +198,10 @@ class Evaluator:
         trust_remote_code: bool = False,
         model_seed: int = 0,
         console: Console | None = None,
+        model=None,
     ):
+        """``model``: one already in memory (say, fine-tuned and merged by a script) to
+        evaluate instead of loading ``model_name``, which then only names it."""
         self.settings, self.template = settings, prompt_template
         self.console = console or Console()
         self.procs: Processes = setup_processes(settings.device, key="eval.device")
@@ -208,7 +211,8 @@ class Evaluator:
         self.tokenizer = load_tokenizer(model_name, trust_remote_code)
         if prompt_template == "chat":
             require_chat_template(self.tokenizer)
-        model = load_model(model_name, dtype, trust_remote_code, seed=model_seed)
+        if model is None:
+            model = load_model(model_name, dtype, trust_remote_code, seed=model_seed)
         self.model = model.to(self.procs.device).eval()
 
     def _outputs(self, test: TestSet, share: list[int], prompts: list[str], advance) -> list[dict]:

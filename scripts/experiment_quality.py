@@ -1,0 +1,390 @@
+"""Does S²FT fine-tune better? S²FT against PEFT LoRA and full fine-tuning on
+SmolLM2-135M-Instruct, in the paper's two regimes (commonsense, arithmetic), with a
+learning-rate grid per method, seeds, 95% intervals, forgetting and cost (issue 28; the
+plan, the tables and what they say: docs/EXPERIMENTS.md).
+
+Every method trains through ``s2ft train``'s own loop (``Trainer``; LoRA and full
+fine-tuning as ``scripts/baselines.py`` methods) on the same data, prompt (the model's chat
+template), steps and batches, and is evaluated by the same ``s2ft eval`` code on the same
+seeded test subsets. Stages, each a list of jobs recorded in the JSON file as it finishes
+(a finished job is never redone; one a stop interrupts is redone from its start):
+
+1. ``grid``: each method's learning rates, one seed, scored by validation loss;
+2. ``final``: each method at its best rate and every seed of its plan: the regime's test
+   sets, the other regime's (seed 0) and the loss of held-out English prose;
+3. ``base``: the base model on both regimes' tests and the prose.
+
+    python scripts/experiment_quality.py             # the study (≈ 20 CPU hours here)
+    python scripts/experiment_quality.py --smoke     # every stage, a step each, minutes
+    python scripts/experiment_quality.py --report    # the tables from the JSON file only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from s2ft_cli import merge_adapter
+from s2ft_cli.data import Datasets, load_datasets
+from s2ft_cli.engine.models import load_model, load_tokenizer
+from s2ft_cli.evaluation.runner import Evaluator, TestSet, load_test_sets
+from s2ft_cli.files import atomic_write_text
+from s2ft_cli.recipe import EvalSection, load_recipe
+from s2ft_cli.training.methods import S2FT
+from s2ft_cli.training.trainer import Trainer, token_loss_sums
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "llm-adapters" / "dataset"
+MODEL = "smollm2-135m-instruct"
+PAIR = {"o_proj": 0.1, "down_proj": 0.05}  # S²FT's budget: 2,322,432 weights (1.7%)
+
+
+# the seven commonsense sets here (HellaSwag, the paper's eighth, has no test file)
+COMMONSENSE = [
+    "boolq",
+    "piqa",
+    "social_i_qa",
+    "winogrande",
+    "ARC-Challenge",
+    "ARC-Easy",
+    "openbookqa",
+]
+
+
+@dataclass(frozen=True)
+class Regime:
+    recipe: str
+    steps: int
+    tasks: list[str]  # the test sets
+    max_new_tokens: int
+
+
+REGIMES = {
+    "commonsense": Regime("recipes/smollm2-commonsense.yaml", 250, COMMONSENSE, 32),
+    "arithmetic": Regime("recipes/smollm2-math.yaml", 160, ["math"], 192),
+}
+# method -> learning rates of the grid, seeds of the final runs, recipe overrides
+METHODS = {
+    "s2ft-r": ([5e-4, 1e-3, 2e-3], 3, {"s2ft.strategy": "random"}),
+    "s2ft-a": ([5e-4, 1e-3, 2e-3], 1, {"s2ft.strategy": "activation"}),
+    "lora-matched": ([2e-4, 5e-4, 1e-3], 3, {}),
+    "lora-16": ([2e-4, 5e-4, 1e-3], 1, {}),
+    "full": ([1e-5, 3e-5, 1e-4], 3, {}),
+}
+# LoRA on o_proj + down_proj with S²FT's weights: r·(576 + 576) + r·(1536 + 576) per layer,
+# × 30 layers = 97,920·r; r = 24 gives 2,350,080 (S²FT: 2,322,432)
+MATCHED_RANK = 24
+TEST_SIZE = 385  # a 95% interval of at most ±5 points at any accuracy (or the whole set)
+PROSE_CHUNKS, PROSE_TOKENS = 64, 256
+
+
+def training_method(method: str):
+    from baselines import FullFineTuning, LoRA
+
+    if method.startswith("s2ft"):
+        return S2FT()
+    if method == "lora-matched":
+        return LoRA(r=MATCHED_RANK, alpha=2 * MATCHED_RANK, targets=list(PAIR))
+    if method == "lora-16":
+        return LoRA(r=16, alpha=32)
+    return FullFineTuning(scope="all")
+
+
+def merged(method: str, model):
+    """The fine-tuned model as plain weights in the base's layout."""
+    if method.startswith("s2ft"):
+        return merge_adapter(model)
+    if method.startswith("lora"):
+        return model.merge_and_unload()
+    return model
+
+
+# ------------------------------------------------------------------------------ data
+class Study:
+    """The settings of one study (full or smoke), its data and its record."""
+
+    def __init__(self, args):
+        self.args, self.smoke = args, args.smoke
+        self.console = Console(width=160)
+        self.tokenizer = load_tokenizer(MODEL)
+        self.path = Path(args.out)
+        self.record = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.record.setdefault("jobs", {})
+        methods = {k: {"lrs": v[0], "seeds": v[1], "overrides": v[2]} for k, v in METHODS.items()}
+        self.record["settings"] = {
+            "model": MODEL,
+            "smoke": self.smoke,
+            "regimes": {k: vars(v) for k, v in REGIMES.items()},
+            "methods": methods,
+            "s2ft_targets": PAIR,
+            "lora_matched_rank": MATCHED_RANK,
+            "test_size": TEST_SIZE,
+            "prose": f"pydoc_data.topics, {PROSE_CHUNKS} seeded chunks of {PROSE_TOKENS} tokens",
+        }
+        self._data: dict[str, Datasets] = {}
+        self.regimes = args.regimes.split(",") if args.regimes else list(REGIMES)
+        self.methods = args.methods.split(",") if args.methods else list(METHODS)
+
+    def steps(self, regime: str) -> int:
+        return 1 if self.smoke else REGIMES[regime].steps
+
+    def recipe(self, regime: str, method: str, lr: float, seed: int, out: Path):
+        overrides = {
+            **METHODS[method][2], "s2ft.targets": json.dumps(PAIR), "s2ft.seed": seed,
+            "train.seed": seed, "train.lr": lr, "train.max_steps": self.steps(regime),
+            "train.batch_size": 2 if self.smoke else 8, "train.group_by_length": "true",
+            "train.eval_every": 0, "train.save_every": 0, "output_dir": str(out),
+        }  # fmt: skip
+        return load_recipe(
+            REPO / REGIMES[regime].recipe, [f"{k}={v}" for k, v in overrides.items()]
+        )
+
+    def datasets(self, regime: str) -> Datasets:
+        """The regime's training set and validation split (the learning-rate grid's)."""
+        if regime not in self._data:
+            path = REPO / REGIMES[regime].recipe
+            extra = []
+            if self.smoke:  # a few records of each source
+                sources = [
+                    {"path": s.path, "limit": 8} for s in load_recipe(path).data.train_sources
+                ]
+                extra = [f"data.train={json.dumps(sources)}", "data.val_size=4"]
+            self._data[regime] = load_datasets(load_recipe(path, extra).data, 0, self.tokenizer)
+        return self._data[regime]
+
+    def test_sets(self, regime: str) -> list[TestSet]:
+        """Seeded subsets of the regime's test sets: TEST_SIZE examples or the whole set."""
+        r = REGIMES[regime]
+        settings = EvalSection(tasks=r.tasks, data_dir=str(DATA))
+        sets, _ = load_test_sets(settings)
+        size = 1 if self.smoke else TEST_SIZE
+        chosen = []
+        for test in sets:
+            picked = sorted(
+                random.Random(0).sample(range(len(test.records)), min(size, len(test.records)))
+            )
+            chosen.append(TestSet(test.task, test.path, [test.records[i] for i in picked]))
+        return chosen
+
+    def prose(self) -> list:
+        """Held-out English prose: seeded chunks of Python's own documentation text
+        (``pydoc_data.topics``), each scored whole (every token a target)."""
+        from pydoc_data.topics import topics
+
+        from s2ft_cli.data import Example
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        count, width = (2, 32) if self.smoke else (PROSE_CHUNKS, PROSE_TOKENS)
+        starts = sorted(random.Random(0).sample(range(0, len(ids) - width, width), count))
+        return [Example(ids[s : s + width], ids[s : s + width]) for s in starts]
+
+    # -------------------------------------------------------------------------- record
+    def done(self, job: str) -> bool:
+        return job in self.record["jobs"]
+
+    def save(self, job: str, result: dict) -> None:
+        self.record["jobs"][job] = result
+        atomic_write_text(self.path, json.dumps(self.record, indent=1))
+
+
+# ------------------------------------------------------------------------------ jobs
+def train(study: Study, regime: str, method: str, lr: float, seed: int):
+    """One training run (its files in a temporary folder); the merged model and its cost."""
+    with tempfile.TemporaryDirectory(dir=REPO / "runs") as out:
+        recipe = study.recipe(regime, method, lr, seed, Path(out) / "run")
+        trainer = Trainer(
+            recipe, console=Console(quiet=True), method=training_method(method),
+            datasets=Datasets(study.datasets(regime).train, [], []),
+        )  # fmt: skip
+        try:
+            trainer.setup()
+            start = time.perf_counter()
+            last = trainer.train()
+            seconds = time.perf_counter() - start
+        finally:
+            trainer.cleanup()
+    steps = trainer.total_steps
+    tokens = sum(trainer.counts[i][1] for s in range(steps) for i in trainer.plan.step_examples(s))
+    cost = {
+        "trainable": sum(p.numel() for p in trainer.params), "steps": steps, "tokens": tokens,
+        "train_seconds": seconds, "peak_mem_gb": last.get("peak_mem_gb"), "lr": lr, "seed": seed,
+    }  # fmt: skip
+    return merged(method, trainer.model).eval(), cost
+
+
+def prose_loss(study: Study, model) -> float:
+    total, count = token_loss_sums(model, study.prose(), study.tokenizer.pad_token_id, 8)
+    return total / count
+
+
+def evaluate(study: Study, model, regime: str) -> dict:
+    """Accuracy (with 95% intervals) on the regime's test subsets, by the paper's
+    extraction of generated answers."""
+    settings = EvalSection(
+        tasks=REGIMES[regime].tasks, data_dir=str(DATA), batch_size=32,
+        max_new_tokens=4 if study.smoke else REGIMES[regime].max_new_tokens,
+    )  # fmt: skip
+    evaluator = Evaluator(
+        MODEL, settings, "float32", "chat", console=Console(quiet=True), model=model
+    )
+    results, _ = evaluator.run(study.test_sets(regime), regime)
+    return {"tasks": results["tasks"], "timing": results["timing"]}
+
+
+def best_lr(study: Study, regime: str, method: str) -> float:
+    runs = [study.record["jobs"][f"grid/{regime}/{method}/{lr:g}"] for lr in lrs(study, method)]
+    return min(runs, key=lambda r: r["val_loss"])["lr"]
+
+
+def lrs(study: Study, method: str) -> list[float]:
+    return METHODS[method][0][:2] if study.smoke else METHODS[method][0]
+
+
+def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
+    """Every job of the study in order, as (name, work)."""
+    out = []
+    other = {"commonsense": "arithmetic", "arithmetic": "commonsense"}
+    for regime in study.regimes:
+        for method in study.methods:
+            for lr in lrs(study, method):
+
+                def grid(regime=regime, method=method, lr=lr) -> dict:
+                    model, cost = train(study, regime, method, lr, 0)
+                    val = study.datasets(regime).validation
+                    total, count = token_loss_sums(model, val, study.tokenizer.pad_token_id, 8)
+                    return cost | {"val_loss": total / count}
+
+                out.append((f"grid/{regime}/{method}/{lr:g}", grid))
+    for regime in study.regimes:
+        for method in study.methods:
+            for seed in range(1 if study.smoke else METHODS[method][1]):
+
+                def final(regime=regime, method=method, seed=seed) -> dict:
+                    model, cost = train(study, regime, method, best_lr(study, regime, method), seed)
+                    result = cost | {regime: evaluate(study, model, regime)}
+                    if seed == 0:
+                        result[other[regime]] = evaluate(study, model, other[regime])
+                    return result | {"prose_loss": prose_loss(study, model)}
+
+                out.append((f"final/{regime}/{method}/{seed}", final))
+
+    def base() -> dict:
+        model = load_model(MODEL).eval()
+        return {r: evaluate(study, model, r) for r in REGIMES} | {
+            "prose_loss": prose_loss(study, model)
+        }
+
+    out.append(("base", base))
+    return out
+
+
+# ------------------------------------------------------------------------------ report
+def average(result: dict) -> float:
+    tasks = result["tasks"]
+    return 100 * statistics.mean(t["accuracy"] for t in tasks.values())
+
+
+def cell(values: list[float], digits: int = 1) -> str:
+    """A mean ± standard deviation over seeds (one seed: its value)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def report(record: dict, console: Console) -> None:
+    """Per regime, two tables: accuracy (each task and the average, mean ± std over seeds);
+    forgetting (the other regime's average, the prose loss) and cost."""
+    from rich.table import Table
+
+    base = record["jobs"].get("base")
+    for regime in REGIMES:
+        other = next(r for r in REGIMES if r != regime)
+        finals: dict[str, list[dict]] = {}
+        for name, result in record["jobs"].items():
+            if name.startswith(f"final/{regime}/"):
+                finals.setdefault(name.split("/")[2], []).append(result)
+        if not finals:
+            continue
+        rows = ([("base", [base])] if base else []) + list(finals.items())
+        names = list(next(iter(finals.values()))[0][regime]["tasks"])
+        accuracy = Table(title=f"{regime}: accuracy %, mean ± std over seeds", title_justify="left")
+        for column in ("method", "seeds", *names, "average"):
+            accuracy.add_column(column, justify="left" if column == "method" else "right")
+        forgetting = Table(title=f"{regime}: forgetting and cost", title_justify="left")
+        for column in ("method", f"{other} avg %", "prose loss", "trainable", "steps", "tokens",
+                       "train s", "peak GB"):  # fmt: skip
+            forgetting.add_column(column, justify="left" if column == "method" else "right")
+        for method, runs in rows:
+            accuracy.add_row(
+                method, str(len(runs)),
+                *(cell([100 * r[regime]["tasks"][n]["accuracy"] for r in runs]) for n in names),
+                cell([average(r[regime]) for r in runs]),
+            )  # fmt: skip
+            crossed = [average(r[other]) for r in runs if other in r]
+            trained = "steps" in runs[0]
+            forgetting.add_row(
+                method, cell(crossed) if crossed else "-", cell([r["prose_loss"] for r in runs], 3),
+                f"{runs[0]['trainable']:,}" if trained else "0",
+                str(runs[0]["steps"]) if trained else "-",
+                f"{runs[0]['tokens']:,}" if trained else "-",
+                f"{statistics.mean(r['train_seconds'] for r in runs):.0f}" if trained else "-",
+                f"{statistics.mean(r['peak_mem_gb'] or math.nan for r in runs):.2f}"
+                if trained else "-",
+            )  # fmt: skip
+        console.print(accuracy, forgetting)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="every stage, a step each")
+    ap.add_argument("--report", action="store_true", help="print the tables, run nothing")
+    ap.add_argument("--out", help="the JSON record (default docs/results/quality.json)")
+    ap.add_argument("--regimes", help=f"a subset of {','.join(REGIMES)} (default all)")
+    ap.add_argument("--methods", help=f"a subset of {','.join(METHODS)} (default all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    smoke_out = REPO / "runs" / "quality_smoke.json"  # a smoke run is no result
+    args.out = args.out or str(
+        smoke_out if args.smoke else REPO / "docs" / "results" / "quality.json"
+    )
+    torch.set_num_threads(args.threads)
+    study = Study(args)
+    todo = dict(jobs(study))
+    if args.job:  # one job, in this process (started by the loop below)
+        start = time.perf_counter()
+        study.save(args.job, todo[args.job]() | {"job_seconds": time.perf_counter() - start})
+        return
+    if not args.report:
+        for k, name in enumerate(todo, 1):
+            if study.done(name):
+                continue
+            study.console.print(f"[{k}/{len(todo)}] {name}", highlight=False)
+            if args.smoke:  # in this process: fast, but peak memory is the process's so far
+                start = time.perf_counter()
+                study.save(name, todo[name]() | {"job_seconds": time.perf_counter() - start})
+                continue
+            # each job in a process of its own: its peak memory is its own
+            command = [sys.executable, __file__, "--job", name, "--out", args.out]
+            command += ["--threads", str(args.threads)]
+            subprocess.run(command, check=True)
+            study.record = json.loads(study.path.read_text())
+    report(study.record, study.console)
+
+
+if __name__ == "__main__":
+    main()
