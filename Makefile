@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 # Two worker processes (pytest-xdist), each with one torch thread (tests/conftest.py): both
 # cores stay busy through the tests that wait on subprocesses (torchrun, signals, the wheel).
 test: install
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist worksteal
 
 # train the quickstart, then score the base and the trained adapter on held-out problems
 demo: install

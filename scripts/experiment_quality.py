@@ -204,6 +204,7 @@ class Study:
 # ------------------------------------------------------------------------------ jobs
 def train(study: Study, regime: str, method: str, lr: float, seed: int):
     """One training run (its files in a temporary folder); the merged model and its cost."""
+    (REPO / "runs").mkdir(exist_ok=True)  # a full fine-tuning's checkpoint: 1.6 GB
     with tempfile.TemporaryDirectory(dir=REPO / "runs") as out:
         recipe = study.recipe(regime, method, lr, seed, Path(out) / "run")
         trainer = Trainer(

@@ -102,7 +102,7 @@ def test_loglik_batched_equals_each_sequence_alone_on_the_real_model():
 
 @pytest.mark.parametrize(
     ("task", "batch_size"),
-    [("ARC-Easy", 5), ("ARC-Easy", 32), ("boolq", 16), ("social_i_qa", 7)],
+    [("ARC-Easy", 5), ("boolq", 16), ("social_i_qa", 7)],
 )
 def test_loglik_reading_shared_prefixes_once_equals_reading_every_choice_whole(
     task, batch_size, smollm2_base, smollm2_tokenizer

@@ -84,7 +84,7 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     _run([s2ft, "init", "quickstart", "q.yaml"], work, env)
     assert (work / "q.yaml").read_text() == (src / "recipes" / "quickstart.yaml").read_text()
     _run(
-        [s2ft, "train", "q.yaml", "train.max_steps=3", "data.train.limit=300", "output_dir=runs/q"],
+        [s2ft, "train", "q.yaml", "train.max_steps=1", "data.train.limit=120", "output_dir=runs/q"],
         work,
         env,
     )
