@@ -22,6 +22,7 @@ seeded test subsets. Stages, each a list of jobs recorded in the JSON file as it
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -135,6 +136,7 @@ class Study:
             "prose": f"pydoc_data.topics, {PROSE_CHUNKS} seeded chunks of {PROSE_TOKENS} tokens",
         }
         self._data: dict[str, Datasets] = {}
+        self.evaluator: Evaluator | None = None
         self.regimes = args.regimes.split(",") if args.regimes else list(REGIMES)
         self.methods = args.methods.split(",") if args.methods else list(METHODS)
 
@@ -179,6 +181,7 @@ class Study:
             chosen.append(TestSet(test.task, test.path, [test.records[i] for i in picked]))
         return chosen
 
+    @functools.cached_property
     def prose(self) -> list:
         """Held-out English prose: seeded chunks of Python's own documentation text
         (``pydoc_data.topics``), each scored whole (every token a target)."""
@@ -228,7 +231,7 @@ def train(study: Study, regime: str, method: str, lr: float, seed: int):
 
 
 def prose_loss(study: Study, model) -> float:
-    total, count = token_loss_sums(model, study.prose(), study.tokenizer.pad_token_id, 8)
+    total, count = token_loss_sums(model, study.prose, study.tokenizer.pad_token_id, 8)
     return total / count
 
 
@@ -239,10 +242,11 @@ def evaluate(study: Study, model, regime: str) -> dict:
         tasks=REGIMES[regime].tasks, data_dir=str(DATA), batch_size=32,
         max_new_tokens=4 if study.smoke else REGIMES[regime].max_new_tokens,
     )  # fmt: skip
-    evaluator = Evaluator(
-        MODEL, settings, "float32", "chat", console=Console(quiet=True), model=model
-    )
-    results, _ = evaluator.run(study.test_sets(regime), regime)
+    if study.evaluator is None:  # one evaluator (tokenizer, processes), its model swapped
+        quiet = Console(quiet=True)
+        study.evaluator = Evaluator(MODEL, settings, "float32", "chat", console=quiet, model=model)
+    study.evaluator.settings, study.evaluator.model = settings, model.eval()
+    results, _ = study.evaluator.run(study.test_sets(regime), regime)
     return {"tasks": results["tasks"], "timing": results["timing"]}
 
 
