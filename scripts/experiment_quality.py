@@ -167,8 +167,10 @@ class Study:
             self._data[regime] = load_datasets(load_recipe(path, extra).data, 0, self.tokenizer)
         return self._data[regime]
 
+    @functools.cache  # noqa: B019 (one Study a process)
     def test_sets(self, regime: str) -> list[TestSet]:
-        """Seeded subsets of the regime's test sets: TEST_SIZE examples or the whole set."""
+        """Seeded subsets of the regime's test sets: TEST_SIZE examples or the whole set,
+        read once."""
         r = REGIMES[regime]
         settings = EvalSection(tasks=r.tasks, data_dir=str(DATA))
         sets, _ = load_test_sets(settings)
@@ -245,7 +247,8 @@ def evaluate(study: Study, model, regime: str) -> dict:
     if study.evaluator is None:  # one evaluator (tokenizer, processes), its model swapped
         quiet = Console(quiet=True)
         study.evaluator = Evaluator(MODEL, settings, "float32", "chat", console=quiet, model=model)
-    study.evaluator.settings, study.evaluator.model = settings, model.eval()
+    study.evaluator.settings = settings
+    study.evaluator.model = model.to(study.evaluator.procs.device).eval()
     results, _ = study.evaluator.run(study.test_sets(regime), regime)
     return {"tasks": results["tasks"], "timing": results["timing"]}
 

@@ -206,13 +206,11 @@ def adapter_of(model: nn.Module) -> Adapter:
     if state.conversion is not None:
         settings = state.conversion.config.model_dump()
         settings["selection"] = state.conversion.selection.to_dict()["units"]
+        remember_base_fingerprint(model)  # its base is frozen: measured at the first save
+        base = state.conversion.base_fingerprint
     else:  # an adapter loaded onto a base: keep what it was trained with
         kept = ("targets", "strategy", "order", "allocation", "layers", "seed", "calibration")
         settings = {k: v for k, v in (state.loaded or {}).items() if k in (*kept, "selection")}
-    if state.conversion is not None:  # its base is frozen: measured once, at the first save
-        remember_base_fingerprint(model)
-        base = state.conversion.base_fingerprint
-    else:
         base = Fingerprint.of_base(model)
     config = adapter_config(
         getattr(model.config, "_name_or_path", "") or "",
