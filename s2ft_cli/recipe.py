@@ -234,7 +234,7 @@ class EvalSection(BaseModel):
         description="generate: decode and extract the answer (the paper); loglik: pick the "
         "label whose answer sentence is most likely (commonsense only).",
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    batch_size: int = Field(16, ge=1, description="Prompts decoded (or choices scored) together.")
     limit: int | None = Field(None, ge=1, description="Only the first N examples of each task.")
     max_new_tokens: int = Field(256, ge=1, description="Longest generated answer (paper: 256).")
     num_beams: int = Field(1, ge=1, description="1: greedy or sampling; more: beam search.")

@@ -140,6 +140,26 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
     assert batched == alone and all(batched)
 
 
+@pytest.mark.parametrize(
+    ("task", "records", "batch_size", "max_new_tokens"),
+    [("ARC-Easy", 9, 3, 20), ("gsm8k", 4, 3, 10)],
+)
+def test_own_greedy_loop_writes_what_transformers_generate_writes(
+    task, records, batch_size, max_new_tokens, smollm2_base, smollm2_tokenizer
+):
+    """SmolLM2 with its chat template: the own loop (common beginning read once, finished
+    rows leaving, waiting prompts joining) writes exactly what ``model.generate`` writes.
+    ARC-Easy stops each row at its answer (rows end at different steps, more prompts than
+    rows); gsm8k runs every row to the token limit."""
+    tok = smollm2_tokenizer
+    texts = [decoding.prompt_text(r, tok, "chat") for r in shared_records(task, records)]
+    settings = EvalSection(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    args = (tok, prompt_ids(tok, texts), settings, TASKS[task], torch.device("cpu"))
+    own = decoding.generate(smollm2_base, *args)
+    assert own == decoding.generate(smollm2_base, *args, own_loop=False)
+    assert len({len(tok(text)["input_ids"]) for text in own}) > 1 or task == "gsm8k"
+
+
 def test_generation_ignores_the_models_own_generation_settings():
     model, tok = stories_model(), load_tokenizer(str(STORIES))
     ids = prompt_ids(tok, [alpaca_prompt("Once upon a time")])

@@ -101,6 +101,19 @@ def test_bench_loglik_times_both_readings_and_checks_they_agree(tmp_path):
         assert row["ratio"] == row["shared_per_s"][0] / row["whole_per_s"][0]
 
 
+def test_bench_generate_times_both_loops_and_checks_they_agree(tmp_path):
+    """``scripts/bench_generate.py`` on stories260K: the own loop and ``generate`` timed
+    on the same prompts, no output differing (the script asserts it), written to its JSON."""
+    out = tmp_path / "generate.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_generate.py"), "--model", str(STORIES)]
+    cmd += ["--prompt-template", "alpaca", "--tasks", "ARC-Easy", "--limit", "6"]
+    cmd += ["--rounds", "1", "--batch-size", "4", "--max-new-tokens", "8", "--threads", "1"]
+    subprocess.run([*cmd, "--json", str(out)], check=True, capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())["tasks"]
+    assert row["task"] == "ARC-Easy" and row["outputs_differing"] == 0
+    assert row["ratio"] == row["own_loop_per_s"][0] / row["generate_per_s"][0]
+
+
 def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     """``scripts/experiment_quality.py --smoke`` on one regime and one method (matched
     LoRA: the study's own baseline; S²FT's training and merge are tested throughout): the

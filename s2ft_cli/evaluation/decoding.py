@@ -1,9 +1,14 @@
 """Asking the model: batched generation, and likelihoods of candidate answers.
 
-Generation (paper §4: generate, then extract the answer) left-pads a batch of prompts and
-decodes with the KV cache (``model.generate``): greedy by default (the fast default; the
-official scripts use 4 beams), beam search or sampling when asked, each sequence ending
-at EOS. Prompts are sorted by length so a batch holds similar lengths.
+Generation (paper §4: generate, then extract the answer) decodes a batch of prompts,
+sorted by length so a batch holds similar lengths, with the KV cache; each sequence ends at
+EOS, at ``max_new_tokens`` or, for a label task, once its answer is out. Greedy decoding
+(the fast default; the official scripts use 4 beams) has its own loop for the
+architectures s2ft knows: the part every prompt of a batch begins with (the chat
+template's system turn, the task's instruction) is read once, and a finished sequence
+leaves the batch so that a rambling one decodes alone. Beam search, sampling and other
+architectures go through transformers' ``generate``, which is also the reference the own
+loop is checked against (the same outputs, ``tests/test_eval.py``).
 
 Likelihood scoring (``loglik``) reads, for every label a question offers, the model's
 log-probability of the answer sentence ``the correct answer is <label>`` followed by EOS,
@@ -15,6 +20,7 @@ read every choice whole). Both give the same log-likelihoods (``tests/test_eval.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,13 +110,31 @@ def generate(
     task: Task,
     device: torch.device,
     advance: Progress = lambda n: None,
+    own_loop: bool = True,
 ) -> list[str]:
-    """The decoded continuation of every prompt (token ids), in the order given."""
-    from transformers import StoppingCriteriaList
-
+    """The decoded continuation of every prompt (token ids), in the order given.
+    ``own_loop=False`` decodes greedily with transformers' ``generate`` too (the reference
+    the own loop is checked and timed against)."""
     if not prompts:
         return []
-    stop_early = settings.stop_at_answer and task.kind == "label" and settings.num_beams == 1
+    greedy = not settings.do_sample and settings.num_beams == 1
+    known = getattr(getattr(model, "config", None), "model_type", None) in ARCHITECTURES
+    if own_loop and greedy and known:
+        return _greedy(model, tokenizer, prompts, settings, task, device, advance)
+    return _transformers_generate(model, tokenizer, prompts, settings, task, device, advance)
+
+
+def _stops_at_answer(settings: EvalSection, task: Task) -> bool:
+    return settings.stop_at_answer and task.kind == "label" and settings.num_beams == 1
+
+
+def _transformers_generate(
+    model, tokenizer, prompts, settings: EvalSection, task: Task, device, advance: Progress
+) -> list[str]:
+    """Left-padded batches through ``model.generate``: greedy, beams or sampling."""
+    from transformers import StoppingCriteriaList
+
+    stop_early = _stops_at_answer(settings, task)
     outputs: list[str] = [""] * len(prompts)
     torch.manual_seed(settings.seed)
     # The evaluation's settings replace the model's generation config for the duration:
@@ -134,6 +158,183 @@ def generate(
             advance(len(chunk))
     finally:
         model.generation_config = own
+    return outputs
+
+
+def _read(decoder, ids, mask, positions, cache, device) -> torch.Tensor:
+    """The decoder's last hidden states for ``ids`` at ``positions``, continuing (and
+    extending) ``cache``; ``mask`` covers the cache's columns and the new ones."""
+    return decoder(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` widened to ``width`` along ``dim`` with zeros in front."""
+    missing = width - x.shape[dim]
+    if not missing:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim)
+
+
+def _roomy_layer():
+    """A KV cache layer with spare room after its tokens (see ``_RoomyLayer``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _RoomyLayer(DynamicLayer):
+        """A decoding step writes its keys and values into the room left after the
+        layer's tokens, where transformers' ``DynamicLayer`` concatenates (a copy of the
+        whole cache each step: a quarter of a step's time on SmolLM2 at 16 rows)."""
+
+        ROOM = 64
+
+        def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Hold exactly these keys and values, with room after them."""
+            b, h, n, d = keys.shape
+            self.buffers = [t.new_empty((b, h, n + self.ROOM, d)) for t in (keys, values)]
+            for buffer, t in zip(self.buffers, (keys, values), strict=True):
+                buffer[:, :, :n] = t
+            self.device, self.is_initialized = keys.device, True
+            self._show(n)
+
+        def _show(self, length: int) -> None:
+            self.length = length
+            self.keys, self.values = (buffer[:, :, :length] for buffer in self.buffers)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            if not self.is_initialized:
+                self.hold(key_states, value_states)
+            elif self.length + n > self.buffers[0].shape[2]:
+                pairs = ((self.keys, key_states), (self.values, value_states))
+                self.hold(*(torch.cat(pair, -2) for pair in pairs))
+            else:
+                for buffer, t in zip(self.buffers, (key_states, value_states), strict=True):
+                    buffer[:, :, self.length : self.length + n] = t
+                self._show(self.length + n)
+            return self.keys, self.values
+
+    return _RoomyLayer
+
+
+class _Decoding:
+    """The rows decoding together: each row's prompt, the KV cache of what they read
+    (left-padded), its attention mask, the position of each row's last token read, and the
+    token each row picked next."""
+
+    def __init__(self, rows: list[int], cache, seen, position, tokens):
+        self.rows, self.cache, self.seen = rows, cache, seen
+        self.position, self.tokens = position, tokens
+
+    def keep(self, kept: list[int]) -> None:
+        """Only the rows ``kept``; the leading columns no row attends to leave too."""
+        index = torch.tensor(kept)
+        self.rows = [self.rows[k] for k in kept]
+        self.position, self.tokens = self.position[index], self.tokens[index]
+        seen = self.seen[index]
+        first = int(seen.any(0).int().argmax())  # the first column a row attends to
+        self.seen = seen[:, first:]
+        for layer in self.cache.layers:
+            rows = index.to(layer.keys.device)
+            layer.hold(layer.keys[rows, :, first:], layer.values[rows, :, first:])
+
+    def join(self, other: _Decoding) -> None:
+        """Take ``other``'s rows in: the shorter history is left-padded and masked out."""
+        width = max(self.seen.shape[1], other.seen.shape[1])
+        self.rows = self.rows + other.rows
+        self.position = torch.cat([self.position, other.position])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.seen = torch.cat([_pad_left(self.seen, width, 1), _pad_left(other.seen, width, 1)])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            keys, values = (
+                torch.cat([_pad_left(getattr(layer, name), width, 2) for layer in (mine, theirs)])
+                for name in ("keys", "values")
+            )
+            mine.hold(keys, values)
+
+
+def _greedy(
+    model, tokenizer, prompts, settings: EvalSection, task: Task, device, advance: Progress
+) -> list[str]:
+    """Greedy decoding with up to ``batch_size`` rows at a time. The part every prompt
+    begins with is read once (one row, its cache copied to each row); the prompts, longest
+    first, join the batch whenever a quarter of it is free, their rest read left-padded;
+    then one token a step for the rows still decoding, a finished row leaving the batch.
+    Each row's tokens are what ``model.generate`` picks: the argmax of the same logits,
+    with the same stops."""
+    from transformers import Cache, DynamicCache
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    eos = set(_eos_ids(model, tokenizer))
+    stop_early = _stops_at_answer(settings, task)
+    outputs: list[str] = [""] * len(prompts)
+    new: list[list[int]] = [[] for _ in prompts]
+
+    def read(ids, mask, positions, cache) -> torch.Tensor:
+        """The token each row picks after its last column."""
+        hidden = _read(decoder, ids, mask, positions, cache, device)
+        return head(hidden[:, -1]).argmax(-1).cpu()
+
+    def finished(tokens: list[int]) -> bool:
+        if tokens[-1] in eos or len(tokens) == settings.max_new_tokens:
+            return True
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return stop_early and task.extract(text) is not None
+
+    common = _common_length(prompts, min(map(len, prompts)) - 1)
+    prefix = DynamicCache()
+    if common:
+        ids = torch.tensor([prompts[0][:common]])
+        read(ids, torch.ones_like(ids), torch.arange(common)[None], prefix)
+    shared = [(layer.keys, layer.values) for layer in prefix.layers] if common else []
+
+    layer = _roomy_layer()
+
+    def start(rows: list[int]) -> _Decoding:
+        """The rows' prompts read after the common part, left-padded."""
+        n = len(rows)
+        cache = Cache(layer_class_to_replicate=layer)
+        for keys, values in shared:
+            cache.layers.append(layer())
+            cache.layers[-1].hold(keys.expand(n, -1, -1, -1), values.expand(n, -1, -1, -1))
+        ids, mask = _left_pad([prompts[i][common:] for i in rows], tokenizer.pad_token_id)
+        positions = common + (mask.cumsum(1) - 1).clamp(min=0)
+        seen = torch.cat([torch.ones((n, common), dtype=torch.long), mask], 1)
+        return _Decoding(rows, cache, seen, positions[:, -1], read(ids, seen, positions, cache))
+
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    refill = max(1, settings.batch_size // 4)
+    batch: _Decoding | None = None
+    while waiting or batch is not None:
+        free = settings.batch_size - (len(batch.rows) if batch else 0)
+        if waiting and free >= (refill if batch else 1):
+            joining = start([waiting.popleft() for _ in range(min(free, len(waiting)))])
+            if batch is None:
+                batch = joining
+            else:
+                batch.join(joining)
+        going = []
+        for k, (row, token) in enumerate(zip(batch.rows, batch.tokens.tolist(), strict=True)):
+            new[row].append(token)
+            if finished(new[row]):
+                outputs[row] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+                advance(1)
+            else:
+                going.append(k)
+        if not going:
+            batch = None
+            continue
+        if len(going) < len(batch.rows):
+            batch.keep(going)
+        batch.seen = torch.cat([batch.seen, torch.ones((len(going), 1), dtype=torch.long)], 1)
+        batch.position = batch.position + 1
+        batch.tokens = read(batch.tokens[:, None], batch.seen, batch.position[:, None], batch.cache)
     return outputs
 
 
@@ -259,13 +460,7 @@ def _shared_prefix_logliks(
     scores: list[list[float]] = [[] for _ in choices]
 
     def read(ids, mask, positions, cache) -> torch.Tensor:
-        return decoder(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=True,
-        ).last_hidden_state
+        return _read(decoder, ids, mask, positions, cache, device)
 
     for chunk in _batches(cut, per_batch):
         groups = [choices[q] for q in chunk]
