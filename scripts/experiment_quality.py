@@ -313,38 +313,38 @@ def cell(values: list[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(record: dict, console: Console) -> None:
+def finals(record: dict, regime: str) -> dict[str, list[dict]]:
+    """The regime's final runs per method, the base model first (as a one-run method)."""
+    out = {"base": [record["jobs"]["base"]]} if "base" in record["jobs"] else {}
+    for name, result in record["jobs"].items():
+        if name.startswith(f"final/{regime}/"):
+            out.setdefault(name.split("/")[2], []).append(result)
+    return out
+
+
+Table = tuple[str, list[str], list[list[str]]]  # title, columns, rows
+
+
+def tables(record: dict) -> list[Table]:
     """Per regime, two tables: accuracy (each task and the average, mean ± std over seeds);
     forgetting (the other regime's average, the prose loss) and cost."""
-    from rich.table import Table
-
-    base = record["jobs"].get("base")
+    out = []
     for regime in REGIMES:
         other = next(r for r in REGIMES if r != regime)
-        finals: dict[str, list[dict]] = {}
-        for name, result in record["jobs"].items():
-            if name.startswith(f"final/{regime}/"):
-                finals.setdefault(name.split("/")[2], []).append(result)
-        if not finals:
+        runs_of = finals(record, regime)
+        if len(runs_of) <= ("base" in runs_of):
             continue
-        rows = ([("base", [base])] if base else []) + list(finals.items())
-        names = list(next(iter(finals.values()))[0][regime]["tasks"])
-        accuracy = Table(title=f"{regime}: accuracy %, mean ± std over seeds", title_justify="left")
-        for column in ("method", "seeds", *names, "average"):
-            accuracy.add_column(column, justify="left" if column == "method" else "right")
-        forgetting = Table(title=f"{regime}: forgetting and cost", title_justify="left")
-        for column in ("method", f"{other} avg %", "prose loss", "trainable", "steps", "tokens",
-                       "train s", "peak GB"):  # fmt: skip
-            forgetting.add_column(column, justify="left" if column == "method" else "right")
-        for method, runs in rows:
-            accuracy.add_row(
-                method, str(len(runs)),
-                *(cell([100 * r[regime]["tasks"][n]["accuracy"] for r in runs]) for n in names),
-                cell([average(r[regime]) for r in runs]),
-            )  # fmt: skip
+        names = list(next(iter(runs_of.values()))[0][regime]["tasks"])
+        accuracy, forgetting = [], []
+        for method, runs in runs_of.items():
+            accuracy.append(
+                [method, str(len(runs))]
+                + [cell([100 * r[regime]["tasks"][n]["accuracy"] for r in runs]) for n in names]
+                + [cell([average(r[regime]) for r in runs])]
+            )
             crossed = [average(r[other]) for r in runs if other in r]
             trained = "steps" in runs[0]
-            forgetting.add_row(
+            forgetting.append([
                 method, cell(crossed) if crossed else "-", cell([r["prose_loss"] for r in runs], 3),
                 f"{runs[0]['trainable']:,}" if trained else "0",
                 str(runs[0]["steps"]) if trained else "-",
@@ -352,8 +352,82 @@ def report(record: dict, console: Console) -> None:
                 f"{statistics.mean(r['train_seconds'] for r in runs):.0f}" if trained else "-",
                 f"{statistics.mean(r['peak_mem_gb'] or math.nan for r in runs):.2f}"
                 if trained else "-",
-            )  # fmt: skip
-        console.print(accuracy, forgetting)
+            ])  # fmt: skip
+        out.append(
+            (f"{regime}: accuracy %, mean ± std over seeds", ["method", "seeds", *names,
+             "average"], accuracy)
+        )  # fmt: skip
+        columns = ["method", f"{other} avg %", "prose loss", "trainable", "steps", "tokens",
+                   "train s", "peak GB"]  # fmt: skip
+        out.append((f"{regime}: forgetting and cost", columns, forgetting))
+    return out
+
+
+def markdown(table: Table) -> str:
+    title, columns, rows = table
+    lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |"]
+    lines.append("|---|" + "---:|" * (len(columns) - 1))
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> Path | None:
+    """Accuracy against forgetting, per regime: each method's average on its own regime's
+    tests (mean ± std over seeds) against the change, from the base model, of the other
+    regime's average (seed 0) and of the prose loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in REGIMES if len(finals(record, r)) > 1 and "base" in record["jobs"]]
+    if not shown:
+        return None
+    base = record["jobs"]["base"]
+    fig, axes = plt.subplots(len(shown), 2, figsize=(11, 4.2 * len(shown)), squeeze=False)
+    for (left, right), regime in zip(axes, shown, strict=True):
+        other = next(r for r in REGIMES if r != regime)
+        for method, runs in finals(record, regime).items():
+            own = [average(r[regime]) for r in runs]
+            y, err = statistics.mean(own), statistics.stdev(own) if len(own) > 1 else 0.0
+            crossed = [average(r[other]) - average(base[other]) for r in runs if other in r]
+            prose = [r["prose_loss"] - base["prose_loss"] for r in runs]
+            for ax, x in ((left, crossed), (right, prose)):
+                if x:
+                    ax.errorbar(statistics.mean(x), y, yerr=err, fmt="o", capsize=3)
+                    ax.annotate(method, (statistics.mean(x), y), xytext=(4, 4),
+                                textcoords="offset points", fontsize=8)  # fmt: skip
+        left.set_xlabel(f"{other} average: change from the base model (points)")
+        right.set_xlabel("held-out prose loss: change from the base model (nats/token)")
+        for ax in (left, right):
+            ax.set_ylabel(f"{regime} average accuracy (%)")
+            ax.grid(alpha=0.3)
+        left.set_title(f"trained on {regime}: forgetting {other}", fontsize=10)
+        right.set_title(f"trained on {regime}: forgetting English prose", fontsize=10)
+    fig.suptitle(f"{MODEL}: accuracy against forgetting (error bars: std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(record: dict, console: Console, out: Path) -> None:
+    """Print the tables; write them as Markdown (``out``'s ``.md``) and the plot (``.png``)."""
+    from rich.table import Table as RichTable
+
+    made = tables(record)
+    for title, columns, rows in made:
+        shown = RichTable(title=title, title_justify="left")
+        for column in columns:
+            shown.add_column(column, justify="left" if column == "method" else "right")
+        for row in rows:
+            shown.add_row(*row)
+        console.print(shown)
+    if made:
+        atomic_write_text(out.with_suffix(".md"), "\n".join(markdown(t) for t in made))
+        console.print(f"tables written to {out.with_suffix('.md')}", highlight=False)
+    if plot(record, out.with_suffix(".png")):
+        console.print(f"plot written to {out.with_suffix('.png')}", highlight=False)
 
 
 def main() -> None:
@@ -391,7 +465,7 @@ def main() -> None:
             command += ["--threads", str(args.threads)]
             subprocess.run(command, check=True)
             study.record = json.loads(study.path.read_text())
-    report(study.record, study.console)
+    report(study.record, study.console, study.path)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from s2ft_cli.evaluation import decoding
 from s2ft_cli.evaluation.tasks import TASKS, Task
 from s2ft_cli.recipe import EvalSection
 
-from .conftest import SHARED, STORIES, stories_model
+from .conftest import SHARED, STORIES, TINY_CONFIGS, stories_model, tiny_model
 from .torchrun import torchrun
 
 DATA = SHARED / "data" / "llm-adapters" / "dataset"
@@ -158,6 +158,26 @@ def test_own_greedy_loop_writes_what_transformers_generate_writes(
     own = decoding.generate(smollm2_base, *args)
     assert own == decoding.generate(smollm2_base, *args, own_loop=False)
     assert len({len(tok(text)["input_ids"]) for text in own}) > 1 or task == "gsm8k"
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_own_greedy_loop_equals_generate_on_every_architecture(name):
+    """Each family s2ft knows (MHA, GQA, biases, q/k norms, sliding-window config): prompts
+    sharing a beginning, three rows at a time, a token the rows first write at different steps
+    made an EOS, so that rows end apart and waiting prompts join: the own loop's outputs are
+    ``model.generate``'s."""
+    model, tok = tiny_model(name), char_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    start = [tok.bos_token_id] + torch.randint(4, 97, (6,), generator=g).tolist()
+    lengths = (3, 9, 5, 12, 7, 4)
+    prompts = [start + torch.randint(4, 97, (n,), generator=g).tolist() for n in lengths]
+    args = (tok, prompts, EvalSection(batch_size=3, max_new_tokens=12), TASKS["gsm8k"])
+    written = decoding.generate(model, *args, torch.device("cpu"))
+    spread = {c: len({text.find(c) for text in written}) for c in sorted(set("".join(written)))}
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(max(spread, key=spread.get))
+    own = decoding.generate(model, *args, torch.device("cpu"))
+    assert own == decoding.generate(model, *args, torch.device("cpu"), own_loop=False)
+    assert len({len(text) for text in own}) > 1  # rows ended at different steps
 
 
 def test_generation_ignores_the_models_own_generation_settings():

@@ -118,8 +118,8 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     """``scripts/experiment_quality.py --smoke`` on one regime and one method (matched
     LoRA: the study's own baseline; S²FT's training and merge are tested throughout): the
     grid picks the rate by validation loss, the final run records both regimes' test sets
-    (seed 0), the prose loss and the cost, the base model is scored, and a second
-    invocation finds every job done."""
+    (seed 0), the prose loss and the cost, the base model is scored, the tables and the plot
+    are written, and a second invocation finds every job done."""
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--smoke", "--out", str(out)]
     cmd += ["--regimes", "commonsense", "--methods", "lora-matched", "--threads", "1"]
@@ -135,5 +135,8 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     assert final["prose_loss"] > 0 and final["trainable"] == 2_350_080  # r 24
     assert set(jobs["base"]) >= {"commonsense", "arithmetic", "prose_loss"}
     assert "commonsense: accuracy %" in first.stdout
+    tables = out.with_suffix(".md").read_text()  # the tables as Markdown, and the plot
+    assert "| lora-matched | 1 |" in tables and "| base | 1 |" in tables
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert "grid/" not in again.stdout and json.loads(out.read_text())["jobs"] == jobs
