@@ -11,10 +11,12 @@ seeded test subsets. Stages, each a list of jobs recorded in the JSON file as it
 
 1. ``grid``: each method's learning rates, one seed, scored by validation loss;
 2. ``final``: each method at its best rate and every seed of its plan: the regime's test
-   sets, the other regime's (seed 0) and the loss of held-out English prose;
+   sets, the other regime's (seed 0) and the loss of held-out English prose. Seed 0 at the
+   best rate is the grid's run: its trained weights, kept from the grid (``--models``,
+   deleted once used), are evaluated instead of being trained again;
 3. ``base``: the base model on both regimes' tests and the prose.
 
-    python scripts/experiment_quality.py             # the study (≈ 20 CPU hours here)
+    python scripts/experiment_quality.py             # the study (≈ 18 CPU hours here)
     python scripts/experiment_quality.py --smoke     # every stage, a step each, minutes
     python scripts/experiment_quality.py --report    # the tables from the JSON file only
 """
@@ -90,6 +92,8 @@ METHODS = {
 MATCHED_RANK = 24
 TEST_SIZE = 385  # a 95% interval of at most ±5 points at any accuracy (or the whole set)
 PROSE_CHUNKS, PROSE_TOKENS = 64, 256
+# what a training run costs, as recorded
+COST = ("trainable", "steps", "tokens", "train_seconds", "peak_mem_gb", "lr", "seed")
 
 
 def training_method(method: str):
@@ -122,6 +126,7 @@ class Study:
         self.console = Console(width=160)
         self.tokenizer = load_tokenizer(MODEL)
         self.path = Path(args.out)
+        self.models = Path(args.models)  # the grid's trained weights, until the finals use them
         self.record = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.record.setdefault("jobs", {})
         methods = {k: {"lrs": v[0], "seeds": v[1], "overrides": v[2]} for k, v in METHODS.items()}
@@ -205,6 +210,23 @@ class Study:
         self.record["jobs"][job] = result
         atomic_write_text(self.path, json.dumps(self.record, indent=1))
 
+    def weights(self, regime: str, method: str, lr: float) -> Path:
+        """Where the grid keeps a run's trained weights (the merged model's state)."""
+        return self.models / f"{regime}-{method}-{lr:g}.pt"
+
+    def prune(self) -> None:
+        """Delete the kept weights no final run will read: a rate that lost its grid, or
+        the winner once its seed-0 final is recorded."""
+        for regime in self.regimes:
+            for method in self.methods:
+                grid = [f"grid/{regime}/{method}/{lr:g}" for lr in lrs(self, method)]
+                complete = all(self.done(name) for name in grid)
+                used = self.done(f"final/{regime}/{method}/0")
+                best = best_lr(self, regime, method) if complete else None
+                for lr in lrs(self, method):
+                    if used or (complete and lr != best):
+                        self.weights(regime, method, lr).unlink(missing_ok=True)
+
 
 # ------------------------------------------------------------------------------ jobs
 def train(study: Study, regime: str, method: str, lr: float, seed: int):
@@ -225,10 +247,9 @@ def train(study: Study, regime: str, method: str, lr: float, seed: int):
             trainer.cleanup()
     steps = trainer.total_steps
     tokens = sum(trainer.counts[i][1] for s in range(steps) for i in trainer.plan.step_examples(s))
-    cost = {
-        "trainable": sum(p.numel() for p in trainer.params), "steps": steps, "tokens": tokens,
-        "train_seconds": seconds, "peak_mem_gb": last.get("peak_mem_gb"), "lr": lr, "seed": seed,
-    }  # fmt: skip
+    trainable = sum(p.numel() for p in trainer.params)
+    peak = last.get("peak_mem_gb")
+    cost = dict(zip(COST, (trainable, steps, tokens, seconds, peak, lr, seed), strict=True))
     return merged(method, trainer.model).eval(), cost
 
 
@@ -274,6 +295,10 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
                     model, cost = train(study, regime, method, lr, 0)
                     val = study.datasets(regime).validation
                     total, count = token_loss_sums(model, val, study.tokenizer.pad_token_id, 8)
+                    kept = study.weights(regime, method, lr)
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(model.state_dict(), kept.with_suffix(".part"))
+                    kept.with_suffix(".part").replace(kept)  # whole, or not there
                     return cost | {"val_loss": total / count}
 
                 out.append((f"grid/{regime}/{method}/{lr:g}", grid))
@@ -282,7 +307,15 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
             for seed in range(1 if study.smoke else METHODS[method][1]):
 
                 def final(regime=regime, method=method, seed=seed) -> dict:
-                    model, cost = train(study, regime, method, best_lr(study, regime, method), seed)
+                    lr = best_lr(study, regime, method)
+                    kept = study.weights(regime, method, lr)
+                    if seed == 0 and kept.is_file():  # the grid's run: the same training
+                        model = load_model(MODEL).eval()
+                        model.load_state_dict(torch.load(kept, weights_only=True))
+                        ran = study.record["jobs"][f"grid/{regime}/{method}/{lr:g}"]
+                        cost = {k: ran[k] for k in COST} | {"from_grid": True}
+                    else:
+                        model, cost = train(study, regime, method, lr, seed)
                     result = cost | {regime: evaluate(study, model, regime)}
                     if seed == 0:
                         result[other[regime]] = evaluate(study, model, other[regime])
@@ -437,13 +470,17 @@ def main() -> None:
     ap.add_argument("--out", help="the JSON record (default docs/results/quality.json)")
     ap.add_argument("--regimes", help=f"a subset of {','.join(REGIMES)} (default all)")
     ap.add_argument("--methods", help=f"a subset of {','.join(METHODS)} (default all)")
+    ap.add_argument("--models", help="where the grid keeps trained weights for the finals "
+                    "(default runs/quality_models; beside any other --out)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    record = REPO / "docs" / "results" / "quality.json"
     smoke_out = REPO / "runs" / "quality_smoke.json"  # a smoke run is no result
-    args.out = args.out or str(
-        smoke_out if args.smoke else REPO / "docs" / "results" / "quality.json"
-    )
+    args.out = args.out or str(smoke_out if args.smoke else record)
+    out = Path(args.out)  # the record's weights in runs/, any other's beside it
+    kept = REPO / "runs" / "quality_models" if out == record else out.parent / f"{out.stem}_models"
+    args.models = args.models or str(kept)
     torch.set_num_threads(args.threads)
     study = Study(args)
     todo = dict(jobs(study))
@@ -459,12 +496,12 @@ def main() -> None:
             if args.smoke:  # in this process: fast, but peak memory is the process's so far
                 start = time.perf_counter()
                 study.save(name, todo[name]() | {"job_seconds": time.perf_counter() - start})
-                continue
-            # each job in a process of its own: its peak memory is its own
-            command = [sys.executable, __file__, "--job", name, "--out", args.out]
-            command += ["--threads", str(args.threads)]
-            subprocess.run(command, check=True)
-            study.record = json.loads(study.path.read_text())
+            else:  # each job in a process of its own: its peak memory is its own
+                command = [sys.executable, __file__, "--job", name, "--out", args.out]
+                command += ["--models", args.models, "--threads", str(args.threads)]
+                subprocess.run(command, check=True)
+                study.record = json.loads(study.path.read_text())
+            study.prune()
     report(study.record, study.console, study.path)
 
 

@@ -117,9 +117,10 @@ def test_bench_generate_times_both_loops_and_checks_they_agree(tmp_path):
 def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     """``scripts/experiment_quality.py --smoke`` on one regime and one method (matched
     LoRA: the study's own baseline; S²FT's training and merge are tested throughout): the
-    grid picks the rate by validation loss, the final run records both regimes' test sets
-    (seed 0), the prose loss and the cost, the base model is scored, the tables and the plot
-    are written, and a second invocation finds every job done."""
+    grid picks the rate by validation loss, the final run (seed 0: the grid's trained
+    weights, not trained again) records both regimes' test sets, the prose loss and the
+    cost, the base model is scored, the tables and the plot are written, and a second
+    invocation finds every job done."""
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--smoke", "--out", str(out)]
     cmd += ["--regimes", "commonsense", "--methods", "lora-matched", "--threads", "1"]
@@ -133,6 +134,9 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     assert final["lr"] == min(rates, key=rates.get)
     assert len(final["commonsense"]["tasks"]) == 7 and len(final["arithmetic"]["tasks"]) == 7
     assert final["prose_loss"] > 0 and final["trainable"] == 2_350_080  # r 24
+    best = next(r for r in grid.values() if r["lr"] == final["lr"])  # seed 0: the grid's run
+    assert final["from_grid"] and final["train_seconds"] == best["train_seconds"]
+    assert not list((tmp_path / "quality_models").iterdir())  # kept weights deleted once used
     assert set(jobs["base"]) >= {"commonsense", "arithmetic", "prose_loss"}
     assert "commonsense: accuracy %" in first.stdout
     tables = out.with_suffix(".md").read_text()  # the tables as Markdown, and the plot
