@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_loglik import alternating  # this folder: the same alternating rounds
 from rich.console import Console
 from rich.table import Table
 
@@ -60,17 +60,12 @@ def main() -> None:
         records = records[: args.limit]
         texts = [decoding.prompt_text(r, tokenizer, args.prompt_template) for r in records]
         prompts = prompt_ids(tokenizer, texts)
-        timed = {True: [], False: []}
-        outputs = {}
-        for k in range(args.rounds + 1):  # round 0 warms up
-            for own in (True, False) if k % 2 else (False, True):
-                start = time.perf_counter()
-                outputs[own] = decoding.generate(
-                    model, tokenizer, prompts, settings, task, torch.device("cpu"),
-                    own_loop=own,
-                )  # fmt: skip
-                if k:
-                    timed[own].append(len(records) / (time.perf_counter() - start))
+        timed, outputs = alternating(
+            args.rounds, len(records),
+            lambda own, prompts=prompts, task=task: decoding.generate(
+                model, tokenizer, prompts, settings, task, torch.device("cpu"), own_loop=own
+            ),
+        )  # fmt: skip
         differing = sum(a != b for a, b in zip(outputs[True], outputs[False], strict=True))
         reference, own = statistics.median(timed[False]), statistics.median(timed[True])
         table.add_row(

@@ -14,7 +14,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from rich.console import Console
@@ -25,7 +27,23 @@ from s2ft_cli.evaluation import decoding
 from s2ft_cli.evaluation.tasks import resolve_tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+T = TypeVar("T")
 TASKS = "boolq,piqa,social_i_qa,ARC-Challenge,ARC-Easy,openbookqa,winogrande"
+
+
+def alternating(rounds: int, count: int, work: Callable[[bool], T]):
+    """``work(True)`` and ``work(False)``, ``rounds`` times each after a warm-up round, the
+    order alternating between rounds: each one's examples/s (``count`` examples a call) and
+    its last result."""
+    timed: dict[bool, list[float]] = {True: [], False: []}
+    results: dict[bool, T] = {}
+    for k in range(rounds + 1):  # round 0 warms up
+        for which in (True, False) if k % 2 else (False, True):
+            start = time.perf_counter()
+            results[which] = work(which)
+            if k:
+                timed[which].append(count / (time.perf_counter() - start))
+    return timed, results
 
 
 def main() -> None:
@@ -54,17 +72,13 @@ def main() -> None:
     for task in resolve_tasks(args.tasks):
         records = json.loads((Path(args.data_dir) / task.name / "test.json").read_text())
         records = records[: args.limit]
-        timed = {True: [], False: []}
-        scores = {}
-        for k in range(args.rounds + 1):  # round 0 warms up
-            for share in (True, False) if k % 2 else (False, True):
-                start = time.perf_counter()
-                scores[share] = decoding.answer_logliks(
-                    model, tokenizer, records, task, args.prompt_template, args.batch_size,
-                    torch.device("cpu"), share_prefixes=share,
-                )  # fmt: skip
-                if k:
-                    timed[share].append(len(records) / (time.perf_counter() - start))
+        timed, scores = alternating(
+            args.rounds, len(records),
+            lambda share, records=records, task=task: decoding.answer_logliks(
+                model, tokenizer, records, task, args.prompt_template, args.batch_size,
+                torch.device("cpu"), share_prefixes=share,
+            ),
+        )  # fmt: skip
         pairs = list(zip(scores[True], scores[False], strict=True))
         gap = max(abs(a[label] - b[label]) for a, b in pairs for label in a)
         same = sum(decoding.best_label(a) == decoding.best_label(b) for a, b in pairs)

@@ -20,6 +20,7 @@ read every choice whole). Both give the same log-likelihoods (``tests/test_eval.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -183,8 +184,10 @@ def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim)
 
 
+@functools.cache
 def _roomy_layer():
-    """A KV cache layer with spare room after its tokens (see ``_RoomyLayer``)."""
+    """The KV cache layer class with spare room after its tokens (``_RoomyLayer``), made
+    once: transformers is imported on first use."""
     from transformers.cache_utils import DynamicLayer
 
     class _RoomyLayer(DynamicLayer):
