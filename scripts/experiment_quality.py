@@ -7,7 +7,9 @@ Every method trains through ``s2ft train``'s own loop (``Trainer``; LoRA and ful
 fine-tuning as ``scripts/baselines.py`` methods) on the same data, prompt (the model's chat
 template), steps and batches, and is evaluated by the same ``s2ft eval`` code on the same
 seeded test subsets. Stages, each a list of jobs recorded in the JSON file as it finishes
-(a finished job is never redone; one a stop interrupts is redone from its start):
+(a finished job is never redone; one a stop interrupts is redone from its start), run a
+regime at a time (its grid, then its finals) so that one regime's tables are whole before
+the next regime starts, the base model after the first regime:
 
 1. ``grid``: each method's learning rates, one seed, scored by validation loss;
 2. ``final``: each method at its best rate and every seed of its plan: the regime's test
@@ -19,14 +21,17 @@ seeded test subsets. Stages, each a list of jobs recorded in the JSON file as it
     python scripts/experiment_quality.py             # the study (≈ 18 CPU hours here)
     python scripts/experiment_quality.py --smoke     # every stage, a step each, minutes
     python scripts/experiment_quality.py --report    # the tables from the JSON file only
+    python scripts/experiment_quality.py --check grid/commonsense/s2ft-r/0.001  # rerun, compare
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -117,6 +122,22 @@ def merged(method: str, model):
     return model
 
 
+def subset(count: int, size: int) -> list[int]:
+    """A test set's seeded subset: ``size`` of its ``count`` records (line numbers from 0,
+    in file order), or all of them."""
+    return sorted(random.Random(0).sample(range(count), min(size, count)))
+
+
+def environment(threads: int) -> dict:
+    """What the figures were measured with."""
+    import platform
+    from importlib.metadata import version
+
+    machine = {"python": platform.python_version(), "machine": platform.machine()}
+    machine |= {"cpus": os.cpu_count(), "threads": threads}
+    return machine | {p: version(p) for p in ("torch", "transformers", "peft")}
+
+
 # ------------------------------------------------------------------------------ data
 class Study:
     """The settings of one study (full or smoke), its data and its record."""
@@ -127,6 +148,7 @@ class Study:
         self.tokenizer = load_tokenizer(MODEL)
         self.path = Path(args.out)
         self.models = Path(args.models)  # the grid's trained weights, until the finals use them
+        self.outputs = self.models.parent / f"{self.path.stem}_outputs"  # every generated answer
         self.record = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.record.setdefault("jobs", {})
         methods = {k: {"lrs": v[0], "seeds": v[1], "overrides": v[2]} for k, v in METHODS.items()}
@@ -138,9 +160,12 @@ class Study:
             "s2ft_targets": PAIR,
             "lora_matched_rank": MATCHED_RANK,
             "test_size": TEST_SIZE,
+            "test_subsets": "subset(records in the file, test_size), this script's",
             "prose": f"pydoc_data.topics, {PROSE_CHUNKS} seeded chunks of {PROSE_TOKENS} tokens",
+            "environment": environment(args.threads),
         }
         self._data: dict[str, Datasets] = {}
+        self.picked: dict[str, list[int]] = {}  # per test set, the subset's records in its file
         self.evaluator: Evaluator | None = None
         self.regimes = args.regimes.split(",") if args.regimes else list(REGIMES)
         self.methods = args.methods.split(",") if args.methods else list(METHODS)
@@ -179,12 +204,10 @@ class Study:
         r = REGIMES[regime]
         settings = EvalSection(tasks=r.tasks, data_dir=str(DATA))
         sets, _ = load_test_sets(settings)
-        size = 1 if self.smoke else TEST_SIZE
         chosen = []
         for test in sets:
-            picked = sorted(
-                random.Random(0).sample(range(len(test.records)), min(size, len(test.records)))
-            )
+            picked = subset(len(test.records), 1 if self.smoke else TEST_SIZE)
+            self.picked[test.task.name] = picked
             chosen.append(TestSet(test.task, test.path, [test.records[i] for i in picked]))
         return chosen
 
@@ -258,9 +281,12 @@ def prose_loss(study: Study, model) -> float:
     return total / count
 
 
-def evaluate(study: Study, model, regime: str) -> dict:
+def evaluate(study: Study, model, regime: str, job: str) -> dict:
     """Accuracy (with 95% intervals) on the regime's test subsets, by the paper's
-    extraction of generated answers."""
+    extraction of generated answers, and each example's outcome (``correct_each``: a 0 or 1
+    per example of the subset, in its order) for the paired comparisons. Every output,
+    extracted answer and gold answer goes to ``study.outputs`` (gzipped JSON lines, one file
+    per job and regime; ``s2ft eval --score-only`` reads them unzipped)."""
     settings = EvalSection(
         tasks=REGIMES[regime].tasks, data_dir=str(DATA), batch_size=32,
         max_new_tokens=4 if study.smoke else REGIMES[regime].max_new_tokens,
@@ -270,7 +296,18 @@ def evaluate(study: Study, model, regime: str) -> dict:
         study.evaluator = Evaluator(MODEL, settings, "float32", "chat", console=quiet, model=model)
     study.evaluator.settings = settings
     study.evaluator.model = model.to(study.evaluator.procs.device).eval()
-    results, _ = study.evaluator.run(study.test_sets(regime), regime)
+    results, scored = study.evaluator.run(study.test_sets(regime), regime)
+    study.outputs.mkdir(parents=True, exist_ok=True)
+    lines = (
+        json.dumps({k: v for k, v in row.items() if k != "prompt"} | {"record": record})
+        for row in scored
+        for record in [study.picked[row["task"]][row["index"]]]  # its place in the test file
+    )
+    path = study.outputs / f"{job.replace('/', '-')}-{regime}.jsonl.gz"
+    path.with_suffix(".part").write_bytes(gzip.compress("\n".join(lines).encode() + b"\n"))
+    path.with_suffix(".part").replace(path)
+    for name, task in results["tasks"].items():
+        task["correct_each"] = "".join(str(int(r["correct"])) for r in scored if r["task"] == name)
     return {"tasks": results["tasks"], "timing": results["timing"]}
 
 
@@ -285,51 +322,52 @@ def lrs(study: Study, method: str) -> list[float]:
 
 def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Every job of the study in order, as (name, work)."""
-    out = []
     other = {"commonsense": "arithmetic", "arithmetic": "commonsense"}
-    for regime in study.regimes:
-        for method in study.methods:
-            for lr in lrs(study, method):
 
-                def grid(regime=regime, method=method, lr=lr) -> dict:
-                    model, cost = train(study, regime, method, lr, 0)
-                    val = study.datasets(regime).validation
-                    total, count = token_loss_sums(model, val, study.tokenizer.pad_token_id, 8)
-                    kept = study.weights(regime, method, lr)
-                    kept.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(model.state_dict(), kept.with_suffix(".part"))
-                    kept.with_suffix(".part").replace(kept)  # whole, or not there
-                    return cost | {"val_loss": total / count}
+    def grid(regime: str, method: str, lr: float) -> dict:
+        model, cost = train(study, regime, method, lr, 0)
+        val = study.datasets(regime).validation
+        total, count = token_loss_sums(model, val, study.tokenizer.pad_token_id, 8)
+        kept = study.weights(regime, method, lr)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), kept.with_suffix(".part"))
+        kept.with_suffix(".part").replace(kept)  # whole, or not there
+        return cost | {"val_loss": total / count}
 
-                out.append((f"grid/{regime}/{method}/{lr:g}", grid))
-    for regime in study.regimes:
-        for method in study.methods:
-            for seed in range(1 if study.smoke else METHODS[method][1]):
-
-                def final(regime=regime, method=method, seed=seed) -> dict:
-                    lr = best_lr(study, regime, method)
-                    kept = study.weights(regime, method, lr)
-                    if seed == 0 and kept.is_file():  # the grid's run: the same training
-                        model = load_model(MODEL).eval()
-                        model.load_state_dict(torch.load(kept, weights_only=True))
-                        ran = study.record["jobs"][f"grid/{regime}/{method}/{lr:g}"]
-                        cost = {k: ran[k] for k in COST} | {"from_grid": True}
-                    else:
-                        model, cost = train(study, regime, method, lr, seed)
-                    result = cost | {regime: evaluate(study, model, regime)}
-                    if seed == 0:
-                        result[other[regime]] = evaluate(study, model, other[regime])
-                    return result | {"prose_loss": prose_loss(study, model)}
-
-                out.append((f"final/{regime}/{method}/{seed}", final))
+    def final(regime: str, method: str, seed: int) -> dict:
+        lr = best_lr(study, regime, method)
+        kept = study.weights(regime, method, lr)
+        if seed == 0 and kept.is_file():  # the grid's run: the same training
+            model = load_model(MODEL).eval()
+            model.load_state_dict(torch.load(kept, weights_only=True))
+            ran = study.record["jobs"][f"grid/{regime}/{method}/{lr:g}"]
+            cost = {k: ran[k] for k in COST} | {"from_grid": True}
+        else:
+            model, cost = train(study, regime, method, lr, seed)
+        name = f"final/{regime}/{method}/{seed}"
+        result = cost | {regime: evaluate(study, model, regime, name)}
+        if seed == 0:
+            result[other[regime]] = evaluate(study, model, other[regime], name)
+        return result | {"prose_loss": prose_loss(study, model)}
 
     def base() -> dict:
         model = load_model(MODEL).eval()
-        return {r: evaluate(study, model, r) for r in REGIMES} | {
+        return {r: evaluate(study, model, r, "base") for r in REGIMES} | {
             "prose_loss": prose_loss(study, model)
         }
 
-    out.append(("base", base))
+    out = []
+    for k, regime in enumerate(study.regimes):
+        for method in study.methods:
+            for lr in lrs(study, method):
+                work = functools.partial(grid, regime, method, lr)
+                out.append((f"grid/{regime}/{method}/{lr:g}", work))
+        for method in study.methods:
+            for seed in range(1 if study.smoke else METHODS[method][1]):
+                work = functools.partial(final, regime, method, seed)
+                out.append((f"final/{regime}/{method}/{seed}", work))
+        if k == 0:
+            out.append(("base", base))
     return out
 
 
@@ -393,7 +431,61 @@ def tables(record: dict) -> list[Table]:
         columns = ["method", f"{other} avg %", "prose loss", "trainable", "steps", "tokens",
                    "train s", "peak GB"]  # fmt: skip
         out.append((f"{regime}: forgetting and cost", columns, forgetting))
+        if REFERENCE in runs_of:
+            out.append(paired(runs_of, regime, other))
     return out
+
+
+REFERENCE = "s2ft-r"  # the method the paired table compares every other one with
+
+
+def outcomes(runs: list[dict], regime: str) -> dict[str, list[float]] | None:
+    """Each test example's outcome averaged over the runs (seeds) that were evaluated on
+    ``regime``, per task; None if there are none."""
+    tested = [r[regime]["tasks"] for r in runs if regime in r]
+    if not tested:
+        return None
+    return {
+        task: [statistics.mean(int(t[task]["correct_each"][i]) for t in tested) for i in range(n)]
+        for task, n in ((task, len(tested[0][task]["correct_each"])) for task in tested[0])
+    }
+
+
+def paired_difference(a: dict, b: dict, rounds: int = 2000) -> tuple[float, float, float]:
+    """The difference of two methods' average accuracy (the mean over tasks, as the paper
+    averages), in points, with a 95% interval from a paired bootstrap over the test
+    examples (each round resamples every task's examples, the same ones for both)."""
+    generator = torch.Generator().manual_seed(0)
+    point, rounds_total = 0.0, torch.zeros(rounds, dtype=torch.float64)
+    for task in a:
+        d = torch.tensor(a[task], dtype=torch.float64) - torch.tensor(b[task], dtype=torch.float64)
+        picks = torch.randint(len(d), (rounds, len(d)), generator=generator)
+        rounds_total += d[picks].mean(1)
+        point += d.mean().item()
+    rounds_total /= len(a)
+    low, high = torch.quantile(rounds_total, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return 100 * point / len(a), 100 * low.item(), 100 * high.item()
+
+
+def paired(runs_of: dict[str, list[dict]], regime: str, other: str) -> Table:
+    """S²FT-R minus every other method on the same test examples: the regime's average
+    (every seed's outcomes averaged per example) and the other regime's (seed 0)."""
+    rows = []
+    for method, runs in runs_of.items():
+        if method == REFERENCE:
+            continue
+        row = [method]
+        for tested in (regime, other):
+            mine, theirs = outcomes(runs_of[REFERENCE], tested), outcomes(runs, tested)
+            if mine is None or theirs is None:
+                row += ["-", "-"]
+                continue
+            delta, low, high = paired_difference(mine, theirs)
+            row += [f"{delta:+.1f}", f"[{low:+.1f}, {high:+.1f}]"]
+        rows.append(row)
+    title = (f"{regime}: {REFERENCE} minus each method, points of average accuracy "
+             "(95% paired bootstrap over test examples)")  # fmt: skip
+    return title, ["method", f"{regime} Δ", "95% CI", f"{other} Δ", "95% CI"], rows
 
 
 def markdown(table: Table) -> str:
@@ -463,6 +555,59 @@ def report(record: dict, console: Console, out: Path) -> None:
         console.print(f"plot written to {out.with_suffix('.png')}", highlight=False)
 
 
+# what a rerun measures anew rather than reproduces
+MEASURED = {"train_seconds", "peak_mem_gb", "job_seconds", "timing", "from_grid", "ci95"}
+
+
+def figures(result: dict, prefix: str = "") -> dict:
+    """A job's recorded figures as flat ``path: value`` pairs, the measured ones left out."""
+    flat = {}
+    for key, value in result.items():
+        if key in MEASURED:
+            continue
+        if isinstance(value, dict):
+            flat |= figures(value, f"{prefix}{key}/")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check(study: Study, job: str, threads: int) -> bool:
+    """Run a recorded job again, from the record's settings, in a scratch copy of the record
+    (no kept weights: a seed-0 final trains again), and print every recorded figure beside
+    the rerun's; True if all are the same."""
+    if job not in study.record["jobs"]:
+        raise SystemExit(
+            f"{job!r} is not in {study.path}; recorded: {', '.join(study.record['jobs'])}"
+        )
+    (REPO / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=REPO / "runs") as scratch:
+        copy = Path(scratch) / "record.json"
+        others = {k: v for k, v in study.record["jobs"].items() if k != job}
+        copy.write_text(json.dumps(study.record | {"jobs": others}))
+        command = [sys.executable, __file__, "--job", job, "--out", str(copy), "--threads"]
+        command += [str(threads), "--models", str(Path(scratch) / "models")]
+        subprocess.run(command + ["--smoke"] * study.smoke, check=True)
+        again = figures(json.loads(copy.read_text())["jobs"][job])
+    from rich.table import Table as RichTable
+
+    shown = RichTable(title=f"{job}: recorded against rerun", title_justify="left")
+    for column in ("figure", "recorded", "rerun", ""):
+        shown.add_column(column)
+    recorded = figures(study.record["jobs"][job])
+    for path in sorted(recorded.keys() | again.keys()):
+        was, now = recorded.get(path), again.get(path)
+        if path.endswith("correct_each") and was and now and len(was) == len(now):
+            differing = sum(a != b for a, b in zip(was, now, strict=True))
+            was, now = f"{len(was)} outcomes", f"{differing} differ"
+            same = differing == 0
+        else:
+            same = was == now
+        shown.add_row(path, str(was), str(now), "same" if same else "[red]differs[/]")
+    study.console.print(shown)
+    return all(recorded.get(p) == again.get(p) for p in recorded.keys() | again.keys())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="every stage, a step each")
@@ -472,6 +617,8 @@ def main() -> None:
     ap.add_argument("--methods", help=f"a subset of {','.join(METHODS)} (default all)")
     ap.add_argument("--models", help="where the grid keeps trained weights for the finals "
                     "(default runs/quality_models; beside any other --out)")  # fmt: skip
+    ap.add_argument("--check", metavar="JOB", help="run a recorded job again and compare its "
+                    "figures with the record's, e.g. grid/commonsense/s2ft-r/0.001")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -484,6 +631,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     study = Study(args)
     todo = dict(jobs(study))
+    if args.check:
+        sys.exit(0 if check(study, args.check, args.threads) else 1)
     if args.job:  # one job, in this process (started by the loop below)
         start = time.perf_counter()
         study.save(args.job, todo[args.job]() | {"job_seconds": time.perf_counter() - start})

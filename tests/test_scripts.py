@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -144,3 +146,43 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert "grid/" not in again.stdout and json.loads(out.read_text())["jobs"] == jobs
+    outputs = gzip.decompress(
+        (tmp_path / "quality_outputs" / "base-arithmetic.jsonl.gz").read_bytes()
+    )
+    rows = [json.loads(line) for line in outputs.decode().splitlines()]  # every answer, kept
+    assert len(rows) == 7 and {"output", "prediction", "correct", "record"} <= set(rows[0])
+    assert final["commonsense"]["tasks"]["boolq"]["correct_each"] in ("0", "1")
+    grid_job = f"grid/commonsense/lora-matched/{final['lr']:g}"  # rerun: the same figures
+    rerun = subprocess.run([*cmd, "--check", grid_job], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "val_loss" in rerun.stdout, rerun.stdout + rerun.stderr[-2000:]
+    assert json.loads(out.read_text())["jobs"] == jobs  # the record untouched
+
+
+def test_experiment_quality_pairs_methods_on_the_same_examples(tmp_path):
+    """The report's paired table: S²FT-R minus each method, its point estimate the
+    difference of the per-task averages and its 95% bootstrap interval close to the normal
+    approximation's (385 paired outcomes)."""
+    rng = random.Random(1)
+    mine = "".join(str(int(rng.random() < 0.6)) for _ in range(385))
+    theirs = "".join(str(int(rng.random() < 0.5)) for _ in range(385))
+
+    def run(bits: str, seed: int) -> dict:
+        tasks = {"boolq": {"accuracy": bits.count("1") / len(bits), "correct_each": bits}}
+        cost = {"trainable": 1, "steps": 1, "tokens": 1, "train_seconds": 1.0, "peak_mem_gb": 1}
+        return cost | {"seed": seed, "prose_loss": 2.0, "commonsense": {"tasks": tasks}}
+
+    jobs = {f"final/commonsense/{m}/{s}": run(bits, s) for m, bits in
+            (("s2ft-r", mine), ("lora-matched", theirs)) for s in range(3)}  # fmt: skip
+    out = tmp_path / "quality.json"
+    out.write_text(json.dumps({"jobs": jobs}))
+    cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--report", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    tables = out.with_suffix(".md").read_text().split("**commonsense: s2ft-r minus")
+    (row,) = [r for r in tables[1].splitlines() if r.startswith("| lora-matched |")]
+    delta, interval = row.split(" | ")[1:3]
+    d = [int(a) - int(b) for a, b in zip(mine, theirs, strict=True)]
+    mean, half = statistics.mean(d), 1.96 * statistics.stdev(d) / len(d) ** 0.5
+    assert float(delta) == pytest.approx(100 * mean, abs=0.05)
+    low, high = (float(x) for x in interval.strip("[]").split(", "))
+    assert low == pytest.approx(100 * (mean - half), abs=1.0)
+    assert high == pytest.approx(100 * (mean + half), abs=1.0)
