@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,25 @@ def subset(count: int, size: int) -> list[int]:
     return sorted(random.Random(0).sample(range(count), min(size, count)))
 
 
+def floors(sets: list[TestSet]) -> dict[str, dict[str, float]]:
+    """What answering without reading the question scores on each choice task's subset:
+    ``chance`` (a label drawn uniformly from the question's choices) and ``majority`` (the
+    subset's most common gold answer, always)."""
+    chance, majority = {}, {}
+    for test in sets:
+        task = test.task
+        if task.kind == "number" or not test.records:
+            continue
+        offered = [  # a letter task (AQuA) offers A to E
+            len(task.candidates(r["instruction"])) if task.kind == "label" else 5
+            for r in test.records
+        ]
+        chance[task.name] = statistics.mean(1 / n for n in offered)
+        golds = Counter(str(task.gold(r["answer"])) for r in test.records)
+        majority[task.name] = max(golds.values()) / len(test.records)
+    return {"chance": chance, "majority": majority}
+
+
 def environment(threads: int) -> dict:
     """What the figures were measured with."""
     import platform
@@ -169,6 +189,8 @@ class Study:
         self.evaluator: Evaluator | None = None
         self.regimes = args.regimes.split(",") if args.regimes else list(REGIMES)
         self.methods = args.methods.split(",") if args.methods else list(METHODS)
+        floor_of = {regime: floors(self.test_sets(regime)) for regime in REGIMES}
+        self.record["settings"]["floors"] = floor_of
 
     def steps(self, regime: str) -> int:
         return 1 if self.smoke else REGIMES[regime].steps
@@ -424,6 +446,7 @@ def tables(record: dict) -> list[Table]:
                 f"{statistics.mean(r['peak_mem_gb'] or math.nan for r in runs):.2f}"
                 if trained else "-",
             ])  # fmt: skip
+        accuracy += floor_rows(record, regime, names)
         out.append(
             (f"{regime}: accuracy %, mean ± std over seeds", ["method", "seeds", *names,
              "average"], accuracy)
@@ -439,37 +462,45 @@ def tables(record: dict) -> list[Table]:
 REFERENCE = "s2ft-r"  # the method the paired table compares every other one with
 
 
-def outcomes(runs: list[dict], regime: str) -> dict[str, list[float]] | None:
-    """Each test example's outcome averaged over the runs (seeds) that were evaluated on
-    ``regime``, per task; None if there are none."""
+def outcomes(runs: list[dict], regime: str) -> dict[str, torch.Tensor] | None:
+    """Per task, the outcome (0 or 1) of each test example in each run (seed) evaluated on
+    ``regime``, as runs × examples; None if no run was."""
     tested = [r[regime]["tasks"] for r in runs if regime in r]
     if not tested:
         return None
     return {
-        task: [statistics.mean(int(t[task]["correct_each"][i]) for t in tested) for i in range(n)]
-        for task, n in ((task, len(tested[0][task]["correct_each"])) for task in tested[0])
+        task: torch.tensor([[float(c) for c in t[task]["correct_each"]] for t in tested]).double()
+        for task in tested[0]
     }
 
 
 def paired_difference(a: dict, b: dict, rounds: int = 2000) -> tuple[float, float, float]:
-    """The difference of two methods' average accuracy (the mean over tasks, as the paper
-    averages), in points, with a 95% interval from a paired bootstrap over the test
-    examples (each round resamples every task's examples, the same ones for both)."""
+    """The difference of two methods' average accuracy (over seeds, then over tasks, as the
+    paper averages), in points, with a 95% interval from a two-level paired bootstrap: each
+    round draws each method's seeds with replacement, then every task's test examples, the
+    same ones for both methods. A method of one seed adds no seed variation (its seeds'
+    spread is unknown): read its interval as a lower bound on the uncertainty."""
     generator = torch.Generator().manual_seed(0)
-    point, rounds_total = 0.0, torch.zeros(rounds, dtype=torch.float64)
+    point, totals = 0.0, torch.zeros(rounds, dtype=torch.float64)
     for task in a:
-        d = torch.tensor(a[task], dtype=torch.float64) - torch.tensor(b[task], dtype=torch.float64)
-        picks = torch.randint(len(d), (rounds, len(d)), generator=generator)
-        rounds_total += d[picks].mean(1)
-        point += d.mean().item()
-    rounds_total /= len(a)
-    low, high = torch.quantile(rounds_total, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        mine, theirs = a[task], b[task]  # seeds × examples
+
+        def drawn(runs: torch.Tensor) -> torch.Tensor:  # rounds × examples
+            picks = torch.randint(len(runs), (rounds, len(runs)), generator=generator)
+            return runs[picks].mean(1)
+
+        d = drawn(mine) - drawn(theirs)
+        examples = torch.randint(d.shape[1], (rounds, d.shape[1]), generator=generator)
+        totals += d.gather(1, examples).mean(1)
+        point += (mine.mean() - theirs.mean()).item()
+    totals /= len(a)
+    low, high = torch.quantile(totals, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return 100 * point / len(a), 100 * low.item(), 100 * high.item()
 
 
 def paired(runs_of: dict[str, list[dict]], regime: str, other: str) -> Table:
     """S²FT-R minus every other method on the same test examples: the regime's average
-    (every seed's outcomes averaged per example) and the other regime's (seed 0)."""
+    (every seed) and the other regime's (seed 0)."""
     rows = []
     for method, runs in runs_of.items():
         if method == REFERENCE:
@@ -484,8 +515,21 @@ def paired(runs_of: dict[str, list[dict]], regime: str, other: str) -> Table:
             row += [f"{delta:+.1f}", f"[{low:+.1f}, {high:+.1f}]"]
         rows.append(row)
     title = (f"{regime}: {REFERENCE} minus each method, points of average accuracy "
-             "(95% paired bootstrap over test examples)")  # fmt: skip
+             "(95% interval: paired bootstrap over seeds and test examples)")  # fmt: skip
     return title, ["method", f"{regime} Δ", "95% CI", f"{other} Δ", "95% CI"], rows
+
+
+def floor_rows(record: dict, regime: str, names: list[str]) -> list[list[str]]:
+    """The accuracy table's rows for answering without reading the question (no model, no
+    seeds): chance and the majority answer, on the choice tasks."""
+    rows = []
+    for floor, scores in record.get("settings", {}).get("floors", {}).get(regime, {}).items():
+        if scores:
+            cells = [f"{100 * scores[n]:.1f}" if n in scores else "-" for n in names]
+            whole = set(names) <= set(scores)
+            mean = f"{100 * statistics.mean(scores[n] for n in names):.1f}" if whole else "-"
+            rows.append([floor, "-", *cells, mean])
+    return rows
 
 
 def markdown(table: Table) -> str:

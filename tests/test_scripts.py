@@ -143,6 +143,7 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     assert "commonsense: accuracy %" in first.stdout
     tables = out.with_suffix(".md").read_text()  # the tables as Markdown, and the plot
     assert "| lora-matched | 1 |" in tables and "| base | 1 |" in tables
+    assert "| chance | - | 50.0 |" in tables  # BoolQ: true or false
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert "grid/" not in again.stdout and json.loads(out.read_text())["jobs"] == jobs
@@ -160,8 +161,8 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
 
 def test_experiment_quality_pairs_methods_on_the_same_examples(tmp_path):
     """The report's paired table: S²FT-R minus each method, its point estimate the
-    difference of the per-task averages and its 95% bootstrap interval close to the normal
-    approximation's (385 paired outcomes)."""
+    difference of the averages and its 95% bootstrap interval close to the normal
+    approximation's (385 paired outcomes, seeds alike); seeds that disagree widen it."""
     rng = random.Random(1)
     mine = "".join(str(int(rng.random() < 0.6)) for _ in range(385))
     theirs = "".join(str(int(rng.random() < 0.5)) for _ in range(385))
@@ -171,18 +172,27 @@ def test_experiment_quality_pairs_methods_on_the_same_examples(tmp_path):
         cost = {"trainable": 1, "steps": 1, "tokens": 1, "train_seconds": 1.0, "peak_mem_gb": 1}
         return cost | {"seed": seed, "prose_loss": 2.0, "commonsense": {"tasks": tasks}}
 
-    jobs = {f"final/commonsense/{m}/{s}": run(bits, s) for m, bits in
-            (("s2ft-r", mine), ("lora-matched", theirs)) for s in range(3)}  # fmt: skip
-    out = tmp_path / "quality.json"
-    out.write_text(json.dumps({"jobs": jobs}))
-    cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--report", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    tables = out.with_suffix(".md").read_text().split("**commonsense: s2ft-r minus")
-    (row,) = [r for r in tables[1].splitlines() if r.startswith("| lora-matched |")]
-    delta, interval = row.split(" | ")[1:3]
+    def interval(lora_seeds: list[str]) -> tuple[float, float, float]:
+        jobs = {f"final/commonsense/s2ft-r/{s}": run(mine, s) for s in range(3)}
+        jobs |= {f"final/commonsense/lora-matched/{s}": run(b, s) for s, b in enumerate(lora_seeds)}
+        out = tmp_path / "quality.json"
+        out.write_text(json.dumps({"jobs": jobs}))
+        cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--report", "--out"]
+        subprocess.run([*cmd, str(out)], check=True, capture_output=True, timeout=600)
+        tables = out.with_suffix(".md").read_text().split("**commonsense: s2ft-r minus")
+        (row,) = [r for r in tables[1].splitlines() if r.startswith("| lora-matched |")]
+        delta, bounds = row.split(" | ")[1:3]
+        low, high = (float(x) for x in bounds.strip("[]").split(", "))
+        return float(delta), low, high
+
+    delta, low, high = interval([theirs] * 3)
     d = [int(a) - int(b) for a, b in zip(mine, theirs, strict=True)]
     mean, half = statistics.mean(d), 1.96 * statistics.stdev(d) / len(d) ** 0.5
-    assert float(delta) == pytest.approx(100 * mean, abs=0.05)
-    low, high = (float(x) for x in interval.strip("[]").split(", "))
+    assert delta == pytest.approx(100 * mean, abs=0.05)
     assert low == pytest.approx(100 * (mean - half), abs=1.0)
     assert high == pytest.approx(100 * (mean + half), abs=1.0)
+    spread = [theirs, "1" * 385, "0" * 385]  # the same mean over seeds, seeds far apart
+    delta_spread, low_spread, high_spread = interval(spread)
+    expected = 100 * (mine.count("1") - statistics.mean(b.count("1") for b in spread)) / 385
+    assert delta_spread == pytest.approx(expected, abs=0.05)
+    assert high_spread - low_spread > 3 * (high - low)
