@@ -180,7 +180,8 @@ class Study:
             "s2ft_targets": PAIR,
             "lora_matched_rank": MATCHED_RANK,
             "test_size": TEST_SIZE,
-            "test_subsets": "subset(records in the file, test_size), this script's",
+            "test_subsets": "sorted(random.Random(0).sample(range(n), min(test_size, n))), "
+            "n the test file's records",
             "prose": f"pydoc_data.topics, {PROSE_CHUNKS} seeded chunks of {PROSE_TOKENS} tokens",
             "environment": environment(args.threads),
         }
