@@ -50,7 +50,7 @@ from s2ft_cli import merge_adapter
 from s2ft_cli.data import Datasets, load_datasets
 from s2ft_cli.engine.models import load_model, load_tokenizer
 from s2ft_cli.evaluation.runner import Evaluator, TestSet, load_test_sets
-from s2ft_cli.files import atomic_write_text
+from s2ft_cli.files import atomic_write_file, atomic_write_text
 from s2ft_cli.recipe import EvalSection, load_recipe
 from s2ft_cli.training.methods import S2FT
 from s2ft_cli.training.trainer import Trainer, token_loss_sums
@@ -320,15 +320,14 @@ def evaluate(study: Study, model, regime: str, job: str) -> dict:
     study.evaluator.settings = settings
     study.evaluator.model = model.to(study.evaluator.procs.device).eval()
     results, scored = study.evaluator.run(study.test_sets(regime), regime)
-    study.outputs.mkdir(parents=True, exist_ok=True)
     lines = (
         json.dumps({k: v for k, v in row.items() if k != "prompt"} | {"record": record})
         for row in scored
         for record in [study.picked[row["task"]][row["index"]]]  # its place in the test file
     )
+    packed = gzip.compress("\n".join(lines).encode() + b"\n")
     path = study.outputs / f"{job.replace('/', '-')}-{regime}.jsonl.gz"
-    path.with_suffix(".part").write_bytes(gzip.compress("\n".join(lines).encode() + b"\n"))
-    path.with_suffix(".part").replace(path)
+    atomic_write_file(path, lambda f: f.write(packed), binary=True)
     for name, task in results["tasks"].items():
         task["correct_each"] = "".join(str(int(r["correct"])) for r in scored if r["task"] == name)
     return {"tasks": results["tasks"], "timing": results["timing"]}
@@ -351,10 +350,8 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         model, cost = train(study, regime, method, lr, 0)
         val = study.datasets(regime).validation
         total, count = token_loss_sums(model, val, study.tokenizer.pad_token_id, 8)
-        kept = study.weights(regime, method, lr)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), kept.with_suffix(".part"))
-        kept.with_suffix(".part").replace(kept)  # whole, or not there
+        state = model.state_dict()
+        atomic_write_file(study.weights(regime, method, lr), lambda f: torch.save(state, f), True)
         return cost | {"val_loss": total / count}
 
     def final(regime: str, method: str, seed: int) -> dict:
@@ -503,16 +500,17 @@ def paired(runs_of: dict[str, list[dict]], regime: str, other: str) -> Table:
     """S²FT-R minus every other method on the same test examples: the regime's average
     (every seed) and the other regime's (seed 0)."""
     rows = []
+    mine = {tested: outcomes(runs_of[REFERENCE], tested) for tested in (regime, other)}
     for method, runs in runs_of.items():
         if method == REFERENCE:
             continue
         row = [method]
         for tested in (regime, other):
-            mine, theirs = outcomes(runs_of[REFERENCE], tested), outcomes(runs, tested)
-            if mine is None or theirs is None:
+            theirs = outcomes(runs, tested)
+            if mine[tested] is None or theirs is None:
                 row += ["-", "-"]
                 continue
-            delta, low, high = paired_difference(mine, theirs)
+            delta, low, high = paired_difference(mine[tested], theirs)
             row += [f"{delta:+.1f}", f"[{low:+.1f}, {high:+.1f}]"]
         rows.append(row)
     title = (f"{regime}: {REFERENCE} minus each method, points of average accuracy "
@@ -581,18 +579,24 @@ def plot(record: dict, path: Path) -> Path | None:
     return path
 
 
-def report(record: dict, console: Console, out: Path) -> None:
-    """Print the tables; write them as Markdown (``out``'s ``.md``) and the plot (``.png``)."""
+def show(table: Table, console: Console) -> None:
+    """Print a table: its first column (what a row is) left, the figures right."""
     from rich.table import Table as RichTable
 
+    title, columns, rows = table
+    shown = RichTable(title=title, title_justify="left")
+    for k, column in enumerate(columns):
+        shown.add_column(column, justify="right" if k else "left")
+    for row in rows:
+        shown.add_row(*row)
+    console.print(shown)
+
+
+def report(record: dict, console: Console, out: Path) -> None:
+    """Print the tables; write them as Markdown (``out``'s ``.md``) and the plot (``.png``)."""
     made = tables(record)
-    for title, columns, rows in made:
-        shown = RichTable(title=title, title_justify="left")
-        for column in columns:
-            shown.add_column(column, justify="left" if column == "method" else "right")
-        for row in rows:
-            shown.add_row(*row)
-        console.print(shown)
+    for table in made:
+        show(table, console)
     if made:
         atomic_write_text(out.with_suffix(".md"), "\n".join(markdown(t) for t in made))
         console.print(f"tables written to {out.with_suffix('.md')}", highlight=False)
@@ -630,27 +634,27 @@ def check(study: Study, job: str, threads: int) -> bool:
         copy = Path(scratch) / "record.json"
         others = {k: v for k, v in study.record["jobs"].items() if k != job}
         copy.write_text(json.dumps(study.record | {"jobs": others}))
-        command = [sys.executable, __file__, "--job", job, "--out", str(copy), "--threads"]
-        command += [str(threads), "--models", str(Path(scratch) / "models")]
-        subprocess.run(command + ["--smoke"] * study.smoke, check=True)
+        models = str(Path(scratch) / "models")
+        subprocess.run(job_command(job, str(copy), models, threads, study.smoke), check=True)
         again = figures(json.loads(copy.read_text())["jobs"][job])
-    from rich.table import Table as RichTable
-
-    shown = RichTable(title=f"{job}: recorded against rerun", title_justify="left")
-    for column in ("figure", "recorded", "rerun", ""):
-        shown.add_column(column)
     recorded = figures(study.record["jobs"][job])
+    rows, same = [], []
     for path in sorted(recorded.keys() | again.keys()):
         was, now = recorded.get(path), again.get(path)
+        same.append(was == now)
         if path.endswith("correct_each") and was and now and len(was) == len(now):
             differing = sum(a != b for a, b in zip(was, now, strict=True))
             was, now = f"{len(was)} outcomes", f"{differing} differ"
-            same = differing == 0
-        else:
-            same = was == now
-        shown.add_row(path, str(was), str(now), "same" if same else "[red]differs[/]")
-    study.console.print(shown)
-    return all(recorded.get(p) == again.get(p) for p in recorded.keys() | again.keys())
+        rows.append([path, str(was), str(now), "same" if same[-1] else "[red]differs[/]"])
+    columns = ["figure", "recorded", "rerun", ""]
+    show((f"{job}: recorded against rerun", columns, rows), study.console)
+    return all(same)
+
+
+def job_command(job: str, out: str, models: str, threads: int, smoke: bool) -> list[str]:
+    """The command that runs one job in a process of its own."""
+    command = [sys.executable, __file__, "--job", job, "--out", out, "--models", models]
+    return command + ["--threads", str(threads)] + ["--smoke"] * smoke
 
 
 def main() -> None:
@@ -691,8 +695,7 @@ def main() -> None:
                 start = time.perf_counter()
                 study.save(name, todo[name]() | {"job_seconds": time.perf_counter() - start})
             else:  # each job in a process of its own: its peak memory is its own
-                command = [sys.executable, __file__, "--job", name, "--out", args.out]
-                command += ["--models", args.models, "--threads", str(args.threads)]
+                command = job_command(name, args.out, args.models, args.threads, False)
                 subprocess.run(command, check=True)
                 study.record = json.loads(study.path.read_text())
             study.prune()
