@@ -11,7 +11,8 @@ seeded test subsets. Stages, each a list of jobs recorded in the JSON file as it
 regime at a time (its grid, then its finals) so that one regime's tables are whole before
 the next regime starts, the base model after the first regime:
 
-1. ``grid``: each method's learning rates, one seed, scored by validation loss;
+1. ``grid``: each method's learning rates, one seed, scored by validation loss; a grid
+   whose best rate is at its edge is extended past it (``GRID_EXTENSION``);
 2. ``final``: each method at its best rate and every seed of its plan: the regime's test
    sets, the other regime's (seed 0) and the loss of held-out English prose. Seed 0 at the
    best rate is the grid's run: its trained weights, kept from the grid (``--models``,
@@ -96,6 +97,10 @@ METHODS = {
 # LoRA on o_proj + down_proj with S²FT's weights: r·(576 + 576) + r·(1536 + 576) per layer,
 # × 30 layers = 97,920·r; r = 24 gives 2,350,080 (S²FT: 2,322,432)
 MATCHED_RANK = 24
+# a grid whose best rate is its highest (lowest) did not bracket the optimum: one more rate,
+# that one times (divided by) the factor, is tried, while the best is at an edge, at most
+# the count's times; the same rule for every method
+GRID_EXTENSION = {"factor": 2.0, "at_most": 2}
 TEST_SIZE = 385  # a 95% interval of at most ±5 points at any accuracy (or the whole set)
 PROSE_CHUNKS, PROSE_TOKENS = 64, 256
 # what a training run costs, as recorded
@@ -180,6 +185,7 @@ class Study:
             "s2ft_targets": PAIR,
             "lora_matched_rank": MATCHED_RANK,
             "test_size": TEST_SIZE,
+            "grid_extension": GRID_EXTENSION,
             "test_subsets": "sorted(random.Random(0).sample(range(n), min(test_size, n))), "
             "n the test file's records",
             "prose": f"pydoc_data.topics, {PROSE_CHUNKS} seeded chunks of {PROSE_TOKENS} tokens",
@@ -250,9 +256,23 @@ class Study:
 
     # -------------------------------------------------------------------------- record
     def done(self, job: str) -> bool:
-        return job in self.record["jobs"]
+        """Recorded; for a final run, also at its method's best rate (a grid extended
+        after it may have chosen another)."""
+        if job not in self.record["jobs"]:
+            return False
+        if not job.startswith("final/"):
+            return True
+        _, regime, method, _ = job.split("/")
+        if not grid_complete(self, regime, method):
+            return False
+        return self.record["jobs"][job]["lr"] == best_lr(self, regime, method)
 
     def save(self, job: str, result: dict) -> None:
+        """Record a job's result; a final run it replaces (at a rate its grid no longer
+        chooses) moves to ``superseded``, under its name and rate."""
+        old = self.record["jobs"].get(job)
+        if old is not None and old.get("lr") != result.get("lr"):
+            self.record.setdefault("superseded", {})[f"{job}@{old['lr']:g}"] = old
         self.record["jobs"][job] = result
         atomic_write_text(self.path, json.dumps(self.record, indent=1))
 
@@ -265,11 +285,10 @@ class Study:
         the winner once its seed-0 final is recorded."""
         for regime in self.regimes:
             for method in self.methods:
-                grid = [f"grid/{regime}/{method}/{lr:g}" for lr in lrs(self, method)]
-                complete = all(self.done(name) for name in grid)
+                complete = grid_complete(self, regime, method)
                 used = self.done(f"final/{regime}/{method}/0")
                 best = best_lr(self, regime, method) if complete else None
-                for lr in lrs(self, method):
+                for lr in lrs(self, regime, method):
                     if used or (complete and lr != best):
                         self.weights(regime, method, lr).unlink(missing_ok=True)
 
@@ -333,13 +352,48 @@ def evaluate(study: Study, model, regime: str, job: str) -> dict:
     return {"tasks": results["tasks"], "timing": results["timing"]}
 
 
+def grid_job(regime: str, method: str, lr: float) -> str:
+    return f"grid/{regime}/{method}/{lr:g}"
+
+
+def lrs(study: Study, regime: str, method: str) -> list[float]:
+    """The method's grid in the regime, ascending: its planned rates, and one rate past
+    the edge for each time the recorded runs put the best there (``GRID_EXTENSION``); the
+    last rate may be still to run."""
+    rates = list(METHODS[method][0][:2] if study.smoke else METHODS[method][0])
+    for _ in range(GRID_EXTENSION["at_most"]):
+        runs = [study.record["jobs"].get(grid_job(regime, method, lr)) for lr in rates]
+        if None in runs:
+            break
+        best = min(runs, key=lambda r: r["val_loss"])["lr"]
+        if best == rates[-1]:
+            rates.append(best * GRID_EXTENSION["factor"])
+        elif best == rates[0]:
+            rates.insert(0, best / GRID_EXTENSION["factor"])
+        else:
+            break
+    return rates
+
+
+def grid_complete(study: Study, regime: str, method: str) -> bool:
+    return all(
+        grid_job(regime, method, lr) in study.record["jobs"] for lr in lrs(study, regime, method)
+    )
+
+
 def best_lr(study: Study, regime: str, method: str) -> float:
-    runs = [study.record["jobs"][f"grid/{regime}/{method}/{lr:g}"] for lr in lrs(study, method)]
-    return min(runs, key=lambda r: r["val_loss"])["lr"]
+    """The rate of the method's whole grid (``grid_complete``) with the lowest validation
+    loss."""
+    return chosen_lr(study.record, regime, method)
 
 
-def lrs(study: Study, method: str) -> list[float]:
-    return METHODS[method][0][:2] if study.smoke else METHODS[method][0]
+def chosen_lr(record: dict, regime: str, method: str) -> float | None:
+    """Of the method's recorded grid runs, the rate with the lowest validation loss (a
+    tie: the lowest rate); None if none is recorded."""
+    runs = [r for name, r in record["jobs"].items() if name.startswith(f"grid/{regime}/{method}/")]
+    if not runs:
+        return None
+    return min(sorted(runs, key=lambda r: r["lr"]), key=lambda r: r["val_loss"])["lr"]
 
 
 def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
@@ -360,7 +414,7 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         if seed == 0 and kept.is_file():  # the grid's run: the same training
             model = load_model(MODEL).eval()
             model.load_state_dict(torch.load(kept, weights_only=True))
-            ran = study.record["jobs"][f"grid/{regime}/{method}/{lr:g}"]
+            ran = study.record["jobs"][grid_job(regime, method, lr)]
             cost = {k: ran[k] for k in COST} | {"from_grid": True}
         else:
             model, cost = train(study, regime, method, lr, seed)
@@ -379,9 +433,9 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     out = []
     for k, regime in enumerate(study.regimes):
         for method in study.methods:
-            for lr in lrs(study, method):
+            for lr in lrs(study, regime, method):
                 work = functools.partial(grid, regime, method, lr)
-                out.append((f"grid/{regime}/{method}/{lr:g}", work))
+                out.append((grid_job(regime, method, lr), work))
         for method in study.methods:
             for seed in range(1 if study.smoke else METHODS[method][1]):
                 work = functools.partial(final, regime, method, seed)
@@ -405,23 +459,49 @@ def cell(values: list[float], digits: int = 1) -> str:
 
 
 def finals(record: dict, regime: str) -> dict[str, list[dict]]:
-    """The regime's final runs per method, the base model first (as a one-run method)."""
+    """The regime's final runs per method at the rate its grid now chooses (one a grown
+    grid has outdated waits to be run again), the base model first (as a one-run method)."""
     out = {"base": [record["jobs"]["base"]]} if "base" in record["jobs"] else {}
     for name, result in record["jobs"].items():
-        if name.startswith(f"final/{regime}/"):
-            out.setdefault(name.split("/")[2], []).append(result)
+        method = name.split("/")[2] if name.startswith(f"final/{regime}/") else None
+        if method and chosen_lr(record, regime, method) in (None, result.get("lr")):
+            out.setdefault(method, []).append(result)
     return out
 
 
 Table = tuple[str, list[str], list[list[str]]]  # title, columns, rows
 
 
+def grid_table(record: dict, regime: str) -> Table | None:
+    """The regime's learning-rate grid: each run's validation loss and cost, each method's
+    lowest loss so far marked."""
+    runs_of: dict[str, list[dict]] = {}
+    for name, result in record["jobs"].items():
+        if name.startswith(f"grid/{regime}/"):
+            runs_of.setdefault(name.split("/")[2], []).append(result)
+    rows = []
+    for method, runs in runs_of.items():
+        best = min(runs, key=lambda r: r["val_loss"])
+        for r in sorted(runs, key=lambda r: r["lr"]):
+            rows.append([
+                method, f"{r['lr']:g}", f"{r['val_loss']:.4f}", "best" if r is best else "",
+                f"{r['train_seconds']:.0f}", f"{r['peak_mem_gb'] or math.nan:.2f}",
+            ])  # fmt: skip
+    if not rows:
+        return None
+    title = f"{regime}: learning-rate grid (seed 0, validation loss)"
+    return title, ["method", "lr", "val loss", "", "train s", "peak GB"], rows
+
+
 def tables(record: dict) -> list[Table]:
-    """Per regime, two tables: accuracy (each task and the average, mean ± std over seeds);
-    forgetting (the other regime's average, the prose loss) and cost."""
+    """Per regime: the learning-rate grid; accuracy (each task and the average, mean ± std
+    over seeds); forgetting (the other regime's average, the prose loss) and cost; S²FT-R
+    paired with every other method."""
     out = []
     for regime in REGIMES:
         other = next(r for r in REGIMES if r != regime)
+        if grid := grid_table(record, regime):
+            out.append(grid)
         runs_of = finals(record, regime)
         if len(runs_of) <= ("base" in runs_of):
             continue
@@ -679,26 +759,31 @@ def main() -> None:
     args.models = args.models or str(kept)
     torch.set_num_threads(args.threads)
     study = Study(args)
-    todo = dict(jobs(study))
     if args.check:
         sys.exit(0 if check(study, args.check, args.threads) else 1)
     if args.job:  # one job, in this process (started by the loop below)
         start = time.perf_counter()
-        study.save(args.job, todo[args.job]() | {"job_seconds": time.perf_counter() - start})
+        work = dict(jobs(study))[args.job]
+        study.save(args.job, work() | {"job_seconds": time.perf_counter() - start})
         return
-    if not args.report:
-        for k, name in enumerate(todo, 1):
-            if study.done(name):
-                continue
-            study.console.print(f"[{k}/{len(todo)}] {name}", highlight=False)
-            if args.smoke:  # in this process: fast, but peak memory is the process's so far
-                start = time.perf_counter()
-                study.save(name, todo[name]() | {"job_seconds": time.perf_counter() - start})
-            else:  # each job in a process of its own: its peak memory is its own
-                command = job_command(name, args.out, args.models, args.threads, False)
-                subprocess.run(command, check=True)
-                study.record = json.loads(study.path.read_text())
-            study.prune()
+    last = None
+    while not args.report:  # the list again after every job: a grid may have grown
+        todo = dict(jobs(study))
+        name = next((name for name in todo if not study.done(name)), None)
+        if name is None:
+            break
+        if name == last:
+            raise RuntimeError(f"{name} ran but is not recorded as done")
+        last = name
+        study.console.print(f"[{list(todo).index(name) + 1}/{len(todo)}] {name}", highlight=False)
+        if args.smoke:  # in this process: fast, but peak memory is the process's so far
+            start = time.perf_counter()
+            study.save(name, todo[name]() | {"job_seconds": time.perf_counter() - start})
+        else:  # each job in a process of its own: its peak memory is its own
+            command = job_command(name, args.out, args.models, args.threads, False)
+            subprocess.run(command, check=True)
+            study.record = json.loads(study.path.read_text())
+        study.prune()
     report(study.record, study.console, study.path)
 
 

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,10 +120,10 @@ def test_bench_generate_times_both_loops_and_checks_they_agree(tmp_path):
 def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     """``scripts/experiment_quality.py --smoke`` on one regime and one method (matched
     LoRA: the study's own baseline; S²FT's training and merge are tested throughout): the
-    grid picks the rate by validation loss, the final run (seed 0: the grid's trained
-    weights, not trained again) records both regimes' test sets, the prose loss and the
-    cost, the base model is scored, the tables and the plot are written, and a second
-    invocation finds every job done."""
+    grid picks the rate by validation loss (grown past its edge), the final run (seed 0:
+    the grid's trained weights, not trained again) records both regimes' test sets, the
+    prose loss and the cost, the base model is scored, the tables and the plot are written,
+    and a second invocation finds every job done."""
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--smoke", "--out", str(out)]
     cmd += ["--regimes", "commonsense", "--methods", "lora-matched", "--threads", "1"]
@@ -130,10 +131,13 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     jobs = json.loads(out.read_text())["jobs"]
     grid = {name: r for name, r in jobs.items() if name.startswith("grid/")}
-    assert len(grid) == 2 and all(r["steps"] == 1 and r["val_loss"] > 0 for r in grid.values())
+    assert all(r["steps"] == 1 and r["val_loss"] > 0 for r in grid.values())
     final = jobs["final/commonsense/lora-matched/0"]
     rates = {r["lr"]: r["val_loss"] for r in grid.values()}
-    assert final["lr"] == min(rates, key=rates.get)
+    assert final["lr"] == min(sorted(rates), key=rates.get)  # a tie: the lowest rate
+    # two planned rates, so the best is at an edge: the grid grew past it, until the best
+    # was inside or twice
+    assert len(grid) == 4 or min(rates) < final["lr"] < max(rates) and len(grid) == 3
     assert len(final["commonsense"]["tasks"]) == 7 and len(final["arithmetic"]["tasks"]) == 7
     assert final["prose_loss"] > 0 and final["trainable"] == 2_350_080  # r 24
     best = next(r for r in grid.values() if r["lr"] == final["lr"])  # seed 0: the grid's run
@@ -196,3 +200,42 @@ def test_experiment_quality_pairs_methods_on_the_same_examples(tmp_path):
     expected = 100 * (mine.count("1") - statistics.mean(b.count("1") for b in spread)) / 385
     assert delta_spread == pytest.approx(expected, abs=0.05)
     assert high_spread - low_spread > 3 * (high - low)
+
+
+def test_experiment_quality_extends_a_grid_whose_best_is_at_its_edge(tmp_path, monkeypatch):
+    """A grid whose best rate is its highest (lowest) gets one more rate past that edge, at
+    most twice; a final run recorded at a rate the grown grid no longer chooses is not done,
+    and its redone result moves the old one to ``superseded``."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import experiment_quality as study_script
+
+    jobs: dict[str, dict] = {}
+    study = SimpleNamespace(smoke=False, record={"jobs": jobs}, path=tmp_path / "q.json")
+
+    def ran(method: str, lr: float, loss: float) -> None:
+        jobs[f"grid/arithmetic/{method}/{lr:g}"] = {"lr": lr, "val_loss": loss}
+
+    def grid(method: str) -> list[float]:
+        return study_script.lrs(study, "arithmetic", method)
+
+    assert grid("s2ft-r") == [5e-4, 1e-3, 2e-3]
+    for lr, loss in ((5e-4, 0.49), (1e-3, 0.45), (2e-3, 0.42)):
+        ran("s2ft-r", lr, loss)
+    assert grid("s2ft-r") == [5e-4, 1e-3, 2e-3, 4e-3]  # best at the top: one more
+    assert not study_script.grid_complete(study, "arithmetic", "s2ft-r")
+    ran("s2ft-r", 4e-3, 0.44)  # worse: 2e-3 is now inside the grid
+    assert grid("s2ft-r") == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert study_script.best_lr(study, "arithmetic", "s2ft-r") == 2e-3
+
+    for lr, loss in ((1e-5, 0.40), (3e-5, 0.41), (1e-4, 0.45), (5e-6, 0.39), (2.5e-6, 0.38)):
+        ran("full", lr, loss)  # the best at the bottom three times: extended twice only
+    assert grid("full") == [2.5e-6, 5e-6, 1e-5, 3e-5, 1e-4]
+    assert study_script.best_lr(study, "arithmetic", "full") == 2.5e-6
+
+    final = "final/arithmetic/s2ft-r/1"
+    jobs[final] = {"lr": 1e-3, "accuracy": 0.1}  # chosen before the grid grew
+    assert not study_script.Study.done(study, final)
+    study_script.Study.save(study, final, {"lr": 2e-3, "accuracy": 0.2})
+    assert study_script.Study.done(study, final)
+    saved = json.loads(study.path.read_text())
+    assert saved["superseded"] == {f"{final}@0.001": {"lr": 1e-3, "accuracy": 0.1}}
