@@ -265,7 +265,7 @@ class Study:
         _, regime, method, _ = job.split("/")
         if not grid_complete(self, regime, method):
             return False
-        return self.record["jobs"][job]["lr"] == best_lr(self, regime, method)
+        return self.record["jobs"][job]["lr"] == best_lr(self.record, regime, method)
 
     def save(self, job: str, result: dict) -> None:
         """Record a job's result; a final run it replaces (at a rate its grid no longer
@@ -286,8 +286,8 @@ class Study:
         for regime in self.regimes:
             for method in self.methods:
                 complete = grid_complete(self, regime, method)
-                used = self.done(f"final/{regime}/{method}/0")
-                best = best_lr(self, regime, method) if complete else None
+                used = self.done(final_job(regime, method, 0))
+                best = best_lr(self.record, regime, method) if complete else None
                 for lr in lrs(self, regime, method):
                     if used or (complete and lr != best):
                         self.weights(regime, method, lr).unlink(missing_ok=True)
@@ -356,6 +356,24 @@ def grid_job(regime: str, method: str, lr: float) -> str:
     return f"grid/{regime}/{method}/{lr:g}"
 
 
+def final_job(regime: str, method: str, seed: int) -> str:
+    return f"final/{regime}/{method}/{seed}"
+
+
+def runs_by_method(record: dict, stage: str, regime: str) -> dict[str, list[dict]]:
+    """The recorded jobs of a stage (``grid``, ``final``) in a regime, per method."""
+    out: dict[str, list[dict]] = {}
+    for name, result in record["jobs"].items():
+        if name.startswith(f"{stage}/{regime}/"):
+            out.setdefault(name.split("/")[2], []).append(result)
+    return out
+
+
+def lowest_loss_rate(runs: list[dict]) -> float:
+    """Of grid runs, the rate with the lowest validation loss (a tie: the lowest rate)."""
+    return min(sorted(runs, key=lambda r: r["lr"]), key=lambda r: r["val_loss"])["lr"]
+
+
 def lrs(study: Study, regime: str, method: str) -> list[float]:
     """The method's grid in the regime, ascending: its planned rates, and one rate past
     the edge for each time the recorded runs put the best there (``GRID_EXTENSION``); the
@@ -365,7 +383,7 @@ def lrs(study: Study, regime: str, method: str) -> list[float]:
         runs = [study.record["jobs"].get(grid_job(regime, method, lr)) for lr in rates]
         if None in runs:
             break
-        best = min(runs, key=lambda r: r["val_loss"])["lr"]
+        best = lowest_loss_rate(runs)
         if best == rates[-1]:
             rates.append(best * GRID_EXTENSION["factor"])
         elif best == rates[0]:
@@ -381,19 +399,11 @@ def grid_complete(study: Study, regime: str, method: str) -> bool:
     )
 
 
-def best_lr(study: Study, regime: str, method: str) -> float:
-    """The rate of the method's whole grid (``grid_complete``) with the lowest validation
-    loss."""
-    return chosen_lr(study.record, regime, method)
-
-
-def chosen_lr(record: dict, regime: str, method: str) -> float | None:
-    """Of the method's recorded grid runs, the rate with the lowest validation loss (a
-    tie: the lowest rate); None if none is recorded."""
-    runs = [r for name, r in record["jobs"].items() if name.startswith(f"grid/{regime}/{method}/")]
-    if not runs:
-        return None
-    return min(sorted(runs, key=lambda r: r["lr"]), key=lambda r: r["val_loss"])["lr"]
+def best_lr(record: dict, regime: str, method: str) -> float | None:
+    """The rate the method's recorded grid runs choose (its final runs', once the grid is
+    whole: ``grid_complete``); None if none is recorded."""
+    runs = runs_by_method(record, "grid", regime).get(method)
+    return lowest_loss_rate(runs) if runs else None
 
 
 def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
@@ -405,11 +415,12 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         val = study.datasets(regime).validation
         total, count = token_loss_sums(model, val, study.tokenizer.pad_token_id, 8)
         state = model.state_dict()
-        atomic_write_file(study.weights(regime, method, lr), lambda f: torch.save(state, f), True)
+        kept = study.weights(regime, method, lr)
+        atomic_write_file(kept, lambda f: torch.save(state, f), binary=True)
         return cost | {"val_loss": total / count}
 
     def final(regime: str, method: str, seed: int) -> dict:
-        lr = best_lr(study, regime, method)
+        lr = best_lr(study.record, regime, method)
         kept = study.weights(regime, method, lr)
         if seed == 0 and kept.is_file():  # the grid's run: the same training
             model = load_model(MODEL).eval()
@@ -418,7 +429,7 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
             cost = {k: ran[k] for k in COST} | {"from_grid": True}
         else:
             model, cost = train(study, regime, method, lr, seed)
-        name = f"final/{regime}/{method}/{seed}"
+        name = final_job(regime, method, seed)
         result = cost | {regime: evaluate(study, model, regime, name)}
         if seed == 0:
             result[other[regime]] = evaluate(study, model, other[regime], name)
@@ -439,7 +450,7 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         for method in study.methods:
             for seed in range(1 if study.smoke else METHODS[method][1]):
                 work = functools.partial(final, regime, method, seed)
-                out.append((f"final/{regime}/{method}/{seed}", work))
+                out.append((final_job(regime, method, seed), work))
         if k == 0:
             out.append(("base", base))
     return out
@@ -462,10 +473,10 @@ def finals(record: dict, regime: str) -> dict[str, list[dict]]:
     """The regime's final runs per method at the rate its grid now chooses (one a grown
     grid has outdated waits to be run again), the base model first (as a one-run method)."""
     out = {"base": [record["jobs"]["base"]]} if "base" in record["jobs"] else {}
-    for name, result in record["jobs"].items():
-        method = name.split("/")[2] if name.startswith(f"final/{regime}/") else None
-        if method and chosen_lr(record, regime, method) in (None, result.get("lr")):
-            out.setdefault(method, []).append(result)
+    for method, runs in runs_by_method(record, "final", regime).items():
+        best = best_lr(record, regime, method)
+        if current := [r for r in runs if best in (None, r.get("lr"))]:
+            out[method] = current
     return out
 
 
@@ -475,16 +486,12 @@ Table = tuple[str, list[str], list[list[str]]]  # title, columns, rows
 def grid_table(record: dict, regime: str) -> Table | None:
     """The regime's learning-rate grid: each run's validation loss and cost, each method's
     lowest loss so far marked."""
-    runs_of: dict[str, list[dict]] = {}
-    for name, result in record["jobs"].items():
-        if name.startswith(f"grid/{regime}/"):
-            runs_of.setdefault(name.split("/")[2], []).append(result)
     rows = []
-    for method, runs in runs_of.items():
-        best = min(runs, key=lambda r: r["val_loss"])
+    for method, runs in runs_by_method(record, "grid", regime).items():
+        best = lowest_loss_rate(runs)
         for r in sorted(runs, key=lambda r: r["lr"]):
             rows.append([
-                method, f"{r['lr']:g}", f"{r['val_loss']:.4f}", "best" if r is best else "",
+                method, f"{r['lr']:g}", f"{r['val_loss']:.4f}", "best" if r["lr"] == best else "",
                 f"{r['train_seconds']:.0f}", f"{r['peak_mem_gb'] or math.nan:.2f}",
             ])  # fmt: skip
     if not rows:
@@ -654,7 +661,7 @@ def plot(record: dict, path: Path) -> Path | None:
         right.set_title(f"trained on {regime}: forgetting English prose", fontsize=10)
     fig.suptitle(f"{MODEL}: accuracy against forgetting (error bars: std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     plt.close(fig)
     return path
 

@@ -225,12 +225,12 @@ def test_experiment_quality_extends_a_grid_whose_best_is_at_its_edge(tmp_path, m
     assert not study_script.grid_complete(study, "arithmetic", "s2ft-r")
     ran("s2ft-r", 4e-3, 0.44)  # worse: 2e-3 is now inside the grid
     assert grid("s2ft-r") == [5e-4, 1e-3, 2e-3, 4e-3]
-    assert study_script.best_lr(study, "arithmetic", "s2ft-r") == 2e-3
+    assert study_script.best_lr(study.record, "arithmetic", "s2ft-r") == 2e-3
 
     for lr, loss in ((1e-5, 0.40), (3e-5, 0.41), (1e-4, 0.45), (5e-6, 0.39), (2.5e-6, 0.38)):
         ran("full", lr, loss)  # the best at the bottom three times: extended twice only
     assert grid("full") == [2.5e-6, 5e-6, 1e-5, 3e-5, 1e-4]
-    assert study_script.best_lr(study, "arithmetic", "full") == 2.5e-6
+    assert study_script.best_lr(study.record, "arithmetic", "full") == 2.5e-6
 
     final = "final/arithmetic/s2ft-r/1"
     jobs[final] = {"lr": 1e-3, "accuracy": 0.1}  # chosen before the grid grew

@@ -3,10 +3,10 @@ marked, one panel per target matrix. Needs matplotlib (``pip install 's2ft[plot]
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import S2FTError
+from ..files import atomic_write_file
 from .selection import Selection
 from .targets import TARGETS
 
@@ -53,12 +53,8 @@ def selection_heatmap(selection: Selection, path: str | Path) -> Path:
         )
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")  # then renamed: never half a file
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
