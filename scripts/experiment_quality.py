@@ -605,15 +605,25 @@ def paired(runs_of: dict[str, list[dict]], regime: str, other: str) -> Table:
     return title, ["method", f"{regime} Δ", "95% CI", f"{other} Δ", "95% CI"], rows
 
 
+def floor_levels(record: dict, regime: str, names: list[str]) -> dict[str, float]:
+    """Each floor's average accuracy (%) over the tasks ``names``, where it covers them all."""
+    floors = record.get("settings", {}).get("floors", {}).get(regime, {})
+    return {
+        floor: 100 * statistics.mean(scores[n] for n in names)
+        for floor, scores in floors.items()
+        if scores and set(names) <= set(scores)
+    }
+
+
 def floor_rows(record: dict, regime: str, names: list[str]) -> list[list[str]]:
     """The accuracy table's rows for answering without reading the question (no model, no
     seeds): chance and the majority answer, on the choice tasks."""
+    levels = floor_levels(record, regime, names)
     rows = []
     for floor, scores in record.get("settings", {}).get("floors", {}).get(regime, {}).items():
         if scores:
             cells = [f"{100 * scores[n]:.1f}" if n in scores else "-" for n in names]
-            whole = set(names) <= set(scores)
-            mean = f"{100 * statistics.mean(scores[n] for n in names):.1f}" if whole else "-"
+            mean = f"{levels[floor]:.1f}" if floor in levels else "-"
             rows.append([floor, "-", *cells, mean])
     return rows
 
@@ -642,7 +652,9 @@ def plot(record: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(len(shown), 2, figsize=(11, 4.2 * len(shown)), squeeze=False)
     for (left, right), regime in zip(axes, shown, strict=True):
         other = next(r for r in REGIMES if r != regime)
-        for method, runs in finals(record, regime).items():
+        runs_of = finals(record, regime)
+        names = list(next(iter(runs_of.values()))[0][regime]["tasks"])
+        for method, runs in runs_of.items():
             own = [average(r[regime]) for r in runs]
             y, err = statistics.mean(own), statistics.stdev(own) if len(own) > 1 else 0.0
             crossed = [average(r[other]) - average(base[other]) for r in runs if other in r]
@@ -657,6 +669,10 @@ def plot(record: dict, path: Path) -> Path | None:
         for ax in (left, right):
             ax.set_ylabel(f"{regime} average accuracy (%)")
             ax.grid(alpha=0.3)
+            for floor, level in floor_levels(record, regime, names).items():
+                ax.axhline(level, color="grey", linestyle="--", linewidth=0.8)
+                ax.annotate(floor, (0, level), xycoords=("axes fraction", "data"), xytext=(4, 2),
+                            textcoords="offset points", fontsize=7, color="grey")  # fmt: skip
         left.set_title(f"trained on {regime}: forgetting {other}", fontsize=10)
         right.set_title(f"trained on {regime}: forgetting English prose", fontsize=10)
     fig.suptitle(f"{MODEL}: accuracy against forgetting (error bars: std over seeds)")
