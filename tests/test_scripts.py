@@ -239,3 +239,20 @@ def test_experiment_quality_extends_a_grid_whose_best_is_at_its_edge(tmp_path, m
     assert study_script.Study.done(study, final)
     saved = json.loads(study.path.read_text())
     assert saved["superseded"] == {f"{final}@0.001": {"lr": 1e-3, "accuracy": 0.1}}
+
+
+def test_experiment_quality_floor_levels_average_only_floors_that_cover_every_task(monkeypatch):
+    """The chance and majority lines of the report and the plot: a floor's average (%) over
+    the tasks shown, none for a floor that misses one (arithmetic: only AQuA has choices)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import experiment_quality as study_script
+
+    floors = {
+        "commonsense": {"chance": {"boolq": 0.5, "ARC-Easy": 0.25}, "majority": {"boolq": 0.6}},
+        "arithmetic": {"chance": {"AQuA": 0.2}},
+    }
+    record = {"settings": {"floors": floors}}
+    levels = study_script.floor_levels(record, "commonsense", ["boolq", "ARC-Easy"])
+    assert levels == pytest.approx({"chance": 37.5})
+    assert study_script.floor_levels(record, "arithmetic", ["AQuA", "gsm8k"]) == {}
+    assert study_script.floor_levels({}, "arithmetic", ["AQuA"]) == {}
