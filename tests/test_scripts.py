@@ -256,3 +256,22 @@ def test_experiment_quality_floor_levels_average_only_floors_that_cover_every_ta
     assert levels == pytest.approx({"chance": 37.5})
     assert study_script.floor_levels(record, "arithmetic", ["AQuA", "gsm8k"]) == {}
     assert study_script.floor_levels({}, "arithmetic", ["AQuA"]) == {}
+
+
+def test_experiment_quality_check_takes_a_loss_to_its_last_digits_and_the_rest_exactly(
+    monkeypatch,
+):
+    """``--check``'s comparison: a rerun's loss may move within ``LOSS_RTOL`` (two threads
+    sum in an order of their own); an accuracy, an outcome, a missing figure or a loss
+    beyond it may not."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import experiment_quality as study_script
+
+    recorded = {"prose_loss": 2.850430567124311, "boolq/accuracy": 0.6, "boolq/correct_each": "01"}
+    rows, same = study_script.compare(recorded, recorded | {"prose_loss": 2.8504304474475335})
+    assert same and [row[3] for row in rows] == ["same", "same", "within 1e-06"]
+    assert rows[1][1:3] == ["2 outcomes", "0 differ"]
+    changes = {"prose_loss": 2.851}, {"boolq/accuracy": 0.6000001}, {"boolq/correct_each": "11"}
+    for changed in changes:
+        assert not study_script.compare(recorded, recorded | changed)[1]
+    assert not study_script.compare(recorded, {"prose_loss": 2.850430567124311})[1]  # one missing
