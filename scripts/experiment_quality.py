@@ -19,7 +19,7 @@ the next regime starts, the base model after the first regime:
    deleted once used), are evaluated instead of being trained again;
 3. ``base``: the base model on both regimes' tests and the prose.
 
-    python scripts/experiment_quality.py             # the study (≈ 18 CPU hours here)
+    python scripts/experiment_quality.py             # the study (≈ 14 hours here)
     python scripts/experiment_quality.py --smoke     # every stage, a step each, minutes
     python scripts/experiment_quality.py --report    # the tables from the JSON file only
     python scripts/experiment_quality.py --check grid/commonsense/s2ft-r/0.001  # rerun, compare
