@@ -204,7 +204,7 @@ def data_command(
     from .engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-    data = load_datasets(r.data, r.train.seed, tokenizer)
+    data = load_datasets(r.data, r.data_seed, tokenizer)
     pack_len = r.data.max_seq_len if r.data.packing else None
     show_data(
         console, tokenizer, data, show, r.train.batch_size, r.train.seed, pack_len,

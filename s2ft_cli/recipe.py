@@ -115,6 +115,11 @@ class DataSection(BaseModel):
     )
     validation: DataSource | None = None
     val_size: int = Field(0, ge=0, description="Carve this many validation records from train.")
+    seed: int | None = Field(
+        None,
+        description="Seed of the validation split and of generated records (builtin data); "
+        "null: train.seed. Set it to vary train.seed over the same training examples.",
+    )
     prompt_template: Literal["alpaca", "chat"] = Field(
         "alpaca", description="alpaca: the paper's prompt; chat: the tokenizer's chat template."
     )
@@ -291,6 +296,13 @@ class Recipe(BaseModel):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output_dir: str | None = Field(None, description="Where a run writes its files.")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed the training and validation examples are drawn with (``data.seed``,
+        else ``train.seed``)."""
+        seed = self.data.seed if self.data is not None else None
+        return self.train.seed if seed is None else seed
 
     @model_validator(mode="after")
     def _check_sharded_quantization(self) -> Recipe:

@@ -101,7 +101,7 @@ def new_domain(recipe_path: Path, tokenizer, args) -> tuple[list, list, list]:
     sweep) and held-out (for the results)."""
     held_size = args.val + args.held_out
     recipe = load_recipe(recipe_path, [f"data.val_size={held_size}", f"train.seed={args.seed}"])
-    train, held, _ = load_datasets(recipe.data, recipe.train.seed, tokenizer)
+    train, held, _ = load_datasets(recipe.data, recipe.data_seed, tokenizer)
     return train, held[: args.val], held[args.val :]
 
 

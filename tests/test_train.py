@@ -248,6 +248,27 @@ def test_same_recipe_and_seed_give_byte_identical_adapters_on_cpu(tmp_path):
         assert first == (tmp_path / "second" / "adapter" / file).read_bytes(), file
 
 
+def test_data_seed_keeps_the_examples_while_train_seed_varies(tmp_path):
+    """``data.seed`` draws the generated records and the validation split, so that
+    ``train.seed`` varies only the order and initialisation (a study's seeds over one
+    split); unset, the data follow ``train.seed``."""
+    path = recipe_file(tmp_path)
+
+    def examples(*overrides: str) -> tuple[list, list]:
+        out = f"output_dir={tmp_path / '-'.join(overrides)}"
+        trainer = Trainer(load_recipe(path, [*overrides, out]))
+        try:
+            trainer.setup()
+        finally:
+            trainer.cleanup()
+        return [[e.input_ids for e in part] for part in (trainer.train_examples, trainer.val_set)]
+
+    first = examples("train.seed=0")
+    assert examples("train.seed=1", "data.seed=0") == first
+    assert examples("train.seed=0", "data.seed=1") == examples("train.seed=1")
+    assert examples("train.seed=1")[1] != first[1]
+
+
 def test_report_to_tensorboard_writes_the_metrics_jsonl_values(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -98,7 +98,7 @@ def recipe_selection(recipe) -> tuple[Selection, int]:
                 "recipe needs a data: section (data.train)."
             )
         tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        train_set = load_datasets(r.data, r.train.seed, tokenizer).train
+        train_set = load_datasets(r.data, r.data_seed, tokenizer).train
         calibration = calibration_data(cfg, train_set, tokenizer.pad_token_id)
         if torch.cuda.is_available():
             model.to("cuda")

@@ -144,7 +144,7 @@ class Trainer:
         """Tokenizer, training and validation examples, and the plan of the steps."""
         r, t = self.recipe, self.recipe.train
         self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
-        datasets = self.datasets or load_datasets(r.data, t.seed, self.tokenizer)
+        datasets = self.datasets or load_datasets(r.data, r.data_seed, self.tokenizer)
         self.train_examples, self.val_set, sources = datasets
         self.data_notes = [s.note for s in sources if s.note]
         # the rows trained on: the examples, or packed several to a row (data.packing)
