@@ -649,6 +649,9 @@ def plot(record: dict, path: Path) -> Path | None:
     if not shown:
         return None
     base = record["jobs"]["base"]
+    # a colour and a marker per method, the same in every panel; a legend, not labels
+    # beside the points, which overlap where methods coincide
+    style = {m: (f"C{i}", "osD^vP"[i % 6]) for i, m in enumerate(["base", *METHODS])}
     fig, axes = plt.subplots(len(shown), 2, figsize=(11, 4.2 * len(shown)), squeeze=False)
     for (left, right), regime in zip(axes, shown, strict=True):
         other = next(r for r in REGIMES if r != regime)
@@ -661,9 +664,9 @@ def plot(record: dict, path: Path) -> Path | None:
             prose = [r["prose_loss"] - base["prose_loss"] for r in runs]
             for ax, x in ((left, crossed), (right, prose)):
                 if x:
-                    ax.errorbar(statistics.mean(x), y, yerr=err, fmt="o", capsize=3)
-                    ax.annotate(method, (statistics.mean(x), y), xytext=(4, 4),
-                                textcoords="offset points", fontsize=8)  # fmt: skip
+                    color, marker = style[method]
+                    ax.errorbar(statistics.mean(x), y, yerr=err, color=color, marker=marker,
+                                linestyle="none", capsize=3, label=method, alpha=0.85)  # fmt: skip
         left.set_xlabel(f"{other} average: change from the base model (points)")
         right.set_xlabel("held-out prose loss: change from the base model (nats/token)")
         for ax in (left, right):
@@ -676,7 +679,9 @@ def plot(record: dict, path: Path) -> Path | None:
         left.set_title(f"trained on {regime}: forgetting {other}", fontsize=10)
         right.set_title(f"trained on {regime}: forgetting English prose", fontsize=10)
     fig.suptitle(f"{MODEL}: accuracy against forgetting (error bars: std over seeds)")
-    fig.tight_layout()
+    handles, labels = axes[0][1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     atomic_write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     plt.close(fig)
     return path
