@@ -254,7 +254,7 @@ def test_data_seed_keeps_the_examples_while_train_seed_varies(tmp_path):
     split); unset, the data follow ``train.seed``."""
     path = recipe_file(tmp_path)
 
-    def examples(*overrides: str) -> tuple[list, list]:
+    def examples(*overrides: str) -> list[list]:
         out = f"output_dir={tmp_path / '-'.join(overrides)}"
         trainer = Trainer(load_recipe(path, [*overrides, out]))
         try:
