@@ -96,7 +96,8 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # the data package and the memory plan, from the wheel: s2ft data's tokens and s2ft
     # plan's total are the library's, which one process of the installed package computes
-    long_rows = ["data.train.limit=120", "data.max_seq_len=512"]
+    # (the examples drawn with data.seed, not train.seed)
+    long_rows = ["data.train.limit=120", "data.max_seq_len=512", "data.seed=1"]
     packed = _run([s2ft, "data", "q.yaml", *long_rows, "data.packing=true",
                    "--json", "d.json"], work, env).stdout  # fmt: skip
     assert "packed" in packed
@@ -106,8 +107,8 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
         "from s2ft_cli.engine.models import load_tokenizer; "
         "from s2ft_cli.recipe import load_recipe; "
         "from s2ft_cli.training.memory import GIB, plan_memory; "
-        "r = load_recipe('q.yaml', ['data.train.limit=120', 'data.max_seq_len=512']); "
-        "d = load_datasets(r.data, r.train.seed, load_tokenizer(r.model.name_or_path)); "
+        f"r = load_recipe('q.yaml', {long_rows}); "
+        "d = load_datasets(r.data, r.data_seed, load_tokenizer(r.model.name_or_path)); "
         "print(json.dumps({'where': [s2ft_cli.recipes.__file__, s2ft_cli.__file__], "
         "'rows': [{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train], "
         "'plan': f\"{plan_memory(load_recipe('q.yaml'), 2).total(False) / GIB:.2f}\"}))"
