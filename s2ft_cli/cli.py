@@ -17,6 +17,7 @@ from rich.console import Console
 from .errors import S2FTError, TrainingInterrupted
 from .tables import (
     combine_table,
+    families_table,
     memory_table,
     recipes_table,
     results_table,
@@ -26,7 +27,8 @@ from .tables import (
 
 app = typer.Typer(
     name="s2ft",
-    help="Structured Sparse Fine-Tuning (S²FT) for LLaMA-family models, driven by YAML recipes.",
+    help="Structured Sparse Fine-Tuning (S²FT) of open language models (LLaMA, Qwen, Gemma, "
+    "Phi, OLMo, Granite, mixture-of-experts models, ...), driven by YAML recipes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -481,6 +483,15 @@ def list_recipes() -> None:
         for name, path in _recipe_files().items()
     }
     console.print(recipes_table(first_lines))
+
+
+@app.command("models")
+@user_errors
+def list_models() -> None:
+    """List the model families s2ft fine-tunes: their roles and where they live."""
+    from .engine.families import family_rows
+
+    console.print(families_table(family_rows()))
 
 
 @app.command()

@@ -92,6 +92,22 @@ def combine_table(count: int, overlaps) -> Table:
     return table
 
 
+def families_table(rows: list[dict[str, str]]) -> Table:
+    """The model families s2ft knows (``families.family_rows``)."""
+    table = Table(
+        title="model families (s2ft.targets names the roles; a unit is a head or a channel)",
+        title_justify="left",
+        caption="every role: q/k/v/o select heads, gate/up/down channels (docs/FAMILIES.md)",
+        caption_justify="left",
+    )
+    for column in ("model type", "roles", "weights", "notes"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        notes = "; ".join(n for n in (row["family"], row["units"], row["notes"]) if n)
+        table.add_row(row["model type"], row["roles"], row["weights"], notes)
+    return table
+
+
 def recipes_table(recipes: dict[str, str]) -> Table:
     """The bundled recipes, each with its first line."""
     table = Table(title="bundled recipes (s2ft init NAME DEST to copy one)", title_justify="left")

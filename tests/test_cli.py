@@ -107,13 +107,16 @@ def test_help_listings_and_recipe_mistakes_answer_without_loading_torch(tmp_path
 
 
 def test_unsupported_model_fails_cleanly(tmp_path):
-    from transformers import GPT2Config
+    from transformers import OPTConfig
 
-    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2).save_pretrained(
+        tmp_path / "opt"
+    )
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name_or_path: ./gpt2}\ns2ft: {targets: {o_proj: 0.5}}\n")
+    recipe.write_text("model: {name_or_path: ./opt}\ns2ft: {targets: {o_proj: 0.5}}\n")
     result = s2ft("select", recipe)
-    assert result.returncode == 1 and "'gpt2' is not supported" in result.stderr
+    assert result.returncode == 1 and "'opt' is not supported" in result.stderr
+    assert "s2ft models" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -16,7 +16,8 @@ from s2ft_cli import (
     unmerge_adapter,
 )
 from s2ft_cli.adapter.format import read_adapter
-from s2ft_cli.engine.layers import S2Linear
+from s2ft_cli.engine.layers import MAX_SPANS, S2Layer, S2Linear
+from s2ft_cli.engine.shapes import Matrix
 
 from .conftest import TINY_CONFIGS, batch, logit_tol, stories_model, tiny_model
 
@@ -38,17 +39,21 @@ def loss_of(model, ids):
 
 
 def dense_grads(base, ids) -> dict[str, torch.Tensor]:
-    """Gradients of every weight of the unconverted model, by plain autograd."""
+    """Gradients of every weight of the unconverted model, by plain autograd, by adapter
+    name (a module's path for its ``weight``, an experts tensor's own path)."""
     model = copy.deepcopy(base)
     model.zero_grad()
     for p in model.parameters():
         p.requires_grad_(True)
     loss_of(model, ids).backward()
-    return {
-        name.removesuffix(".weight"): p.grad
-        for name, p in model.named_parameters()
-        if name.endswith(".weight")
-    }
+    return {name.removesuffix(".weight"): p.grad for name, p in model.named_parameters()}
+
+
+def at(tensor: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
+    """``tensor`` (shaped like the stored weight ``name``) at the adapter's rows or
+    columns of ``name``, experts stacked along that axis (``engine.shapes.Matrix``)."""
+    axis = "rows" if f"{name}.rows" in tensors else "cols"
+    return Matrix(tensor, axis).select(0 if axis == "rows" else 1, tensors[f"{name}.{axis}"])
 
 
 def rel_err(a, b):
@@ -91,10 +96,7 @@ def check_engine(base, targets, tmp_path, allocation="global", grad_tol=1e-5):
     assert deltas
     for name in deltas:
         delta = tensors[f"{name}.delta"]
-        if f"{name}.rows" in tensors:
-            ref = -grads[name][tensors[f"{name}.rows"]]
-        else:
-            ref = -grads[name][:, tensors[f"{name}.cols"]]
+        ref = -at(grads[name], tensors, name)
         assert rel_err(delta, ref) <= grad_tol, (name, rel_err(delta, ref))
 
     # a fresh base with the adapter unfused reproduces the trained logits
@@ -105,18 +107,17 @@ def check_engine(base, targets, tmp_path, allocation="global", grad_tol=1e-5):
 
     # merging gives the same logits, a plain model, and touches only the adapter's slices
     for merged in (merge_adapter(loaded), merge_adapter(model)):
-        assert not any(isinstance(m, S2Linear) for m in merged.modules())
+        assert not any(isinstance(m, S2Layer) for m in merged.modules())
         assert merged.state_dict().keys() == base.state_dict().keys()
         with torch.no_grad():
             diff = (merged(ids).logits - trained_logits).abs().max().item()
         assert diff <= logit_tol(trained_logits), diff
         expected = {k: v.clone() for k, v in base.state_dict().items()}
         for name in deltas:
-            w = expected[f"{name}.weight"]
-            if f"{name}.rows" in tensors:
-                w[tensors[f"{name}.rows"]] += tensors[f"{name}.delta"]
-            else:
-                w[:, tensors[f"{name}.cols"]] += tensors[f"{name}.delta"]
+            w = expected.get(f"{name}.weight", expected.get(name))
+            axis = "rows" if f"{name}.rows" in tensors else "cols"
+            dim = 0 if axis == "rows" else 1
+            Matrix(w, axis).add_(dim, tensors[f"{name}.{axis}"], tensors[f"{name}.delta"])
         for k, v in merged.state_dict().items():
             assert torch.allclose(v, expected[k], rtol=0, atol=1e-7), k
         unmerge_adapter(merged)
@@ -317,18 +318,26 @@ class CountingLinear(torch.nn.Module):
         return torch.matmul(x, self.weight.t()) + self.bias
 
 
+SCATTERED = list(range(0, 2 * MAX_SPANS + 4, 2))  # more runs than MAX_SPANS
+
+
 @pytest.mark.parametrize("axis", ["rows", "cols"])
-@pytest.mark.parametrize("index", [[8, 9, 10, 11], [3, 17, 5]], ids=["block", "scattered"])
-def test_an_s2_layer_wraps_any_frozen_linear_module(axis, index):
+@pytest.mark.parametrize(
+    "index,runs",
+    [([8, 9, 10, 11], 1), ([3, 17, 18, 5], 3), (SCATTERED, None)],
+    ids=["block", "runs", "scattered"],
+)
+def test_an_s2_layer_wraps_any_frozen_linear_module(axis, index, runs):
     """The frozen product is the wrapped module's own forward; dΔ and dx equal dense
-    autograd on the weight with the delta fused in; the base gets no gradient."""
+    autograd on the weight with the delta fused in, whether the delta is added run by run
+    or gathered and scattered; the base gets no gradient."""
     torch.manual_seed(0)
-    base = CountingLinear(24, 20)
+    base = CountingLinear(24 + max(index), 20 + max(index))
     layer = S2Linear(base, axis, torch.tensor(index))
     with torch.no_grad():
         layer.delta.normal_(0, 0.1)
-    assert (layer.span is not None) == (index == [8, 9, 10, 11])
-    x = torch.randn(2, 7, 24, requires_grad=True)
+    assert (layer.spans and len(layer.spans)) == runs
+    x = torch.randn(2, 7, base.weight.shape[1], requires_grad=True)
     y = layer(x)
     assert base.calls == 1
     g = torch.randn_like(y)
@@ -351,7 +360,7 @@ def test_an_s2_layer_wraps_any_frozen_linear_module(axis, index):
 
     # the state dict keeps the wrapped module's names; merging needs a dense nn.Linear
     assert list(layer.state_dict()) == ["weight", "bias", "delta"]
-    copy_ = S2Linear(CountingLinear(24, 20), axis, torch.tensor(index))
+    copy_ = S2Linear(CountingLinear(*base.weight.shape[::-1]), axis, torch.tensor(index))
     copy_.load_state_dict(layer.state_dict())
     assert torch.equal(copy_.weight, base.weight) and torch.equal(copy_.delta, layer.delta)
     from s2ft_cli import S2FTError

@@ -134,8 +134,11 @@ def write(name: str, content: str | bytes):
     return change
 
 
-def gpt2_dir(ws: Workspace) -> Path:
-    return ws.file("gpt2/config.json", json.dumps({"model_type": "gpt2", "n_layer": 2})).parent
+def opt_dir(ws: Workspace) -> Path:
+    """A model folder of a type s2ft does not know (OPT)."""
+    return ws.file(
+        "opt/config.json", json.dumps({"model_type": "opt", "num_hidden_layers": 2})
+    ).parent
 
 
 # id -> (what the user did, CLI arguments, substrings the message must hold: the offending
@@ -300,8 +303,8 @@ CASES = {
         ["no-model", "does not exist", "hub id"],
     ),
     "model-unsupported": (
-        lambda ws: ["select", ws.recipe, f"model.name_or_path={gpt2_dir(ws)}"],
-        ["gpt2", "llama"],
+        lambda ws: ["select", ws.recipe, f"model.name_or_path={opt_dir(ws)}"],
+        ["'opt'", "llama", "gemma2", "gpt_oss", "s2ft models"],
     ),
     "model-gguf-missing": (
         lambda ws: ["train", ws.recipe, f"model.name_or_path={ws.root / 'absent.gguf'}"],

@@ -13,7 +13,8 @@ from s2ft_cli import S2FTConfig, get_s2ft_model, merge_adapter
 from s2ft_cli.data import IGNORE_INDEX
 from s2ft_cli.engine import losses as losses_module
 from s2ft_cli.engine.losses import example_losses, token_losses
-from s2ft_cli.engine.models import decoder_layers, enable_activation_checkpointing
+from s2ft_cli.engine.models import enable_activation_checkpointing
+from s2ft_cli.engine.shapes import decoder_layers
 
 from .conftest import tiny_model
 

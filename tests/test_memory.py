@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from s2ft_cli import get_s2ft_model
@@ -15,6 +16,7 @@ from s2ft_cli.engine.models import load_model
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.training.memory import ADAMW_BYTES, GIB, plan_memory
 
+from .families import FAMILY_CONFIGS
 from .test_train import recipe_file
 
 PLAN_RECIPE = """\
@@ -25,11 +27,11 @@ train: {{batch_size: {batch}}}
 """
 
 
-def saved_by_autograd(recipe) -> int:
-    """Bytes of the distinct non-parameter storages one training step of the recipe's
-    converted model saves for backward (random weights, every token a target)."""
-    model = load_model(recipe.model.name_or_path, seed=0)
-    model = get_s2ft_model(model, recipe.s2ft).train()
+def saved_by_autograd(model, batch_size: int, seq_len: int) -> int:
+    """Bytes of the distinct non-parameter storages one training step of a converted
+    model saves for backward (random tokens, every one a target; several rows padded as
+    training batches are: the last a few tokens shorter)."""
+    model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -39,10 +41,12 @@ def saved_by_autograd(recipe) -> int:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
-    shape = (recipe.train.batch_size, recipe.data.max_seq_len)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, shape, generator=g)
-    batch = collate([Example(row, row) for row in ids.tolist()], pad_id=0)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=g)
+    rows = ids.tolist()
+    if batch_size > 1:
+        rows[-1] = rows[-1][:-3]
+    batch = collate([Example(row, row) for row in rows], pad_id=0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         example_losses(model, batch)
     return sum(storages.values())
@@ -63,7 +67,8 @@ def test_planned_activations_are_what_autograd_saves(tmp_path, model, targets):
     text = PLAN_RECIPE.format(model=model, seq=seq, targets=targets, batch=batch)
     recipe = load_recipe(recipe_file(tmp_path, text))
     planned = plan_memory(recipe).activations
-    saved = saved_by_autograd(recipe)
+    model = get_s2ft_model(load_model(recipe.model.name_or_path, seed=0), recipe.s2ft)
+    saved = saved_by_autograd(model, batch, seq)
     assert planned == pytest.approx(saved, rel=0.02)
 
 
@@ -112,3 +117,24 @@ def test_plan_command_prints_the_parts_and_totals(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, text))
     total = plan_memory(recipe, gpus=2).total(False) / GIB
     assert f"{total:.2f}" in result.output
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_traced_activations_are_what_every_family_saves(model_type):
+    """The fake-tensor trace counts what a real step of each family's decoder saves: exact
+    for dense families, within 15% for mixture-of-experts layers, which the trace routes
+    evenly while a real router does not."""
+    from s2ft_cli.engine.families import FAMILIES
+    from s2ft_cli.training.activations import trace_saved
+
+    from .families import family_config, family_model
+
+    gate = "gate_proj" if "gate_proj" in FAMILIES[model_type].places else "up_proj"
+    targets = {"targets": {"v_proj": 0.5, "o_proj": 0.5, gate: 0.2, "down_proj": 0.2}}
+    saved = saved_by_autograd(get_s2ft_model(family_model(model_type), targets), 2, 24)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(family_config(model_type))
+    loss = 2 * 24 * meta.config.hidden_size * 4  # d(loss)/d(hidden), as memory.py adds it
+    traced = trace_saved(get_s2ft_model(meta, targets), 2, 24).total + loss
+    rel = 0.15 if FAMILIES[model_type].moe else 0.02
+    assert traced == pytest.approx(saved, rel=rel)

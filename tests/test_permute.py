@@ -12,13 +12,16 @@ import torch
 from s2ft_cli import S2FTConfig
 from s2ft_cli.engine.models import load_model
 from s2ft_cli.engine.permute import (
+    StructureLayout,
     _contiguous,
     _order,
+    _plan_part,
     _plan_structure,
     apply_layout,
     plan_layout,
 )
 from s2ft_cli.engine.selection import select_units
+from s2ft_cli.engine.shapes import Part
 
 from .conftest import tiny_model
 
@@ -36,12 +39,18 @@ ATTENTION_PAIRS = [
 ]
 
 
+def plan(units, n, group):
+    """One part's layout as a structure's (blocks: one per part)."""
+    order, blocks, realised = _plan_part(units, n, group)
+    return StructureLayout(order, group, {m: [b] for m, b in blocks.items()}), realised
+
+
 def check_layout(layout, realised, requested, n, group):
     assert sorted(layout.perm) == list(range(n))
     for j in range(n // group):  # GQA groups move whole
         assert len({h // group for h in layout.perm[j * group : (j + 1) * group]}) == 1
     for m, ids in realised.items():
-        start, stop = layout.blocks[m]
+        ((start, stop),) = layout.blocks[m]
         assert sorted(layout.unit_perm(m)[start:stop]) == ids  # the block is the selection
         assert len(ids) == len(requested[m])  # regrouping keeps the count
 
@@ -56,7 +65,7 @@ def test_random_attention_selections_always_lay_out(n_kv, group):
         for m in pair:
             space = n_kv if m in GROUP_MATRICES else n
             units[m] = sorted(rng.sample(range(space), rng.randint(1, space)))
-        layout, realised = _plan_structure(units, n, group)
+        layout, realised = plan(units, n, group)
         check_layout(layout, realised, units, n, group)
         if group == 1 or n_kv == 1:  # MHA and MQA never need regrouping
             assert realised == units
@@ -97,14 +106,14 @@ def test_regrouping_happens_exactly_when_no_order_exists(n_kv, group):
     ],
 )
 def test_selections_that_fit_are_never_regrouped(units, n, group):
-    layout, realised = _plan_structure(units, n, group)
+    layout, realised = plan(units, n, group)
     assert realised == units
     check_layout(layout, realised, units, n, group)
 
 
 def test_two_partial_groups_are_joined_without_regrouping():
     # o_proj heads 3 and 4 sit in groups 0 and 1 (group size 4): one block 3..4 exists
-    layout, realised = _plan_structure({"o_proj": [3, 4]}, 16, 4)
+    layout, realised = plan({"o_proj": [3, 4]}, 16, 4)
     assert realised == {"o_proj": [3, 4]}
 
 
@@ -128,10 +137,26 @@ def test_three_partial_groups_are_regrouped_and_reported():
 
 def test_ffn_pairs_are_only_a_both_only_b_rest():
     units = {"up_proj": [1, 4, 6, 9], "down_proj": [4, 9, 12]}
-    layout, realised = _plan_structure(units, 16, 1)
+    layout, realised = plan(units, 16, 1)
     assert realised == units
     assert layout.perm[:5] == [1, 6, 4, 9, 12]  # only up, both, only down
-    assert layout.blocks == {"up_proj": (0, 4), "down_proj": (2, 5)}
+    assert layout.blocks == {"up_proj": [(0, 4)], "down_proj": [(2, 5)]}
+
+
+def test_experts_are_laid_out_each_in_its_own_range():
+    """A mixture-of-experts FFN is co-permuted expert by expert: no channel leaves its
+    expert, each expert's selected channels are contiguous (a block per expert, empty
+    where none is selected) and the pair order holds inside each."""
+    parts = [Part(0, 8), Part(8, 8), Part(16, 8), Part(24, 4)]  # 3 experts, a shared one
+    units = {"up_proj": [1, 4, 9, 27], "down_proj": [4, 6, 9, 10, 24]}
+    layout, realised = _plan_structure(units, parts)
+    assert realised == units
+    for part in parts:
+        span = range(part.start, part.start + part.count)
+        assert sorted(layout.perm[part.start : part.start + part.count]) == list(span)
+    assert layout.blocks["up_proj"] == [(0, 2), (8, 9), (16, 16), (24, 25)]
+    assert layout.blocks["down_proj"] == [(1, 3), (8, 10), (16, 16), (25, 26)]
+    assert layout.perm[:3] == [1, 4, 6] and layout.perm[8:10] == [9, 10]
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa-bias", "qwen2", "qwen3"])

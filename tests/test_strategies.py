@@ -10,13 +10,22 @@ import torch.nn.functional as F
 from s2ft_cli import S2FTConfig, S2FTError
 from s2ft_cli.data import Example, calibration_batches
 from s2ft_cli.engine.losses import example_losses
-from s2ft_cli.engine.models import get_linear, model_shape, unit_index
 from s2ft_cli.engine.selection import select_units
+from s2ft_cli.engine.shapes import model_shape, unit_index
 
 from .conftest import stories_model, tiny_model
 
-# matrices whose units are columns (stated here, not read from targets.TARGETS)
+# matrices whose units are columns, and those of the attention (stated here, not read from
+# targets.TARGETS or the family table)
 CONSUMERS = ("o_proj", "down_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def get_linear(model, layer: int, matrix: str):
+    """A LLaMA-named model's projection, found by its names."""
+    block = model.model.layers[layer]
+    return getattr(block.self_attn if matrix in ATTENTION else block.mlp, matrix)
+
 
 # every kind of unit: query heads as rows and columns, key/value heads, channels both ways
 TARGET_SETS = [

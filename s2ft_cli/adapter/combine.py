@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.models import ModelShape
+from ..engine.shapes import ModelShape, units_of
 from ..errors import S2FTError
 from .fingerprint import Fingerprint
 from .format import Adapter, Update, adapter_config
@@ -93,10 +93,10 @@ def combine(
             delta.index_add_(dim, where, w * u.delta.float())
             at += len(u.index)
         updates[name] = Update(axis, index, delta)
-        width = shape.unit_width(name.rsplit(".", 1)[-1])
-        units, counts = torch.cat([u.index // width for u, _ in parts]).unique(return_counts=True)
-        # each unit's ids appear once per adapter that changes it: width times per adapter
-        overlaps.append(Overlap(name, len(units), int((counts > width).sum())))
+        changed_by = [set(units_of(shape, name, u.index)) for u, _ in parts]
+        units = set().union(*changed_by)
+        shared = sum(sum(unit in c for c in changed_by) > 1 for unit in units)
+        overlaps.append(Overlap(name, len(units), shared))
     first = adapters[0].config["base_model"]
     combined_from = [
         {"adapter": a.source, "weight": w, "targets": a.config.get("targets")}

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ..engine.layers import s2_layers
-from ..engine.models import get_architecture, model_shape, module_path, unit_index
+from ..engine.permute import reorders
+from ..engine.shapes import Matrix, get_family, matrix_of, model_shape
 from ..engine.state import state_of
-from ..engine.targets import TARGETS
 from ..errors import AdapterMismatchError, S2FTError
 
 PROBE_METHOD = "Rademacher probes z_k = a_k^T W b_k / ||W||_F in float64, original layout"
@@ -121,21 +121,24 @@ class MatrixPrint:
 
 @torch.no_grad()
 def matrix_print(
-    weight: torch.Tensor,
+    weight: torch.Tensor | Matrix,
     rows: torch.Tensor | None = None,
     cols: torch.Tensor | None = None,
     seed: int = PROBE_SEED,
     count: int = PROBE_COUNT,
 ) -> MatrixPrint:
-    """Shape, mean |W|, ‖W‖_F and the probe statistics of ``weight`` in float64, in the
-    original layout: ``rows[r]`` / ``cols[c]`` is the original position of the stored row
-    ``r`` / column ``c`` (None: as stored). A co-permuted weight is not un-permuted: the
-    probes are (``aᵀ W b = a[rows]ᵀ W_stored b[cols]``). The weight is read in row chunks of
-    ``FINGERPRINT_CHUNK`` elements, each converted on its own device: no copy of the whole
-    weight is made."""
-    n, m = weight.shape
+    """Shape, mean |W|, ‖W‖_F and the probe statistics of ``weight`` (a 2-D tensor, or a
+    stored weight as adapters index it: :class:`~s2ft_cli.engine.shapes.Matrix`) in
+    float64, in the original layout: ``rows[r]`` / ``cols[c]`` is the original position of
+    the stored row ``r`` / column ``c`` (None: as stored). A co-permuted weight is not
+    un-permuted: the probes are (``aᵀ W b = a[rows]ᵀ W_stored b[cols]``). The weight is read
+    in row chunks of ``FINGERPRINT_CHUNK`` elements, each converted on its own device: no
+    copy of the whole weight is made."""
+    matrix = weight if isinstance(weight, Matrix) else Matrix(weight)
+    n, m = matrix.shape
     # float64 where the device has it (MPS has not: its chunks go to the CPU)
-    device = weight.device if weight.device.type != "mps" else torch.device("cpu")
+    device = matrix.tensor.device
+    device = device if device.type != "mps" else torch.device("cpu")
     a, b = _probes(seed, count, n, m)
     a = (a if rows is None else a[rows.cpu()]).to(device)
     b = (b if cols is None else b[cols.cpu()]).to(device)
@@ -143,8 +146,8 @@ def matrix_print(
     square_sum = torch.zeros((), dtype=torch.float64, device=device)
     abs_sum = torch.zeros((), dtype=torch.float64, device=device)
     step = max(1, FINGERPRINT_CHUNK // max(m, 1))
-    for start in range(0, n, step):
-        chunk = weight[start : start + step].to(device=device, dtype=torch.float64)
+    for start, block in matrix.row_chunks(step):
+        chunk = block.to(device=device, dtype=torch.float64)
         projected += (a[start : start + step] * (chunk @ b)).sum(0)
         flat = chunk.reshape(-1)
         square_sum += flat @ flat
@@ -157,23 +160,19 @@ def matrix_print(
 def stored_positions(
     model: nn.Module, names
 ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """For the matrices ``names`` of a model co-permuted for training, the original
-    position of every stored row (producers) or column (consumers), as
-    :func:`matrix_print` takes them; empty for a model in the original layout."""
+    """For the weights ``names`` (adapters' names) of a model co-permuted for training, the
+    original position of every stored row or column their units lie on, as
+    :func:`matrix_print` takes them (``permute.reorders``); empty for a model in the
+    original layout."""
     conversion = state_of(model).conversion
     if conversion is None:
         return {}
-    shape = model_shape(model)
     names = set(names)
     positions = {}
-    for layer, structures in conversion.layout.items():
-        for matrix, target in TARGETS.items():
-            plan = structures.get(target.structure)
-            path = module_path(model, layer, matrix)
-            if plan is None or path not in names:
-                continue
-            index = unit_index(plan.unit_perm(matrix), shape.unit_width(matrix))
-            positions[path] = (None, index) if target.consumer else (index, None)
+    for name, reorder in reorders(model, conversion.layout, model_shape(model)).items():
+        if name in names:
+            index = reorder.index
+            positions[name] = (index, None) if reorder.axis == "rows" else (None, index)
     return positions
 
 
@@ -189,8 +188,8 @@ class Fingerprint:
     matrices: dict[str, MatrixPrint]
 
     @classmethod
-    def measure(cls, model: nn.Module, weights: dict[str, torch.Tensor]) -> Fingerprint:
-        """The fingerprint of ``weights`` (module path → weight) of ``model``; a
+    def measure(cls, model: nn.Module, weights: dict[str, Matrix]) -> Fingerprint:
+        """The fingerprint of ``weights`` (adapter name → stored weight) of ``model``; a
         co-permuted model's stored rows and columns are placed by :func:`stored_positions`."""
         shape = model_shape(model)
         positions = stored_positions(model, weights)
@@ -207,7 +206,8 @@ class Fingerprint:
     @classmethod
     def of_base(cls, model: nn.Module) -> Fingerprint:
         """The fingerprint of the weights under a model's S² layers, as they are now."""
-        return cls.measure(model, {name: m.weight for name, m in s2_layers(model).items()})
+        names = [n for path, m in s2_layers(model).items() for n in m.weight_names(path)]
+        return cls.measure(model, {name: matrix_of(model, name) for name in names})
 
     @classmethod
     def from_dict(cls, data: dict) -> Fingerprint:
@@ -293,7 +293,7 @@ class Fingerprint:
             "Load the adapter onto the base model it was trained on"
             f" ({base_name or 'see its adapter_config.json'})."
         )
-        get_architecture(model)
+        get_family(model)
         shape = model_shape(model).__dict__
         for key, want in self.shape.items():
             if shape.get(key) != want:
@@ -304,7 +304,7 @@ class Fingerprint:
         weights = {}
         for name, want in self.matrices.items():
             try:
-                weight = model.get_submodule(name).weight
+                weight = matrix_of(model, name)
             except AttributeError:
                 raise AdapterMismatchError(
                     f"{source} adapts {name}, which this model does not have. {fix}"

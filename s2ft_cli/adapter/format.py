@@ -7,10 +7,12 @@ matrices. Directory format, version 2:
 * ``s2ft_adapter.json``: ``format: "s2ft-adapter"``, ``version: 2``, the base model's
   name and fingerprint (``fingerprint.py``), the targets, strategy, seed, allocation,
   delta dtype and the tool version;
-* ``s2ft_adapter.safetensors``: for each adapted matrix ``M`` (full module path)
-  ``M.cols`` (int64 column ids) and ``M.delta`` of shape ``(out, len(cols))``, or
-  ``M.rows`` and ``M.delta`` of shape ``(len(rows), in)``. Applying means
-  ``W[:, cols] += delta`` / ``W[rows, :] += delta``.
+* ``s2ft_adapter.safetensors``: for each adapted weight ``M`` (full module path, or an
+  experts tensor's path) ``M.cols`` (int64 column ids) and ``M.delta`` of shape
+  ``(rows, len(cols))``, or ``M.rows`` and ``M.delta`` of shape ``(len(rows), cols)``.
+  Applying means ``W[:, cols] += delta`` / ``W[rows, :] += delta``, ``W`` the weight as
+  stored (a GPT-2 Conv1D's ``(in, out)``), a 3-D experts tensor with its experts stacked
+  along the axis its units lie on (``engine.shapes.Matrix``).
 
 Version 1 had the same contents under PEFT's file names (``adapter_config.json``,
 ``adapter_model.safetensors``), which transformers and PEFT took for a PEFT adapter: it is
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..engine.layers import S2Linear, full_tensor, s2_layers
+from ..engine.layers import S2Layer, Update, s2_layers
 from ..engine.state import state_of
 from ..errors import S2FTError
 from ..files import atomic_write_dir, read_json
@@ -44,20 +46,6 @@ CONFIG_NAME = "s2ft_adapter.json"
 WEIGHTS_NAME = "s2ft_adapter.safetensors"
 # Version 1's file names (PEFT's): read, never written.
 V1_FILES = {1: ("adapter_config.json", "adapter_model.safetensors")}
-
-
-@dataclass
-class Update:
-    """The rows (``axis="rows"``) or columns (``"cols"``) of one matrix an adapter changes,
-    in the original layout: ``W[index] += delta`` or ``W[:, index] += delta``."""
-
-    axis: str
-    index: torch.Tensor
-    delta: torch.Tensor
-
-    @property
-    def dim(self) -> int:
-        return 0 if self.axis == "rows" else 1
 
 
 @dataclass(eq=False)
@@ -157,17 +145,10 @@ class Adapter:
         return path
 
 
-def updates_of(modules: dict[str, S2Linear]) -> dict[str, Update]:
-    """The S² layers' deltas in the original layout, rows/columns in ascending order."""
-    updates = {}
-    for name, m in modules.items():
-        order = torch.argsort(m.original_index)
-        delta = full_tensor(m.delta.detach())  # every process gathers a sharded one
-        delta = (
-            delta[order.to(delta.device)] if m.axis == "rows" else delta[:, order.to(delta.device)]
-        )
-        updates[name] = Update(m.axis, m.original_index[order].contiguous(), delta)
-    return updates
+def updates_of(modules: dict[str, S2Layer]) -> dict[str, Update]:
+    """The S² layers' deltas (by module path) as updates of the stored weights in the
+    original layout, rows/columns in ascending order."""
+    return {name: u for path, m in modules.items() for name, u in m.updates(path).items()}
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
@@ -185,7 +166,7 @@ def _save_pretrained(model: nn.Module, save_directory, *args, is_main_process=Tr
     ``is_main_process`` applies (several processes call it; one writes; every process of a
     sharded model gathers the deltas); state dict, serialisation and sharding do not. A
     model with no adapter is refused (``check("save")``)."""
-    sharded = any(isinstance(m.delta, DTensor) for m in s2_layers(model).values())
+    sharded = any(isinstance(d, DTensor) for m in s2_layers(model).values() for d in m.deltas())
     if not (is_main_process or sharded):
         return None
     adapter = adapter_of(model)
@@ -216,7 +197,7 @@ def adapter_of(model: nn.Module) -> Adapter:
         getattr(model.config, "_name_or_path", "") or "",
         base.to_dict(),
         settings,
-        next(iter(modules.values())).delta.dtype,
+        next(iter(modules.values())).deltas()[0].dtype,
     )
     return Adapter(config, updates_of(modules), "The model's adapter")
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..engine.config import S2FTConfig
-from ..engine.convert import convert_model
-from ..engine.layers import S2Linear, s2_layers
-from ..engine.models import model_shape, replace_module
+from ..engine.convert import convert_model, unfused_layers
+from ..engine.layers import s2_layers
 from ..engine.permute import apply_layout
 from ..engine.selection import Selection
+from ..engine.shapes import matrix_of, model_shape, replace_module
 from ..engine.state import state_of
 from ..errors import S2FTError
 from .format import Adapter, adapter_save_pretrained, updates_of
@@ -49,16 +49,14 @@ def get_s2ft_model(
 
 def load_adapter(model: nn.Module, path: str | Path | Adapter, force: bool = False) -> nn.Module:
     """Attach an adapter (a directory, or one already read) to a plain base model, unfused:
-    the base weights stay untouched and the update is applied on the fly by
-    :class:`S2Linear` layers; ``model.save_pretrained(dir)`` writes it again."""
+    the base weights stay untouched and the update is applied on the fly by S² layers
+    (``engine.convert.unfused_layers``); ``model.save_pretrained(dir)`` writes it again."""
     state = state_of(model)
     state.check("load")
     adapter = path if isinstance(path, Adapter) else Adapter.load(path)
     adapter.check_base(model, force)
-    for name, u in adapter.updates.items():
-        base = model.get_submodule(name)
-        layer = S2Linear(base, u.axis, u.index, u.delta, False, delta_dtype=u.delta.dtype)
-        replace_module(model, name, layer)
+    for module_path, layer in unfused_layers(model, adapter.updates).items():
+        replace_module(model, module_path, layer)
     state.loaded = adapter.config
     state.install(model, "save_pretrained", adapter_save_pretrained(model))
     return model
@@ -77,7 +75,7 @@ def fuse(model: nn.Module, adapter: Adapter) -> None:
     weights = {}
     for name, u in adapter.updates.items():  # check all before changing any
         try:
-            weight = model.get_submodule(name).weight
+            weight = matrix_of(model, name)
         except AttributeError:
             raise S2FTError(f"{adapter.source} adapts {name}, which this model lacks.") from None
         size = list(weight.shape)
@@ -91,9 +89,8 @@ def fuse(model: nn.Module, adapter: Adapter) -> None:
     before = {}
     for name, u in adapter.updates.items():
         weight = weights[name]
-        index = u.index.to(weight.device)
-        before[name] = weight.index_select(u.dim, index)
-        weight.index_add_(u.dim, index, u.delta.to(weight))
+        before[name] = weight.select(u.dim, u.index)
+        weight.add_(u.dim, u.index, u.delta)
     fused.append((adapter, before))
 
 
@@ -115,8 +112,7 @@ def unfuse(model: nn.Module, adapter: Adapter) -> None:
         )
     for name, values in fused.pop(at)[1].items():
         u = adapter.updates[name]
-        weight = model.get_submodule(name).weight
-        weight.index_copy_(u.dim, u.index.to(weight.device), values.to(weight))
+        matrix_of(model, name).copy_(u.dim, u.index, values)
 
 
 def switch(model: nn.Module, current: Adapter | None, new: Adapter | None) -> None:
@@ -136,7 +132,8 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     state = state_of(model)
     state.check("merge")
     modules = s2_layers(model)
-    twice = sorted({n for a, _ in state_of(model).fused for n in a.updates} & set(modules))
+    names = {n for path, m in modules.items() for n in m.weight_names(path)}
+    twice = sorted({n for a, _ in state_of(model).fused for n in a.updates} & names)
     if twice:
         raise S2FTError(
             f"{twice[0]} already has a fused adapter; unmerge_adapter() it before merging "

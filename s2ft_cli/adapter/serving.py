@@ -10,7 +10,9 @@ adapter's small product on its rows/columns.
         out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
 
 Beam search and ``num_return_sequences`` repeat each sequence k times in a row
-(``repeat_interleave``); the routes follow.
+(``repeat_interleave``); the routes follow. Every family's weights serve so (fused ones,
+GPT-2's Conv1D); in a mixture-of-experts layer each routed token adds its sequence's
+adapter's delta of the experts it reaches.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.layers import linear_on
-from ..engine.models import replace_module
+from ..engine.experts import frozen_product, routed_forward
+from ..engine.layers import Update, load_names_of_base, state_dict_names_of_base
+from ..engine.shapes import flip, get_family, place_of, replace_module
 from ..engine.state import state_of
 from ..errors import S2FTError
-from .format import Adapter, Update
+from .format import Adapter
 
 
 @dataclass(frozen=True)
@@ -57,33 +60,53 @@ class Routing:
         return self._expanded[key]
 
 
-class MultiAdapterLinear(nn.Module):
-    """A frozen linear layer plus, per adapter name, an :class:`Update` of its rows or
-    columns, applied to the sequences routed to that adapter. The wrapped layer's
-    ``weight`` and ``bias`` stay its own parameters (state-dict names unchanged)."""
+def _add_to_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, u: Update) -> None:
+    """``y[rows] += x[rows]``'s product with the update (``(out, in)`` orientation), in
+    place: the rows of a batch routed to one adapter."""
+    xs, delta = x.index_select(0, rows), u.delta.to(y.dtype)
+    if u.axis == "cols":
+        y.index_add_(0, rows, F.linear(xs.index_select(-1, u.index), delta))
+    else:
+        ys = y.index_select(0, rows).index_add_(-1, u.index, F.linear(xs, delta))
+        y.index_copy_(0, rows, ys)
 
-    def __init__(self, base: nn.Linear):
+
+def _oriented(u: Update, transposed: bool) -> Update:
+    """An update of a stored weight in the ``(out, in)`` orientation."""
+    return Update(flip(u.axis), u.index, u.delta.t()) if transposed else u
+
+
+class MultiAdapterLinear(nn.Module):
+    """A frozen linear module plus, per adapter name, an :class:`Update` of its rows or
+    columns (``(out, in)`` orientation), applied to the sequences routed to that adapter.
+    The frozen product is the module's own forward (a Conv1D's too); the state dict keeps
+    the wrapped module's names."""
+
+    def __init__(self, base: nn.Module, transposed: bool = False):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        self.base, self.transposed = base, transposed
         self.updates: dict[str, Update] = {}
         self.routing: Routing | None = None
+        self.register_state_dict_post_hook(state_dict_names_of_base)
+        self.register_load_state_dict_pre_hook(load_names_of_base)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add(self, name: str, u: Update) -> None:
+        """Serve an adapter's update of this weight (stored orientation)."""
+        u = _oriented(u, self.transposed)
+        self.updates[name] = Update(u.axis, u.index.to(self.weight.device), u.delta.to(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.routing is None:
             return y
         for name, rows in self.routing.for_batch(x.shape[0], x.device).items():
             u = self.updates.get(name)
-            if u is None:  # this adapter leaves this matrix alone
-                continue
-            xs = x.index_select(0, rows)
-            delta = u.delta.to(y.dtype)
-            if u.axis == "cols":
-                y.index_add_(0, rows, F.linear(xs.index_select(-1, u.index), delta))
-            else:
-                ys = y.index_select(0, rows).index_add_(-1, u.index, F.linear(xs, delta))
-                y.index_copy_(0, rows, ys)
+            if u is not None:  # else this adapter leaves this matrix alone
+                _add_to_rows(y, x, rows, u)
         return y
 
     def _apply(self, fn, recurse=True):
@@ -96,14 +119,68 @@ class MultiAdapterLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"adapters={sorted(self.updates)}"
-        )
+        return f"adapters={sorted(self.updates)}"
 
 
-def _serving_layers(model: nn.Module) -> dict[str, MultiAdapterLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MultiAdapterLinear)}
+class MultiAdapterExperts(nn.Module):
+    """A frozen experts module plus, per adapter name, per weight and expert, an update of
+    the expert's channels, applied to the tokens of the sequences routed to that adapter.
+    The batch's shape comes from the MoE block around it (a pre-hook on ``block`` sets
+    ``batch_shape``), so that each token of the experts' flattened input has its
+    sequence."""
+
+    def __init__(self, base: nn.Module, block: nn.Module):
+        super().__init__()
+        self.base = base
+        self.transposed = bool(getattr(base, "is_transposed", False))
+        self.updates: dict[str, dict[tuple[str, int], Update]] = {}
+        self.routing: Routing | None = None
+        self.batch_shape = (1, 1)
+        self.hook = block.register_forward_pre_hook(self._read_batch_shape)
+        self.register_state_dict_post_hook(state_dict_names_of_base)
+        self.register_load_state_dict_pre_hook(load_names_of_base)
+
+    def _read_batch_shape(self, block, args) -> None:
+        self.batch_shape = tuple(args[0].shape[:2])
+
+    def add(self, name: str, param: str, u: Update) -> None:
+        """Serve an adapter's update of the experts tensor ``param`` (its experts stacked)."""
+        weight = getattr(self.base, param)
+        length = weight.shape[1 + u.dim]
+        per_expert = self.updates.setdefault(name, {})
+        for expert in (u.index // length).unique().tolist():
+            mine = (u.index // length) == expert
+            delta = u.delta[mine] if u.axis == "rows" else u.delta[:, mine]
+            local = _oriented(Update(u.axis, u.index[mine] % length, delta), self.transposed)
+            index = local.index.to(weight.device)
+            per_expert[(param, expert)] = Update(local.axis, index, local.delta.to(weight))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return routed_forward(self.base, hidden_states, top_k_index, top_k_weights, self.project)
+
+    def project(self, param: str, expert: int, x: torch.Tensor, tokens) -> torch.Tensor:
+        y = frozen_product(self.base, param, expert, x)
+        if self.routing is None:
+            return y
+        batch, length = self.batch_shape
+        sequence = tokens // length
+        for name, seqs in self.routing.for_batch(batch, x.device).items():
+            u = self.updates.get(name, {}).get((param, expert))
+            mine = torch.isin(sequence, seqs).nonzero()[:, 0]
+            if u is not None and len(mine):
+                _add_to_rows(y, x, mine, u)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"adapters={sorted(self.updates)}"
+
+
+def _serving_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, MultiAdapterLinear | MultiAdapterExperts)
+    }
 
 
 def serve_adapters(
@@ -123,25 +200,39 @@ def serve_adapters(
         adapter.check_base(model, force)
         loaded[name] = adapter
     layers = _serving_layers(model)
+    family = get_family(model)
     for name, adapter in loaded.items():
-        for module_name, u in adapter.updates.items():
-            layer = layers.get(module_name)
+        for weight, u in adapter.updates.items():
+            place = place_of(family, weight)
+            experts = place is not None and place.experts
+            path, _, param = weight.rpartition(".") if experts else (weight, "", "")
+            layer = layers.get(path)
             if layer is None:
-                layer = MultiAdapterLinear(model.get_submodule(module_name))
-                replace_module(model, module_name, layer)
-                layers[module_name] = layer
-            index = u.index.to(layer.weight.device)
-            layer.updates[name] = Update(u.axis, index, u.delta.to(layer.weight))
+                module = model.get_submodule(path)
+                if experts:
+                    layer = MultiAdapterExperts(
+                        module, model.get_submodule(path.rpartition(".")[0])
+                    )
+                else:
+                    layer = MultiAdapterLinear(module, place is not None and place.transposed)
+                replace_module(model, path, layer)
+                layers[path] = layer
+            if experts:
+                layer.add(name, param, u)
+            else:
+                layer.add(name, u)
     state.served = sorted({*state.served, *loaded})
     return model
 
 
 def stop_serving(model: nn.Module) -> nn.Module:
-    """Drop every served adapter: plain linear layers on the untouched base weights."""
+    """Drop every served adapter: the model's own layers, on the untouched base weights."""
     state = state_of(model)
     state.check("stop_serving")
     for name, layer in _serving_layers(model).items():
-        replace_module(model, name, linear_on(layer.weight, layer.bias))
+        if isinstance(layer, MultiAdapterExperts):
+            layer.hook.remove()
+        replace_module(model, name, layer.base)
     state.served = []
     return model
 

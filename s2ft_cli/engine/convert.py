@@ -4,16 +4,26 @@ and the selection a recipe makes, as its run would make it (``s2ft select``)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import S2FTError
 from .config import DATA_STRATEGIES, S2FTConfig
+from .experts import S2Experts
 from .ffn import recomputing_forwards
-from .layers import S2Linear
+from .layers import S2Layer, S2Linear, Update
 from .losses import lean_forward
-from .models import get_linear, model_shape, module_path, replace_module, unit_index
-from .permute import apply_layout, plan_layout
+from .permute import Layout, apply_layout, plan_layout
 from .selection import Selection, calibration_data, select_units
+from .shapes import (
+    ModelShape,
+    flip,
+    get_family,
+    model_shape,
+    place_of,
+    replace_module,
+    role_slots,
+)
 from .state import Conversion, state_of
 from .targets import TARGETS
 
@@ -26,8 +36,9 @@ def convert_model(
 ) -> nn.Module:
     """The engine of ``get_s2ft_model`` (which adds the adapter's ``save_pretrained``):
     selects units (or takes ``selection``), co-permutes every structure that has a trainable
-    matrix, freezes every parameter and replaces each target matrix with an
-    :class:`S2Linear` whose zero-initialised delta covers the selected block; the logits are
+    matrix, freezes every parameter and replaces each weight holding selected units with an
+    S² layer (:class:`S2Linear`, :class:`S2Experts`) whose zero-initialised deltas cover the
+    selected blocks; the logits are
     unchanged until training updates a delta. The model's S²FT state records the conversion
     and installs ``model.s2ft_selection`` (the selection, original layout), the memory-lean
     loss of ``model(..., labels=...)`` (:func:`~.losses.lean_forward`) and FFNs that
@@ -50,18 +61,7 @@ def convert_model(
     apply_layout(model, layout, shape)
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer, per_matrix in selection.units.items():
-        for matrix in per_matrix:
-            plan = layout[layer][TARGETS[matrix].structure]
-            start, stop = plan.blocks[matrix]
-            width = shape.unit_width(matrix)
-            module = S2Linear(
-                get_linear(model, layer, matrix),
-                axis=TARGETS[matrix].axis,
-                index=unit_index(range(start, stop), width),
-                original_index=unit_index(plan.original_units(matrix), width),
-            )
-            replace_module(model, module_path(model, layer, matrix), module)
+    _install_s2_layers(model, shape, selection, layout)
     state.conversion = Conversion(config, selection, layout)
     # what merge_adapter takes off again (state.uninstall)
     state.install(model, "s2ft_selection", selection)  # the library API's name for it
@@ -72,13 +72,91 @@ def convert_model(
     return model
 
 
+def _install_s2_layers(
+    model: nn.Module, shape: ModelShape, selection: Selection, layout: Layout
+) -> None:
+    """Replace every stored weight holding selected units by an S² layer whose deltas
+    cover their (co-permuted, contiguous) rows or columns: an :class:`S2Linear` per 2-D
+    weight (a fused one collects the blocks of all its roles), an :class:`S2Experts` per
+    experts module (per expert and weight)."""
+    linear: dict[str, list] = {}
+    experts: dict[str, dict[str, dict[int, list]]] = {}
+    for layer, per_matrix in selection.units.items():
+        for matrix in per_matrix:
+            plan = layout[layer][TARGETS[matrix].structure]
+            perm = plan.unit_perm(matrix)
+            slots = role_slots(shape, layer, matrix)
+            for slot, (start, stop) in zip(slots, plan.blocks[matrix], strict=True):
+                if start == stop:
+                    continue
+                index = slot.ids(range(start - slot.first, stop - slot.first))
+                original = slot.ids([perm[i] - slot.first for i in range(start, stop)])
+                if slot.place.experts:
+                    per_expert = experts.setdefault(slot.path, {}).setdefault(slot.place.param, {})
+                    per_expert.setdefault(slot.expert, []).append((index, original))
+                else:
+                    linear.setdefault(slot.path, []).append((slot, index, original))
+    for path, blocks in linear.items():
+        slot = blocks[0][0]
+        module = S2Linear(
+            model.get_submodule(path),
+            axis=slot.axis,
+            index=torch.cat([index for _, index, _ in blocks]),
+            original_index=torch.cat([original for _, _, original in blocks]),
+            transposed=slot.place.transposed,
+        )
+        replace_module(model, path, module)
+    for path, weights in experts.items():
+        blocks = {
+            name: {
+                expert: (torch.cat([i for i, _ in pairs]), torch.cat([o for _, o in pairs]), None)
+                for expert, pairs in per_expert.items()
+            }
+            for name, per_expert in weights.items()
+        }
+        replace_module(model, path, S2Experts(model.get_submodule(path), blocks))
+
+
+def unfused_layers(
+    model: nn.Module, updates: dict[str, Update], trainable: bool = False
+) -> dict[str, S2Layer]:
+    """S² layers applying ``updates`` (adapter names → updates of the stored weights, in
+    the model's layout) on the fly, by module path: an :class:`S2Linear` per 2-D weight,
+    an :class:`S2Experts` per experts module."""
+    layers: dict[str, S2Layer] = {}
+    experts: dict[str, dict[str, dict[int, tuple]]] = {}
+    family = get_family(model)
+    for name, u in updates.items():
+        place = place_of(family, name)
+        transposed = place is not None and place.transposed
+        if place is None or not place.experts:
+            axis = flip(u.axis) if transposed else u.axis
+            delta = u.delta.t() if transposed else u.delta
+            base = model.get_submodule(name)
+            layers[name] = S2Linear(
+                base, axis, u.index, delta, trainable, u.delta.dtype, transposed=transposed
+            )
+            continue
+        path, _, param = name.rpartition(".")
+        stored = getattr(model.get_submodule(path), param).shape[1:]
+        length = stored[u.dim]
+        per_expert = experts.setdefault(path, {}).setdefault(param, {})
+        for expert in u.index.div(length, rounding_mode="floor").unique().tolist():
+            mine = (u.index // length) == expert
+            local = u.index[mine] % length
+            delta = u.delta[mine] if u.axis == "rows" else u.delta[:, mine]
+            per_expert[expert] = (local, local, delta.t() if transposed else delta)
+    for path, blocks in experts.items():
+        dtype = next(d for per in blocks.values() for *_, d in per.values()).dtype
+        layers[path] = S2Experts(model.get_submodule(path), blocks, trainable, dtype)
+    return layers
+
+
 def recipe_selection(recipe) -> tuple[Selection, int]:
     """The units a recipe's run trains (original layout, after GQA regrouping) and the
     model's parameter count, without training: random selection reads only the config
     (a meta-device model); the scoring strategies load the weights, and the data-driven
     ones measure calibration batches of the training data (on a GPU when there is one)."""
-    import torch
-
     from ..data import load_datasets
     from .models import load_model, load_tokenizer
 

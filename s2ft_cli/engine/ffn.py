@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
-from .models import decoder_layers
+from .shapes import decoder_layers, get_family
 
-GATED_ACTIVATIONS = ("silu", "swish")  # config.hidden_act values this product computes
+# the activation modules this product computes (transformers' ACT2FN["silu"], "swish")
+SILU = (nn.SiLU, SiLUActivation)
 
 
 class _SiLUProduct(torch.autograd.Function):
@@ -48,12 +50,20 @@ def _ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def gated_ffns(model: nn.Module) -> list[nn.Module]:
-    """The SiLU-gated FFNs of ``model`` (LLaMA's gate, up and down projections)."""
-    if getattr(model.config, "hidden_act", None) not in GATED_ACTIVATIONS:
+    """The SiLU-gated FFNs of ``model``: LLaMA's gate, up and down projections, in a
+    family whose FFN computes ``down(act(gate(x)) * up(x))`` (``Family.recompute_ffn``),
+    with a SiLU activation."""
+    if not get_family(model).recompute_ffn:
         return []
     ffns = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
     names = ("gate_proj", "up_proj", "down_proj")
-    return [f for f in ffns if f is not None and all(hasattr(f, n) for n in names)]
+    return [
+        f
+        for f in ffns
+        if f is not None
+        and all(hasattr(f, n) for n in names)
+        and isinstance(getattr(f, "act_fn", None), SILU)
+    ]
 
 
 def recomputing_forwards(model: nn.Module) -> list[tuple[nn.Module, object]]:

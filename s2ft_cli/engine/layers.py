@@ -4,7 +4,8 @@ Training (paper §3.3, partial back-propagation): after co-permutation the train
 of a matrix are one contiguous block, so the forward pass is the frozen product plus a
 small dense product with the delta, and the backward pass computes the weight gradient
 of the block alone. The frozen product is the wrapped module's own forward (a dense
-``nn.Linear``, or a quantized or sharded linear layer): its parameters never require grad,
+``nn.Linear``, GPT-2's ``Conv1D``, or a quantized or sharded linear layer): its parameters
+never require grad,
 so autograd through it forms the input's gradient of the frozen part and no weight
 gradient. The delta path is a small autograd function that adds to that product in place:
 
@@ -13,6 +14,10 @@ gradient. The delta path is a small autograd function that adds to that product 
   saved, as its own tensor, so the full input is not kept alive by a view;
 * row block of a producer (q/k/v, gate/up): ``y[..., s:e] += x Δᵀ``,
   ``dΔ = g[..., s:e]ᵀ x`` and ``dx += g[..., s:e] Δ``; the input is saved.
+
+A block may be several runs ``s:e`` (the q and v heads of a fused qkv_proj, GPT-NeoX's
+heads interleaved with their keys and values); the experts of a mixture-of-experts layer
+use the same functions per expert (``experts.py``).
 
 The delta is an ordinary ``nn.Parameter``: any optimizer, gradient clipping, gradient
 accumulation or DDP works unchanged, and no full weight gradient is ever formed.
@@ -23,66 +28,79 @@ columns, gathered and scattered by index.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import S2FTError
 
+# A run of a delta: rows or columns ``start .. stop`` of the frozen product, the delta's
+# rows (row blocks) or columns (column blocks) from ``offset`` on.
+Span = tuple[int, int, int]
+
 
 class _ColumnBlockDelta(torch.autograd.Function):
-    """``y += x[..., s:e] Δᵀ`` in place on the frozen product ``y``; saves ``x[..., s:e]``
-    (its own tensor) and gives gradients for x (its block) and Δ only."""
+    """``y += x[..., spans] Δᵀ`` in place on the frozen product ``y``; saves the spans'
+    columns of ``x`` (their own tensor) and gives gradients for x (those columns) and Δ
+    only."""
 
     @staticmethod
-    def forward(ctx, y, x, delta, start, stop):
+    def forward(ctx, y, x, delta, spans):
         dtype = y.dtype
         with torch.autocast(x.device.type, enabled=False):
-            x_block = x[..., start:stop].to(dtype).contiguous()
-            y.view(-1, y.shape[-1]).addmm_(x_block.view(-1, stop - start), delta.to(dtype).t())
+            pieces = [x[..., start:stop] for start, stop, _ in spans]
+            x_block = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)).to(dtype)
+            x_block = x_block.contiguous()
+            width = x_block.shape[-1]
+            y.view(-1, y.shape[-1]).addmm_(x_block.view(-1, width), delta.to(dtype).t())
         ctx.mark_dirty(y)
         ctx.save_for_backward(x_block if delta.requires_grad else None, delta)
-        ctx.span, ctx.x_shape, ctx.x_dtype = (start, stop), x.shape, x.dtype
+        ctx.spans, ctx.x_shape, ctx.x_dtype = spans, x.shape, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x_block, delta = ctx.saved_tensors
-        start, stop = ctx.span
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_delta = None
         if ctx.needs_input_grad[1]:
             grad_x = grad_out.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
-            block = (g @ delta.to(g.dtype)).view(*grad_out.shape[:-1], stop - start)
-            grad_x[..., start:stop] = block
+            block = (g @ delta.to(g.dtype)).view(*grad_out.shape[:-1], delta.shape[1])
+            for start, stop, offset in ctx.spans:
+                grad_x[..., start:stop] = block[..., offset : offset + stop - start]
         if ctx.needs_input_grad[2]:
-            grad_delta = (g.t() @ x_block.reshape(-1, stop - start).to(g.dtype)).to(delta.dtype)
-        return grad_out, grad_x, grad_delta, None, None
+            x2d = x_block.reshape(-1, x_block.shape[-1]).to(g.dtype)
+            grad_delta = (g.t() @ x2d).to(delta.dtype)
+        return grad_out, grad_x, grad_delta, None
 
 
 class _RowBlockDelta(torch.autograd.Function):
-    """``y[..., s:e] += x Δᵀ`` in place on the frozen product ``y``; saves ``x`` (in the
+    """``y[..., spans] += x Δᵀ`` in place on the frozen product ``y``; saves ``x`` (in the
     compute dtype) and gives gradients for x and Δ only."""
 
     @staticmethod
-    def forward(ctx, y, x, delta, start, stop):
+    def forward(ctx, y, x, delta, spans):
         dtype = y.dtype
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            y.view(-1, y.shape[-1])[:, start:stop].addmm_(
-                xc.reshape(-1, xc.shape[-1]), delta.to(dtype).t()
-            )
+            x2d, y2d, d = xc.reshape(-1, xc.shape[-1]), y.view(-1, y.shape[-1]), delta.to(dtype)
+            for start, stop, offset in spans:
+                y2d[:, start:stop].addmm_(x2d, d[offset : offset + stop - start].t())
         ctx.mark_dirty(y)
         ctx.save_for_backward(xc if delta.requires_grad else None, delta)
-        ctx.span, ctx.x_dtype = (start, stop), x.dtype
+        ctx.spans, ctx.x_dtype = spans, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, delta = ctx.saved_tensors
-        start, stop = ctx.span
-        g_block = grad_out.reshape(-1, grad_out.shape[-1])[:, start:stop]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        pieces = [g[:, start:stop] for start, stop, _ in ctx.spans]
+        g_block = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
         grad_x = grad_delta = None
         if ctx.needs_input_grad[1]:
             grad_x = (g_block @ delta.to(g_block.dtype)).view(*grad_out.shape[:-1], -1)
@@ -90,15 +108,104 @@ class _RowBlockDelta(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             x2d = x.reshape(-1, x.shape[-1]).to(g_block.dtype)
             grad_delta = (g_block.t() @ x2d).to(delta.dtype)
-        return grad_out, grad_x, grad_delta, None, None
+        return grad_out, grad_x, grad_delta, None
 
 
-def linear_on(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
-    """A plain ``nn.Linear`` whose parameters are these (no copy)."""
-    out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    linear.weight, linear.bias = weight, bias
-    return linear
+# Above this many runs an index is applied by gathering and scattering (an adapter loaded
+# in the original layout, channels scattered over the matrix) rather than run by run.
+MAX_SPANS = 64
+
+
+def spans_of(index: torch.Tensor) -> tuple[Span, ...] | None:
+    """The runs of consecutive ids in ``index`` (in its order), or None if there are more
+    than ``MAX_SPANS``."""
+    ids = index.tolist()
+    spans, offset = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or ids[k] != ids[k - 1] + 1:
+            length = k - offset
+            spans.append((ids[offset], ids[offset] + length, offset))
+            offset = k
+            if len(spans) > MAX_SPANS:
+                return None
+    return tuple(spans) if spans else None
+
+
+def add_delta(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    axis: str,
+    index: torch.Tensor,
+    spans: tuple[Span, ...] | None,
+) -> torch.Tensor:
+    """The frozen product ``y`` of ``x`` plus the delta path: ``y[..., index] += x Δᵀ``
+    (``axis`` rows) or ``y += x[..., index] Δᵀ`` (cols). By spans in place on ``y`` (a
+    fresh product nothing saved), else by gathering and scattering; either way the
+    backward pass forms Δ's gradient alone (paper §3.3)."""
+    if spans is not None:
+        fn = _RowBlockDelta if axis == "rows" else _ColumnBlockDelta
+        return fn.apply(y, x, delta, spans)
+    delta = delta.to(y.dtype)
+    if axis == "cols":
+        return y + F.linear(x.index_select(-1, index), delta)
+    return y.index_add(-1, index, F.linear(x, delta))
+
+
+@dataclass
+class Update:
+    """The rows (``axis="rows"``) or columns (``"cols"``) of one stored weight an adapter
+    changes, in the original layout: ``W[index] += delta`` or ``W[:, index] += delta``
+    (``W``: the weight as a :class:`~.shapes.Matrix`)."""
+
+    axis: str
+    index: torch.Tensor
+    delta: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return 0 if self.axis == "rows" else 1
+
+
+def original_update(
+    axis: str, index: torch.Tensor, delta: torch.Tensor, transposed: bool
+) -> Update:
+    """An :class:`Update` of a stored weight from a delta in the ``(out, in)`` orientation
+    at original-layout ``index``: ids in ascending order, and the delta transposed with
+    its axis for a weight stored ``(in, out)``."""
+    order = torch.argsort(index)
+    delta = full_tensor(delta.detach())  # every process gathers a sharded one
+    delta = delta[order.to(delta.device)] if axis == "rows" else delta[:, order.to(delta.device)]
+    if transposed:
+        axis, delta = ("cols" if axis == "rows" else "rows"), delta.t()
+    return Update(axis, index[order].contiguous(), delta.contiguous())
+
+
+class S2Layer(nn.Module):
+    """What every S² layer offers the adapter stage: its updates in the original layout,
+    merging them into its dense weights, and giving back the wrapped module."""
+
+    def updates(self, path: str) -> dict[str, Update]:
+        """This layer's deltas as updates of the stored weights, by adapter name (the
+        layer sits at ``path``): every process must call it for a sharded delta."""
+        raise NotImplementedError
+
+    def weight_names(self, path: str) -> list[str]:
+        """The adapter names of the stored weights it changes (no delta is read)."""
+        raise NotImplementedError
+
+    def merge(self) -> nn.Module:
+        raise NotImplementedError
+
+    def unload(self) -> nn.Module:
+        raise NotImplementedError
+
+    def deltas(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+
+# Modules whose product s2ft knows: a fresh tensor (a Conv1D's is a plain view of one).
+OWN_VIEWS = (nn.Linear, Conv1D)
 
 
 class _Recast:
@@ -117,33 +224,42 @@ def _unpack(saved):
     return saved
 
 
-def _state_dict_names_of_base(module, state_dict, prefix, local_metadata) -> None:
+def _is_delta(name: str) -> bool:
+    """Whether a state-dict entry (relative to an S² layer) is one of its deltas:
+    ``delta``, or an experts layer's ``<weight>_deltas.<expert>.delta``."""
+    first = name.split(".", 1)[0]
+    return first == "delta" or first.endswith("_deltas")
+
+
+def state_dict_names_of_base(module, state_dict, prefix, local_metadata) -> None:
     """State-dict post-hook: the wrapped module's entries under the layer's own name
-    (``o_proj.weight``, not ``o_proj.base.weight``), then ``delta``."""
+    (``o_proj.weight``, not ``o_proj.base.weight``), then the deltas."""
     inner = prefix + "base."
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    if prefix + "delta" in state_dict:
-        state_dict[prefix + "delta"] = state_dict.pop(prefix + "delta")
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_delta(k[len(prefix) :])]:
+        state_dict[key] = state_dict.pop(key)
 
 
-def _load_names_of_base(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook, the inverse of :func:`_state_dict_names_of_base`."""
+def load_names_of_base(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook, the inverse of :func:`state_dict_names_of_base`."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         name = key[len(prefix) :]
-        if name.split(".", 1)[0] not in ("delta", "base"):
+        if not _is_delta(name) and name.split(".", 1)[0] != "base":
             state_dict[prefix + "base." + name] = state_dict.pop(key)
 
 
-class S2Linear(nn.Module):
+class S2Linear(S2Layer):
     """A frozen linear module ``base`` whose rows (``axis="rows"``) or columns
     (``axis="cols"``) at ``index`` carry a delta: the effective weight is ``W`` with
-    ``W[index] += Δ`` (rows) or ``W[:, index] += Δ`` (columns).
+    ``W[index] += Δ`` (rows) or ``W[:, index] += Δ`` (columns), ``W`` in the ``(out, in)``
+    orientation (``transposed``: the module stores it ``(in, out)``, as GPT-2's Conv1D).
 
     The frozen product is ``base``'s own forward, so ``base`` may be any module computing
-    ``x Wᵀ + b`` (a dense ``nn.Linear``, a quantized or sharded one): autograd through it
-    gives the input's gradient of the frozen part, and its parameters never require grad.
-    The delta path is a small autograd function that saves only what ``dΔ`` needs.
+    ``x Wᵀ + b`` (a dense ``nn.Linear``, a Conv1D, a quantized or sharded one): autograd
+    through it gives the input's gradient of the frozen part, and its parameters never
+    require grad. The delta path (:func:`add_delta`) saves only what ``dΔ`` needs; the
+    index may cover several runs (q and v heads of a fused qkv_proj).
     ``weight`` and ``bias`` are ``base``'s, and the state dict keeps ``base``'s names
     (``…o_proj.weight``) with the added ``delta``. ``original_index`` names the same
     rows/columns in the model's original layout when the model is co-permuted.
@@ -158,13 +274,17 @@ class S2Linear(nn.Module):
         trainable: bool = True,
         delta_dtype: torch.dtype = torch.float32,
         original_index: torch.Tensor | None = None,
+        transposed: bool = False,
     ):
         super().__init__()
         if axis not in ("rows", "cols"):
             raise ValueError(f"axis must be 'rows' or 'cols', not {axis!r}")
         weight = base.weight
-        self.in_features = getattr(base, "in_features", None) or weight.shape[1]
-        self.out_features = getattr(base, "out_features", None) or weight.shape[0]
+        self.transposed = transposed
+        stored = tuple(weight.shape)
+        out_features, in_features = stored[::-1] if transposed else stored
+        self.in_features = getattr(base, "in_features", None) or in_features
+        self.out_features = getattr(base, "out_features", None) or out_features
         self.base = base
         # frozen while the delta is attached; unload() gives the flags back
         self._base_requires_grad = [p.requires_grad for p in base.parameters()]
@@ -182,18 +302,14 @@ class S2Linear(nn.Module):
         elif tuple(delta.shape) != shape:
             raise ValueError(f"delta of shape {tuple(delta.shape)} does not fit {shape}")
         self.delta = nn.Parameter(delta.to(device), requires_grad=trainable)
-        n = len(index)
-        contiguous = n > 0 and torch.equal(
-            index, torch.arange(int(index[0]), int(index[0]) + n, device=index.device)
-        )
-        self.span = (int(index[0]), int(index[0]) + n) if contiguous else None
+        self.spans = spans_of(index)
         self.register_buffer("index", index.to(device), persistent=False)
-        self.register_state_dict_post_hook(_state_dict_names_of_base)
-        self.register_load_state_dict_pre_hook(_load_names_of_base)
+        self.register_state_dict_post_hook(state_dict_names_of_base)
+        self.register_load_state_dict_pre_hook(load_names_of_base)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The wrapped module's (frozen) weight."""
+        """The wrapped module's (frozen) weight, as stored."""
         return self.base.weight
 
     @property
@@ -209,18 +325,14 @@ class S2Linear(nn.Module):
                 "Unfreeze nothing but the parameters named *.delta."
             )
         y = self._frozen_product(x)
-        if self.span is not None:
-            fn = _RowBlockDelta if self.axis == "rows" else _ColumnBlockDelta
+        if self.spans is not None:
             # The block is added in place, which autograd forbids on a view made inside a
             # custom autograd function or under no_grad, as bitsandbytes' products with a
-            # bias return: such a module's view is copied (a dense nn.Linear's never).
-            foreign_view = y._is_view() and type(self.base) is not nn.Linear
+            # bias return: such a module's view is copied (a dense nn.Linear's or a
+            # Conv1D's, a plain reshape of its product, never).
+            foreign_view = y._is_view() and type(self.base) not in OWN_VIEWS
             y = y.clone() if foreign_view else y.contiguous()
-            return fn.apply(y, x, self.delta, *self.span)
-        delta = self.delta.to(y.dtype)
-        if self.axis == "cols":
-            return y + F.linear(x.index_select(-1, self.index), delta)
-        return y.index_add(-1, self.index, F.linear(x, delta))
+        return add_delta(y, x, self.delta, self.axis, self.index, self.spans)
 
     def _frozen_product(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)``, by the wrapped module itself. Under autocast a dense ``nn.Linear``
@@ -253,13 +365,18 @@ class S2Linear(nn.Module):
             return self.base(x)
 
     def _dense_weight(self) -> torch.Tensor:
-        """The wrapped weight, if it is a plain dense ``(out, in)`` float tensor."""
+        """The wrapped weight, if it is a plain dense float tensor."""
         w = self.weight
+        expected = (
+            (self.in_features, self.out_features)
+            if self.transposed
+            else (self.out_features, self.in_features)
+        )
         dense = (
-            isinstance(self.base, nn.Linear)
+            isinstance(self.base, OWN_VIEWS)
             and type(w.data) is torch.Tensor
             and w.dtype.is_floating_point
-            and tuple(w.shape) == (self.out_features, self.in_features)
+            and tuple(w.shape) == expected
         )
         if not dense:
             raise S2FTError(
@@ -270,13 +387,22 @@ class S2Linear(nn.Module):
             )
         return w
 
+    def updates(self, path: str) -> dict[str, Update]:
+        return {path: original_update(self.axis, self.original_index, self.delta, self.transposed)}
+
+    def weight_names(self, path: str) -> list[str]:
+        return [path]
+
+    def deltas(self) -> list[nn.Parameter]:
+        return [self.delta]
+
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Fuse the delta into the (dense) weight; return the wrapped module, whose
         weight now holds the update (no copy of the weight)."""
         weight = self._dense_weight()
-        dim = 0 if self.axis == "rows" else 1
-        weight.index_add_(dim, self.index, self.delta.to(weight.dtype))
+        update = original_update(self.axis, self.index, self.delta, self.transposed)
+        weight.index_add_(update.dim, update.index.to(weight.device), update.delta.to(weight))
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -287,16 +413,17 @@ class S2Linear(nn.Module):
         return self.base
 
     def extra_repr(self) -> str:
-        where = f"{self.span[0]}:{self.span[1]}" if self.span else f"{len(self.index)} indices"
+        runs = self.spans and ", ".join(f"{a}:{b}" for a, b, _ in self.spans)
+        where = runs or f"{len(self.index)} indices"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"delta on {self.axis} {where}"
         )
 
 
-def s2_layers(model: nn.Module) -> dict[str, S2Linear]:
-    """A model's S² layers by module path."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, S2Linear)}
+def s2_layers(model: nn.Module) -> dict[str, S2Layer]:
+    """A model's S² layers (linear and experts) by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, S2Layer)}
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

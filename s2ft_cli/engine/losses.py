@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..data import IGNORE_INDEX
-from .models import ARCHITECTURES, compute_dtype
+from .families import family_of
+from .models import compute_dtype
 
 # Rows of logits formed at once: as many as fit in CHUNK_LOGITS values (32 MiB in fp32),
 # and never fewer than CHUNK_ROWS: a product of a few rows with the head's whole weight is
@@ -34,11 +36,64 @@ def chunk_rows(vocab: int) -> int:
     return max(CHUNK_ROWS, CHUNK_LOGITS // vocab)
 
 
-def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weightᵀ + bias`` against ``labels``, chunk by chunk, in
-    float32; when ``grad_hidden`` is given, also write d(loss_i)/d(hidden_i) into it. A
-    chunk's float32 logits are its one buffer: shifted by their maximum, exponentiated and
-    normalised in place, ``loss = log Σ exp(z − max) + max − z_label``."""
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a family's output head does to the logits ``z`` after the product (paper §3.3:
+    the loss S²FT trains on is the model's own): ``z · multiplier`` (Cohere's
+    ``logit_scale``), ``z / divisor`` (Granite's ``logits_scaling``), then soft-capping
+    ``cap · tanh(z / cap)`` (Gemma 2/3's ``final_logit_softcapping``)."""
+
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def apply_(self, z: torch.Tensor, slope: bool = False) -> torch.Tensor | None:
+        """Transform float32 logits in place; with ``slope``, return d(logit)/dz where it
+        is not a constant (soft-capping: ``1 − tanh²``), else None."""
+        if self.multiplier is not None:
+            z.mul_(self.multiplier)
+        if self.divisor is not None:
+            z.div_(self.divisor)
+        if self.softcap is None:
+            return None
+        z.div_(self.softcap).tanh_()
+        derivative = 1 - z.square() if slope else None
+        z.mul_(self.softcap)
+        return derivative
+
+    def chain_(self, grad: torch.Tensor, slope: torch.Tensor | None) -> torch.Tensor:
+        """d(loss)/d(logit) in place into d(loss)/dz."""
+        if slope is not None:
+            grad.mul_(slope)
+        if self.divisor is not None:
+            grad.div_(self.divisor)
+        if self.multiplier is not None:
+            grad.mul_(self.multiplier)
+        return grad
+
+
+def logit_transform(model: nn.Module) -> LogitTransform | None:
+    """The output head's transform of a model of a known family (None: plain logits)."""
+    config = getattr(model, "config", None)
+    family = family_of(getattr(config, "model_type", None))
+    if family is None:
+        return None
+    values = {
+        key: getattr(config, attr, None) if attr else None
+        for key, attr in (
+            ("multiplier", family.logit_multiplier),
+            ("divisor", family.logit_divisor),
+            ("softcap", family.logit_softcap),
+        )
+    }
+    return LogitTransform(**values) if any(v is not None for v in values.values()) else None
+
+
+def _head_losses(hidden, weight, bias, labels, transform=None, grad_hidden=None) -> torch.Tensor:
+    """Cross-entropy of ``transform(hidden @ weightᵀ + bias)`` against ``labels``, chunk by
+    chunk, in float32; when ``grad_hidden`` is given, also write d(loss_i)/d(hidden_i) into
+    it. A chunk's float32 logits are its one buffer: transformed, shifted by their maximum,
+    exponentiated and normalised in place, ``loss = log Σ exp(z − max) + max − z_label``."""
     dtype = compute_dtype(hidden)
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
@@ -48,6 +103,7 @@ def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor
         for start in range(0, hidden.shape[0], rows):
             span = slice(start, start + rows)
             logits = F.linear(hidden[span].to(dtype), weight, bias).float()
+            slope = None if transform is None else transform.apply_(logits, grad_hidden is not None)
             target = labels[span, None]
             picked = logits.gather(1, target).squeeze(1)
             top = logits.amax(1, keepdim=True)
@@ -57,8 +113,10 @@ def _head_losses(hidden, weight, bias, labels, grad_hidden=None) -> torch.Tensor
             if grad_hidden is not None:  # softmax − onehot
                 probs.div_(total[:, None])
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                if transform is not None:
+                    transform.chain_(probs, slope)
                 grad_hidden[span] = probs.to(dtype) @ weight
-            del logits, probs  # freed before the next chunk's buffer, not after it
+            del logits, probs, slope  # freed before the next chunk's buffer, not after it
     return losses
 
 
@@ -66,28 +124,38 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy through a frozen output head; saves d(loss)/d(hidden) only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
+    def forward(ctx, hidden, weight, bias, labels, transform):
         grad_hidden = torch.empty_like(hidden)
-        losses = _head_losses(hidden, weight, bias, labels, grad_hidden)
+        losses = _head_losses(hidden, weight, bias, labels, transform, grad_hidden)
         ctx.save_for_backward(grad_hidden)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None
 
 
-def token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
-    """The cross-entropy of each row of ``hidden`` (N × hidden) through ``head`` against
-    ``labels`` (N), in float32, without holding more than one chunk of logits."""
+def token_losses(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    transform: LogitTransform | None = None,
+) -> torch.Tensor:
+    """The cross-entropy of each row of ``hidden`` (N × hidden) through ``head`` (and the
+    family's ``transform`` of its logits, :func:`logit_transform`) against ``labels`` (N),
+    in float32, without holding more than one chunk of logits."""
     head_trains = any(p is not None and p.requires_grad for p in (head.weight, head.bias))
     if head_trains:  # not S²FT's case: plain autograd through the head
-        return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+        logits = head(hidden).float()
+        if transform is not None:
+            logits = logits.clone()
+            transform.apply_(logits)
+        return F.cross_entropy(logits, labels, reduction="none")
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, transform)
     with torch.no_grad():
-        return _head_losses(hidden, head.weight, head.bias, labels)
+        return _head_losses(hidden, head.weight, head.bias, labels, transform)
 
 
 def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +171,11 @@ def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in ARCHITECTURES:
+    if family_of(getattr(config, "model_type", None)) is not None:
         hidden = model.get_decoder()(**call).last_hidden_state
         head = model.get_output_embeddings()
-        losses = token_losses(hidden[:, :-1][targets], head, labels[targets])
+        transform = logit_transform(model)
+        losses = token_losses(hidden[:, :-1][targets], head, labels[targets], transform)
     else:
         logits = model(**call).logits
         losses = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="none")
@@ -142,10 +211,14 @@ def _lean_forward(self, *args, **kwargs):
     call = _signature(forward).bind(self, *args, **kwargs).arguments
     extra = call.pop("kwargs", {})
     labels = call.get("labels")
+    router_loss = call.get("output_router_logits")
+    if router_loss is None:
+        router_loss = getattr(self.config, "output_router_logits", False)
     lean = (
         labels is not None
         and torch.is_grad_enabled()
         and not call.get("logits_to_keep")
+        and not router_loss  # a mixture-of-experts auxiliary loss: the model's own forward
         and not extra.get("fused_lm_head")  # TRL's fused head: already lean
         and not any(p.requires_grad for p in self.get_output_embeddings().parameters())
     )
@@ -161,7 +234,8 @@ def _lean_forward(self, *args, **kwargs):
     hidden = outputs.last_hidden_state
     shifted = shifted.to(hidden.device)
     targets = shifted != ignore
-    losses = token_losses(hidden[targets], self.get_output_embeddings(), shifted[targets])
+    head, transform = self.get_output_embeddings(), logit_transform(self)
+    losses = token_losses(hidden[targets], head, shifted[targets], transform)
     count = loss_options.get("num_items_in_batch")
     if count is None:
         count = targets.sum()
@@ -182,7 +256,7 @@ def lean_forward(model: nn.Module):
     (evaluation), with ``logits_to_keep`` or TRL's ``fused_lm_head``, the model's own
     forward runs. None for an unsupported architecture."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in ARCHITECTURES:
+    if family_of(getattr(config, "model_type", None)) is None:
         return None
 
     def forward(self, *args, **kwargs):

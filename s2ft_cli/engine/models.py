@@ -1,13 +1,9 @@
-"""Model loading, the architecture registry and each model's shape.
-
-``ModelShape`` gives, for one model, the counts and widths of the units of the target
-matrices (``targets.TARGETS``). The registry says, for each supported ``model_type``,
-where the blocks live.
-"""
+"""Model loading: hub ids, local folders, GGUF files and packaged models, the built-in
+presets; tokenizers; activation checkpointing. A loaded model must be of a family s2ft
+knows (``families.FAMILIES``, refused otherwise by :func:`~.shapes.get_family`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,160 +11,7 @@ from torch import nn
 
 from ..errors import S2FTError
 from .gguf_bases import PACKAGED_MODELS, gguf_folder, is_gguf_source
-from .targets import TARGETS, Unit, structure_consumer, structure_matrices
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where a family keeps its blocks; all supported families share HF LLaMA's names."""
-
-    model_type: str
-    description: str
-    layers_path: str = "model.layers"
-    attention_name: str = "self_attn"
-    ffn_name: str = "mlp"
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    a.model_type: a
-    for a in (
-        Architecture("llama", "LLaMA 1/2/3 (MHA or GQA)"),
-        Architecture("mistral", "Mistral (GQA, sliding window)"),
-        Architecture("qwen2", "Qwen2 / Qwen2.5 (GQA, q/k/v biases)"),
-        Architecture("qwen3", "Qwen3 (GQA, q/k norms, explicit head_dim)"),
-    )
-}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a supported model that S²FT's selection and layout need."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (1 for multi-head attention)."""
-        return self.num_heads // self.num_kv_heads
-
-    def unit_count(self, unit: Unit) -> int:
-        """How many units of a kind a block has."""
-        return {
-            Unit.QUERY_HEAD: self.num_heads,
-            Unit.KV_HEAD: self.num_kv_heads,
-            Unit.CHANNEL: self.intermediate_size,
-        }[unit]
-
-    def num_units(self, matrix: str) -> int:
-        """How many selectable units a target matrix has: query heads for q/o, key/value
-        heads for k/v, intermediate channels for gate/up/down."""
-        return self.unit_count(TARGETS[matrix].unit)
-
-    def unit_width(self, matrix: str) -> int:
-        """Rows (producers) or columns (consumers) of the matrix per unit."""
-        return 1 if TARGETS[matrix].unit is Unit.CHANNEL else self.head_dim
-
-    def layout_units(self, structure: str) -> tuple[int, int]:
-        """The units a structure is co-permuted in, and their group size: the units of its
-        consumer (query heads, channels), grouped as a key/value head groups query heads
-        (1 for the FFN and for multi-head attention)."""
-        members = structure_matrices(structure)
-        grouped = any(TARGETS[m].unit is Unit.KV_HEAD for m in members)
-        count = self.num_units(structure_consumer(structure))
-        return count, self.group_size if grouped else 1
-
-    def params_per_unit(self, matrix: str) -> int:
-        """Weights of one unit's rows or columns (biases stay frozen)."""
-        return self.unit_width(matrix) * self.hidden_size
-
-    def matrix_shape(self, matrix: str) -> tuple[int, int]:
-        """(out_features, in_features) of a target matrix."""
-        inner = self.num_units(matrix) * self.unit_width(matrix)
-        if TARGETS[matrix].consumer:
-            return (self.hidden_size, inner)
-        return (inner, self.hidden_size)
-
-
-def supported_types() -> str:
-    return ", ".join(f"{a.model_type} ({a.description})" for a in ARCHITECTURES.values())
-
-
-def get_architecture(model_or_config) -> Architecture:
-    """The registry entry for a model or config; refuses anything unsupported."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise S2FTError(
-            f"Model type {model_type!r} is not supported by s2ft. Supported model types: "
-            f"{supported_types()}. S²FT needs separate q/k/v/o and gate/up/down projections; "
-            "use a checkpoint of one of these families."
-        )
-    return ARCHITECTURES[model_type]
-
-
-def model_shape(model_or_config) -> ModelShape:
-    """Read the dimensions from the config; ``head_dim`` is never assumed to be
-    hidden / heads when the config states it (Qwen3)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    arch = get_architecture(config)
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    if num_heads % num_kv_heads:
-        raise S2FTError(
-            f"The config has {num_heads} attention heads and {num_kv_heads} key/value heads; "
-            "the number of heads must be a multiple of the number of key/value heads."
-        )
-    return ModelShape(
-        model_type=arch.model_type,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-    )
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of Transformer blocks."""
-    node = model
-    for name in get_architecture(model).layers_path.split("."):
-        node = getattr(node, name)
-    return node
-
-
-def unit_index(units, width: int, device=None) -> torch.Tensor:
-    """Row (producer) or column (consumer) ids of ``units``, each ``width`` wide, in order."""
-    ids = torch.as_tensor(list(units), dtype=torch.long, device=device)
-    return (ids[:, None] * width + torch.arange(width, device=device)).flatten()
-
-
-def module_path(model: nn.Module, layer: int, matrix: str) -> str:
-    """Full module path of a target matrix, e.g. ``model.layers.3.mlp.down_proj``."""
-    arch = get_architecture(model)
-    block = arch.attention_name if TARGETS[matrix].structure == "attention" else arch.ffn_name
-    return f"{arch.layers_path}.{layer}.{block}.{matrix}"
-
-
-def get_linear(model: nn.Module, layer: int, matrix: str) -> nn.Module:
-    return model.get_submodule(module_path(model, layer, matrix))
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` of the model."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-# ---------------------------------------------------------------------------------------
-# Loading
+from .shapes import get_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -296,7 +139,7 @@ def load_model(
     try:
         if not weights:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-            get_architecture(config)
+            get_family(config)
             return _meta_model(config, dtype)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
@@ -306,7 +149,7 @@ def load_model(
             f"Could not load model {name_or_path!r}: {str(err).rstrip('.')}. Check the path or "
             "hub id; a hub id needs network access (or a local copy in the Hugging Face cache)."
         ) from err
-    get_architecture(model)
+    get_family(model)
     if is_gguf_source(name_or_path):  # adapters name the base as the user did, not the cache
         model.config.name_or_path = name_or_path
     return model
@@ -328,7 +171,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 def _meta_model(config, dtype: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    get_architecture(config)
+    get_family(config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import ModelShape, get_linear, unit_index
 from .selection import Selection
-from .targets import STRUCTURES, TARGETS, Unit, structure_matrices
+from .shapes import ModelShape, Part, matrix_of, stored_axis, structure_slots, unit_index
+from .targets import STRUCTURES, TARGETS, Unit
 
 
 def _grouped(matrix: str) -> bool:
@@ -38,13 +38,16 @@ class StructureLayout:
     """The order of one structure's units after co-permutation.
 
     ``perm[i]`` is the original id of the unit now at position ``i`` (query heads for
-    attention, channels for the FFN); ``blocks[matrix]`` is the contiguous ``[start, stop)``
-    of the matrix's trainable units in its own unit space (key/value heads for k/v).
+    attention, channels for the FFN: of every expert in turn in a mixture-of-experts
+    layer, each expert's staying in its range); ``blocks[matrix]`` holds, per part of the
+    structure (``ModelShape.parts``: one, or one per expert), the contiguous
+    ``[start, stop)`` of the matrix's trainable units in its own unit space (key/value
+    heads for k/v).
     """
 
     perm: list[int]
     group_size: int
-    blocks: dict[str, tuple[int, int]]
+    blocks: dict[str, list[tuple[int, int]]]
 
     def unit_perm(self, matrix: str) -> list[int]:
         """The permutation in the matrix's own unit space."""
@@ -53,8 +56,8 @@ class StructureLayout:
         return self.perm
 
     def original_units(self, matrix: str) -> list[int]:
-        start, stop = self.blocks[matrix]
-        return self.unit_perm(matrix)[start:stop]
+        perm = self.unit_perm(matrix)
+        return [perm[i] for start, stop in self.blocks[matrix] for i in range(start, stop)]
 
 
 # layer -> structure ("attention" | "ffn") -> its layout
@@ -219,11 +222,13 @@ def _partial_group(heads: set[int], group_size: int) -> int | None:
     return partial[0] if len(partial) == 1 else None
 
 
-def _plan_structure(
+def _plan_part(
     units: dict[str, list[int]], n: int, group_size: int, seed: int = 0
-) -> tuple[StructureLayout, dict[str, list[int]]]:
-    """Order one structure so every trainable matrix is contiguous, regrouping a
-    query-head selection only when no order exists (see module docstring)."""
+) -> tuple[list[int], dict[str, tuple[int, int]], dict[str, list[int]]]:
+    """Order one part of a structure (``n`` units, ids from 0) so every trainable matrix
+    is contiguous, regrouping a query-head selection only when no order exists (see the
+    module docstring): the order, each matrix's block in its own unit space, and the units
+    realised."""
     tiebreak = random.Random(seed).sample(range(n), n)
     matrices = list(units)
     heads = {m: _heads(m, ids, group_size) for m, ids in units.items()}
@@ -245,9 +250,40 @@ def _plan_structure(
         for m in matrices:
             if _grouped(m):
                 blocks[m] = (blocks[m][0] // group_size, blocks[m][1] // group_size)
-        layout = StructureLayout(perm=order, group_size=group_size, blocks=blocks)
-        return layout, {m: sorted(layout.original_units(m)) for m in matrices}
+        plan = StructureLayout(order, group_size, {m: [b] for m, b in blocks.items()})
+        return order, blocks, {m: sorted(plan.original_units(m)) for m in matrices}
     raise AssertionError(f"no contiguous layout for {units} (n={n}, group={group_size})")
+
+
+def _plan_structure(
+    units: dict[str, list[int]], parts: list[Part], seed: int = 0
+) -> tuple[StructureLayout, dict[str, list[int]]]:
+    """Order a structure part by part (a part's units stay in its range); a part without
+    selected units keeps its order."""
+    perm: list[int] = []
+    blocks: dict[str, list[tuple[int, int]]] = {m: [] for m in units}
+    realised: dict[str, list[int]] = {m: [] for m in units}
+    group = parts[0].group
+    for part in parts:
+        end = part.start + part.count
+        local = {
+            m: [u - part.start for u in ids if part.start <= u < end] for m, ids in units.items()
+        }
+        offset = part.start
+        if not any(local.values()):
+            perm += range(part.start, end)
+            for m in units:
+                start = offset // group if _grouped(m) else offset
+                blocks[m].append((start, start))
+            continue
+        order, part_blocks, part_units = _plan_part(local, part.count, part.group, seed)
+        perm += [offset + u for u in order]
+        for m in units:
+            shift = offset // group if _grouped(m) else offset
+            start, stop = part_blocks[m]
+            blocks[m].append((shift + start, shift + stop))
+            realised[m] += [shift + u for u in part_units[m]]
+    return StructureLayout(perm, group, blocks), realised
 
 
 def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
@@ -263,16 +299,17 @@ def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
             members = {m: ids for m, ids in per_matrix.items() if TARGETS[m].structure == structure}
             if not members:
                 continue
-            n, group = shape.layout_units(structure)
+            parts = shape.parts(structure)
             seed = selection.config.seed * 100_003 + layer
-            layout[layer][structure], realised = _plan_structure(members, n, group, seed)
+            layout[layer][structure], realised = _plan_structure(members, parts, seed)
             units[layer].update(realised)
             for m, ids in realised.items():
                 if ids != members[m]:
                     adjustments.append(
                         f"layer {layer} {m}: query heads {members[m]} cannot form one contiguous "
                         f"block (beside {', '.join(k for k in members if k != m) or 'nothing'}) "
-                        f"with every GQA group of {group} heads kept whole; regrouped to {ids}"
+                        f"with every GQA group of {parts[0].group} heads kept whole; regrouped "
+                        f"to {ids}"
                     )
     adjusted = Selection(
         shape=shape,
@@ -289,39 +326,93 @@ def plan_layout(selection: Selection) -> tuple[Layout, Selection]:
 # Applying a layout to the weights
 
 
-def _permute_units(linear: nn.Module, perm: list[int], width: int, consumer: bool) -> None:
-    """Reorder a linear layer's units (``width`` rows or columns each) in place."""
-    index = unit_index(perm, width, device=linear.weight.device)
-    with torch.no_grad():
-        w = linear.weight
-        w.copy_(w[:, index] if consumer else w[index])
-        if not consumer and linear.bias is not None:
-            linear.bias.copy_(linear.bias[index])
+@dataclass
+class Reorder:
+    """How co-permutation reorders one stored tensor: along ``axis`` (``rows``/``cols``
+    of its :class:`~.shapes.Matrix`; ``flat`` for a bias or a follower, ``list`` for a
+    module list), position ``i`` holds what was at ``index[i]``."""
+
+    axis: str
+    index: torch.Tensor
 
 
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
+def _source(perm: list[int], first: int, count: int) -> list[int]:
+    """A slot's local units in the order ``perm`` (a role's whole unit space) gives them."""
+    local = [perm[first + i] - first for i in range(count)]
+    assert sorted(local) == list(range(count)), "a unit left its part"
+    return local
 
 
+def _set(reorders: dict, name: str, axis: str, length: int, dest, src) -> None:
+    index = reorders.setdefault(name, Reorder(axis, torch.arange(length))).index
+    index[dest] = src
+
+
+def reorders(model: nn.Module, layout: Layout, shape: ModelShape) -> dict[str, Reorder]:
+    """Every stored tensor co-permutation reorders, by name: each slot's weight (adapters'
+    names: a module path, an experts tensor's path) along the axis its units lie on, the
+    producers' biases, and what follows the heads (``Family.followers``). Every role of a
+    structure moves, trainable or not, so the model computes the same function."""
+    family = shape.family
+    out: dict[str, Reorder] = {}
+    for layer, structures in layout.items():
+        for structure, plan in structures.items():
+            for slot in structure_slots(shape, layer, structure):
+                src = _source(plan.unit_perm(slot.role), slot.first, slot.count)
+                dest, src = slot.ids(range(slot.count)), slot.ids(src)
+                matrix = matrix_of(model, slot.name)
+                axis = stored_axis(slot.place, slot.axis)
+                length = matrix.shape[0 if axis == "rows" else 1]
+                shift = 0
+                if slot.expert is not None:
+                    shift = slot.expert * (length // shape.num_experts)
+                _set(out, slot.name, axis, length, dest + shift, src + shift)
+                bias = getattr(model.get_submodule(slot.path), slot.place.bias, None)
+                if bias is not None and not TARGETS[slot.role].consumer:
+                    shift = 0 if slot.expert is None else slot.expert * bias.shape[-1]
+                    name = f"{slot.path}.{slot.place.bias}"
+                    _set(out, name, "flat", bias.numel(), dest + shift, src + shift)
+            if structure != "attention":
+                continue
+            for unit, paths in family.followers.items():
+                role = "q_proj" if unit == Unit.QUERY_HEAD.value else "k_proj"
+                perm = plan.unit_perm(role)
+                for path in paths:
+                    name = f"{family.layers}.{layer}.{path}"
+                    try:
+                        follower = model.get_submodule(name)
+                        axis, length = "list", len(follower)
+                    except AttributeError:
+                        try:
+                            length = model.get_parameter(name).numel()
+                        except AttributeError:
+                            continue  # absent from this model (e.g. qk norms off)
+                        axis = "flat"
+                    width, rest = divmod(length, len(perm))
+                    assert not rest, f"{name} does not divide into {len(perm)} units"
+                    dest = unit_index(range(len(perm)), width)
+                    _set(out, name, axis, length, dest, unit_index(perm, width))
+    return out
+
+
+@torch.no_grad()
 def apply_layout(
     model: nn.Module, layout: Layout, shape: ModelShape, inverse: bool = False
 ) -> None:
-    """Co-permute every structure of ``layout`` in the model's weights (or undo it).
-
-    Every producer and the consumer of a structure move together, trainable or not, so
-    the model computes the same function. Per-head norms (Qwen3's q/k norms) act on each
-    head alike and need no change.
-    """
-    for layer, structures in layout.items():
-        for structure, plan in structures.items():
-            for matrix in structure_matrices(structure):
-                perm = plan.unit_perm(matrix)
-                _permute_units(
-                    get_linear(model, layer, matrix),
-                    _inverse(perm) if inverse else perm,
-                    shape.unit_width(matrix),
-                    TARGETS[matrix].consumer,
-                )
+    """Co-permute every structure of ``layout`` in the model's weights (or undo it): each
+    tensor of :func:`reorders`. Per-head norms shared by all heads (Qwen3's, Gemma 3's)
+    act on each head alike and need no change."""
+    for name, reorder in reorders(model, layout, shape).items():
+        index = torch.argsort(reorder.index) if inverse else reorder.index
+        if reorder.axis == "list":
+            modules = model.get_submodule(name)
+            items = list(modules)
+            for i, j in enumerate(index.tolist()):
+                modules[i] = items[j]
+        elif reorder.axis == "flat":
+            flat = model.get_parameter(name).view(-1)
+            flat.copy_(flat[index.to(flat.device)])
+        else:
+            matrix = matrix_of(model, name)
+            dim = 0 if reorder.axis == "rows" else 1
+            matrix.copy_(dim, torch.arange(len(index)), matrix.select(dim, index))

@@ -18,8 +18,8 @@ from torch import nn
 from ..data import calibration_batches
 from ..errors import S2FTError
 from .config import DATA_STRATEGIES, S2FTConfig
-from .models import ModelShape, model_shape
 from .scores import SCORERS
+from .shapes import ModelShape, check_roles, model_shape
 
 SELECTION_FORMAT = "s2ft-selection"
 
@@ -47,7 +47,9 @@ class Selection:
 
     def validate(self) -> Selection:
         """Refuse unit ids out of range, repeated or unsorted, and matrices that are not
-        targets of the config (a hand-edited or foreign selection file)."""
+        targets of the config (a hand-edited or foreign selection file) or roles the model's
+        family lacks."""
+        check_roles(self.shape.family, self.config.targets)
         for layer, per_matrix in self.units.items():
             if not 0 <= layer < self.shape.num_layers:
                 raise S2FTError(
@@ -183,6 +185,7 @@ def select_units(
     ``calibration``: batches (``input_ids``, ``attention_mask``, ``labels``) that the
     activation and gradient strategies measure on."""
     shape = model_shape(model)
+    check_roles(shape.family, config.targets)
     layers = config.layers or list(range(shape.num_layers))
     if layers[-1] >= shape.num_layers:
         raise S2FTError(

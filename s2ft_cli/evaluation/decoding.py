@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import IGNORE_INDEX, Example, alpaca_prompt, build_examples, collate, user_message
-from ..engine.losses import example_losses, token_losses
-from ..engine.models import ARCHITECTURES
+from ..engine.families import family_of
+from ..engine.losses import example_losses, logit_transform, token_losses
 from ..recipe import EvalSection
 from .tasks import ANSWER_SENTENCE, Task
 
@@ -119,7 +119,7 @@ def generate(
     if not prompts:
         return []
     greedy = not settings.do_sample and settings.num_beams == 1
-    known = getattr(getattr(model, "config", None), "model_type", None) in ARCHITECTURES
+    known = family_of(getattr(getattr(model, "config", None), "model_type", None)) is not None
     if own_loop and greedy and known:
         return _greedy(model, tokenizer, prompts, settings, task, device, advance)
     return _transformers_generate(model, tokenizer, prompts, settings, task, device, advance)
@@ -376,7 +376,7 @@ def answer_logliks(
     for labels in offered:
         starts.append(starts[-1] + len(labels))
     choices = [examples[starts[k] : starts[k + 1]] for k in range(len(records))]
-    known = getattr(getattr(model, "config", None), "model_type", None) in ARCHITECTURES
+    known = family_of(getattr(getattr(model, "config", None), "model_type", None)) is not None
     score = _shared_prefix_logliks if share_prefixes and known else _whole_sequence_logliks
     scores = score(model, choices, tokenizer.pad_token_id, batch_size, device, advance)
     return [dict(zip(labels, s, strict=True)) for labels, s in zip(offered, scores, strict=True)]
@@ -431,14 +431,16 @@ class _Targets:
     def add(self, hidden: int, row: int, position: int, token: int, owner: tuple) -> None:
         self.rows.setdefault(hidden, []).append((row, position, token, owner))
 
-    def sums(self, hiddens: list[torch.Tensor], head) -> dict[tuple, float]:
-        """The summed cross-entropy of each owner's targets, through the output head."""
+    def sums(self, hiddens: list[torch.Tensor], head, transform) -> dict[tuple, float]:
+        """The summed cross-entropy of each owner's targets, through the output head (and
+        its family's logit ``transform``)."""
         total: dict[tuple, float] = {}
         for k, rows in self.rows.items():
             hidden = hiddens[k]
             index = torch.tensor([(r, p) for r, p, _, _ in rows], device=hidden.device)
             tokens = torch.tensor([tok for _, _, tok, _ in rows], device=hidden.device)
-            losses = token_losses(hidden[index[:, 0], index[:, 1]], head, tokens).tolist()
+            rows_hidden = hidden[index[:, 0], index[:, 1]]
+            losses = token_losses(rows_hidden, head, tokens, transform).tolist()
             for (_, _, _, owner), loss in zip(rows, losses, strict=True):
                 total[owner] = total.get(owner, 0.0) + loss
         return total
@@ -514,7 +516,7 @@ def _shared_prefix_logliks(
                     targets.add(prefix_read, j, width - 1, e.labels[t], (j, r))
                 else:
                     targets.add(tail_read, r, t - start - 1, e.labels[t], (j, r))
-        sums = targets.sums(hiddens, head)
+        sums = targets.sums(hiddens, head, logit_transform(model))
         for r, (j, _) in enumerate(own):
             scores[chunk[j]].append(-(sums.get((j,), 0.0) + sums.get((j, r), 0.0)))
         advance(len(chunk))

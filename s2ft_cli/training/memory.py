@@ -8,16 +8,16 @@ the activations a step saves for the backward pass at ``train.batch_size`` ×
 parameter tensor is divided over the processes, and one decoder layer is gathered whole
 while it runs (two with prefetching).
 
-Saved activations follow the operations of a LLaMA-family block as autograd saves them
-(``tests/test_memory.py`` checks the count against autograd's own on real models): an
-operation saves its inputs only when something trainable lies below it, an S² consumer
-saves its input's selected columns, a producer its whole input (paper §3.3). Per token
-of a block above the lowest trained one, in elements: the input norm's input and its
-1/rms (H + 1), the attention's rotated queries and keys, values, output and log-sum-exp
-(2·q + 2·kv + heads), the second norm (H + 1), the FFN's gate output and up projection
-(2·I; 3·I with its activation where the FFN is not SiLU-gated, ``engine/ffn.py``); then the S²
-layers' own. The loss keeps d(loss)/d(hidden) of the
-target positions (N·H). A step's working memory on top of the saved set is the larger of
+Saved activations are traced, not modelled: the converted model reads a batch of fake
+tensors (shapes without storage, ``activations.py``) and autograd's own saved tensors are
+counted, per decoder layer, for every family as its blocks compute (``tests/test_memory.py``
+checks the count against a real step's). An operation saves its inputs only when something
+trainable lies below it, an S² consumer its input's selected columns, a producer its whole
+input (paper §3.3). With activation checkpointing a block above the lowest trained one
+keeps its input (H per token) and the largest block is recomputed at a time. The loss
+keeps d(loss)/d(hidden) of the target positions (N·H). Mixture-of-experts layers are
+traced with every expert receiving top-k × tokens / experts tokens. A step's working
+memory on top of the saved set is the larger of
 the loss's chunk of float32 logits (one buffer, and its half-precision product or
 cast under bf16) and one block's gradients in flight, plus, on a
 quantized base, the dequantized weight of the product running: one block of rows under
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..engine.convert import convert_model
-from ..engine.ffn import gated_ffns
 from ..engine.losses import chunk_rows
-from ..engine.models import DTYPES, ModelShape, decoder_layers, load_model, model_shape
-from ..engine.targets import TARGETS
+from ..engine.models import DTYPES, load_model
+from ..engine.shapes import decoder_layers, model_shape
+from .activations import trace_saved
 from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
 
 # Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
@@ -89,39 +89,6 @@ def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
     return int(total), int(largest)
 
 
-def _block_elements(
-    shape: ModelShape, trained: dict[str, int], below: bool, recomputed: bool
-) -> int:
-    """Elements per token one decoder block saves: ``trained`` maps its trained matrices to
-    their selected units; ``below``: whether something trainable lies under the block;
-    ``recomputed``: whether the FFN recomputes its activation (``engine/ffn.py``)."""
-    h, i = shape.hidden_size, shape.intermediate_size
-    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    saved = 0
-    flowing = below  # whether the gradient flows through the operations met so far
-    attention = [m for m in trained if TARGETS[m].structure == "attention"]
-    if flowing:
-        saved += h + 1  # the input norm
-    if any(not TARGETS[m].consumer for m in attention):
-        saved += h  # producers (q, k, v rows) save the normed input
-        flowing = True
-    if flowing:
-        saved += 2 * q + 2 * kv + shape.num_heads  # rotated q, k, v, output, log-sum-exp
-    if "o_proj" in trained:
-        saved += trained["o_proj"] * shape.head_dim
-        flowing = True
-    if flowing:
-        saved += h + 1  # the second norm
-    if any(TARGETS[m].structure == "ffn" and not TARGETS[m].consumer for m in trained):
-        saved += h  # gate/up rows save the normed input
-        flowing = True
-    if flowing:
-        saved += (2 if recomputed else 3) * i  # gate output, (its activation,) up output
-    if "down_proj" in trained:
-        saved += trained["down_proj"]
-    return saved
-
-
 def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan:
     """The memory plan of a recipe's training run on each of ``gpus`` processes (FSDP
     when ``train.distributed`` is fsdp and there are several, DDP otherwise), for
@@ -132,31 +99,24 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
     model = convert_model(model, counting)
     selection = model.s2ft_selection
-    units = {
-        layer: {matrix: len(ids) for matrix, ids in per_matrix.items() if ids}
-        for layer, per_matrix in selection.units.items()
-    }
-    trained_layers = sorted(layer for layer, per_matrix in units.items() if per_matrix)
+    trained_layers = sorted(layer for layer, per_matrix in selection.units.items() if per_matrix)
     weights, largest_layer = _weight_bytes(model, m.quantization)
-    recomputed = bool(gated_ffns(model))
     trainable = selection.trainable_params()
     weights -= trainable * 4  # the deltas are counted with their state below
     sharded = t.sharded(gpus)
     share = gpus if sharded else 1
-
-    tokens = t.batch_size * (seq_len or recipe.data.max_seq_len)
-    act = DTYPES[m.dtype].itemsize
-    per_layer, checkpointed_inputs = [], 0
-    lowest = trained_layers[0] if trained_layers else shape.num_layers
-    for layer in range(lowest, shape.num_layers):
-        trained = units.get(layer, {})
-        per_layer.append(_block_elements(shape, trained, layer > lowest, recomputed))
-        checkpointed_inputs += shape.hidden_size
-    loss = (shape.hidden_size + 1) + shape.hidden_size  # final norm, d(loss)/d(hidden)
-    activations = (sum(per_layer) + loss) * tokens * act
-    top = max(per_layer, default=0)
-    checkpointed = (checkpointed_inputs + top + loss) * tokens * act
     vocab = model.config.vocab_size
+    dequantized = _dequantized_bytes(model, m.quantization)
+
+    seq = seq_len or recipe.data.max_seq_len
+    tokens = t.batch_size * seq
+    act = DTYPES[m.dtype].itemsize
+    saved = trace_saved(model, t.batch_size, seq)  # replaces the meta model's tensors
+    lowest = trained_layers[0] if trained_layers else shape.num_layers
+    loss = shape.hidden_size * tokens * act  # d(loss)/d(hidden) of the target positions
+    activations = saved.total + loss
+    kept_inputs = (shape.num_layers - lowest) * shape.hidden_size * tokens * act
+    checkpointed = kept_inputs + max(saved.per_layer, default=0) + saved.outside + loss
     logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
     gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
     notes = [f"{trainable:,} trainable parameters in {len(trained_layers)} layers"]
@@ -168,6 +128,6 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
         gathered=2 * largest_layer if sharded else 0,
         activations=activations,
         activations_checkpointed=checkpointed,
-        working=max(logits, gradients) + _dequantized_bytes(model, m.quantization),
+        working=max(logits, gradients) + dequantized,
         notes=notes,
     )

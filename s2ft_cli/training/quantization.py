@@ -20,8 +20,7 @@ from torch import nn
 
 from ..adapter.fingerprint import remember_base_fingerprint
 from ..engine.layers import S2Linear
-from ..engine.models import decoder_layers, module_path, replace_module
-from ..engine.targets import TARGETS
+from ..engine.shapes import get_family, model_shape, replace_module, role_slots
 from ..errors import S2FTError
 
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -79,15 +78,35 @@ def quantized_linear(linear: nn.Linear, kind: str, blockwise: bool = True) -> nn
 
 
 def frozen_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear]]:
-    """The dense linears quantization stores: per decoder layer and target matrix, its
-    module path, the module there (an S² layer or the linear) and the linear."""
-    for layer in range(len(decoder_layers(model))):
-        for matrix in TARGETS:
-            path = module_path(model, layer, matrix)
-            module = model.get_submodule(path)
-            linear = module.base if isinstance(module, S2Linear) else module
-            if type(linear) is nn.Linear:
-                yield path, module, linear
+    """The dense linears quantization stores: every 2-D weight of a decoder layer that a
+    role lives in (``families.FAMILIES``; a fused one once), by module path, the module
+    there (an S² layer or the linear) and the linear."""
+    shape = model_shape(model)
+    seen = set()
+    for layer in range(shape.num_layers):
+        for role in get_family(model).roles:
+            for slot in role_slots(shape, layer, role):
+                if slot.place.experts or slot.path in seen:
+                    continue
+                seen.add(slot.path)
+                module = model.get_submodule(slot.path)
+                linear = module.base if isinstance(module, S2Linear) else module
+                if type(linear) is nn.Linear:
+                    yield slot.path, module, linear
+
+
+def check_quantizable(model_or_config) -> None:
+    """Refuse ``model.quantization`` for a family whose frozen weights bitsandbytes cannot
+    store: experts in 3-D tensors, GPT-2's transposed Conv1D weights."""
+    family = get_family(model_or_config)
+    if family.moe or any(p.transposed for p in family.places.values()):
+        what = "its experts are 3-D tensors" if family.moe else "its weights are Conv1D"
+        raise S2FTError(
+            f"model.quantization stores a model's nn.Linear weights in 4 or 8 bits with "
+            f"bitsandbytes; a {family.model_type} model cannot be ({what}, which bitsandbytes "
+            "does not quantize). Train it with model.quantization: none (bfloat16 halves "
+            "its memory)."
+        )
 
 
 def quantize_frozen_linears(model: nn.Module, kind: str, blockwise: bool = True) -> int:
@@ -97,6 +116,7 @@ def quantize_frozen_linears(model: nn.Module, kind: str, blockwise: bool = True)
     :func:`quantized_linear`."""
     if kind == "none":
         return 0
+    check_quantizable(model)
     remember_base_fingerprint(model)
     found = list(frozen_linears(model))
     for path, module, linear in found:

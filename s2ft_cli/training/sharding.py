@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..adapter.fingerprint import remember_base_fingerprint
-from ..engine.models import decoder_layers
+from ..engine.shapes import decoder_layers
 from .distributed import Processes
 
 
