@@ -49,7 +49,9 @@ class Baseline(TrainingMethod):
 class LoRA(Baseline):
     """PEFT LoRA of rank ``r`` on the seven linear projections (or ``targets``); on a quantized base
     (``model.quantization``), QLoRA as PEFT users run it: the base is quantized first into
-    bitsandbytes' own layers (no blockwise products), LoRA wraps them."""
+    bitsandbytes' own layers (no blockwise products), LoRA wraps them. In a mixture-of-experts
+    model the FFN roles are the experts' 3-D tensors, which PEFT adapts through
+    ``target_parameters`` (a LoRA per expert)."""
 
     def __init__(
         self,
@@ -66,7 +68,16 @@ class LoRA(Baseline):
         from peft import LoraConfig, get_peft_model
 
         quantize_frozen_linears(model, trainer.recipe.model.quantization, blockwise=False)
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=self.targets)
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        parameters = sorted(
+            {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.ndim == 3}
+        )  # an experts module's gate_up_proj, down_proj
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            target_modules=[t for t in self.targets if t in names],
+            target_parameters=parameters or None,
+        )
         return get_peft_model(model, config)
 
     def describe(self, model: nn.Module) -> list[str]:

@@ -14,8 +14,8 @@ SIZES = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    vocab_size=96,
-    max_position_embeddings=64,
+    vocab_size=112,
+    max_position_embeddings=256,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
@@ -39,7 +39,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "smollm3": {},
     "starcoder2": dict(use_bias=True),
     "gpt_neox": dict(num_key_value_heads=None),
-    "gpt2": dict(n_embd=32, n_head=4, n_layer=2, n_inner=48, n_positions=64),
+    "gpt2": dict(n_embd=32, n_head=4, n_layer=2, n_inner=48, n_positions=256),
     "mixtral": dict(num_local_experts=4, **MOE),
     "qwen2_moe": dict(
         num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, **MOE

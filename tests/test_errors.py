@@ -134,6 +134,15 @@ def write(name: str, content: str | bytes):
     return change
 
 
+def config_dir(ws: Workspace, model_type: str, **settings) -> Path:
+    """A model folder holding only a config (enough for s2ft select and s2ft plan)."""
+    from tests.families import family_config
+
+    config = family_config(model_type).to_dict()
+    config.update(settings)
+    return ws.file(f"{model_type}/config.json", json.dumps(config)).parent
+
+
 def opt_dir(ws: Workspace) -> Path:
     """A model folder of a type s2ft does not know (OPT)."""
     return ws.file(
@@ -305,6 +314,32 @@ CASES = {
     "model-unsupported": (
         lambda ws: ["select", ws.recipe, f"model.name_or_path={opt_dir(ws)}"],
         ["'opt'", "llama", "gemma2", "gpt_oss", "s2ft models"],
+    ),
+    "model-role-missing": (
+        lambda ws: [
+            "select",
+            ws.recipe,
+            f"model.name_or_path={config_dir(ws, 'gpt2')}",
+            "s2ft.targets={gate_proj: 0.5}",
+        ],
+        ["gate_proj", "gpt2", "Its roles: q_proj, k_proj, v_proj, o_proj, up_proj, down_proj"],
+    ),
+    "model-mixed-experts": (
+        lambda ws: [
+            "select",
+            ws.recipe,
+            f"model.name_or_path={config_dir(ws, 'qwen2_moe', mlp_only_layers=[1])}",
+        ],
+        ["mixes dense and mixture-of-experts layers", "mlp_only_layers [1]"],
+    ),
+    "model-quantized-experts": (
+        lambda ws: [
+            "plan",
+            ws.recipe,
+            f"model.name_or_path={config_dir(ws, 'mixtral')}",
+            "model.quantization=nf4",
+        ],
+        ["mixtral", "3-D tensors", "model.quantization: none"],
     ),
     "model-gguf-missing": (
         lambda ws: ["train", ws.recipe, f"model.name_or_path={ws.root / 'absent.gguf'}"],

@@ -70,10 +70,18 @@ def test_slots_tile_every_stored_weight(model_type):
         assert sorted(ids) == list(range(length)), name
 
 
+# Both the S²FT step and the dense reference compute in fp32, in another order: on these
+# tiny random models some slices' gradients cancel down to ~1e-5 of their terms (measured:
+# StarCoder2's layer-1 q_proj, dense fp32 9.5e-6 from a float64 computation, S²FT 9.5e-6,
+# 1.4e-5 from each other), so the comparison allows 3e-5.
+GRAD_TOL = 3e-5
+
+
 @pytest.mark.parametrize("set_index", [0, 1], ids=["attention-and-ffn", "producers"])
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_engine_guarantees(model_type, set_index, tmp_path):
-    check_engine(family_model(model_type), target_sets(model_type)[set_index], tmp_path)
+    targets = target_sets(model_type)[set_index]
+    check_engine(family_model(model_type), targets, tmp_path, grad_tol=GRAD_TOL)
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "granite", "cohere"])
@@ -269,3 +277,22 @@ def test_combining_adapters_of_a_family(model_type, tmp_path):
     assert sum(o.units for o in overlaps) == sum(
         len(ids) for per_role in selection.values() for ids in per_role.values()
     )
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_shared_prefix_likelihoods_equal_whole_readings(model_type):
+    """Answer likelihoods read with each question's shared part once (its cache continued
+    by every choice) equal every choice read whole, through the family's logit transform."""
+    from s2ft_cli.engine.models import char_tokenizer
+    from s2ft_cli.evaluation import decoding
+    from s2ft_cli.evaluation.tasks import TASKS
+
+    model, tok = family_model(model_type), char_tokenizer()
+    records = [{"instruction": f"Is {n} even? Answer true or false."} for n in (3, 14, 27)]
+    args = (tok, records, TASKS["boolq"], "alpaca", 2, torch.device("cpu"))
+    shared = decoding.answer_logliks(model, *args)
+    whole = decoding.answer_logliks(model, *args, share_prefixes=False)
+    for got, want in zip(shared, whole, strict=True):
+        assert got.keys() == want.keys()
+        for label in got:
+            assert abs(got[label] - want[label]) <= 1e-4 * max(1.0, abs(want[label])), label

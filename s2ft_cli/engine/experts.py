@@ -128,6 +128,7 @@ class S2Experts(S2Layer):
         base.requires_grad_(False)
         self.transposed = bool(getattr(base, "is_transposed", False))
         self.slices: dict[str, dict[int, tuple]] = {}
+        self._reached: set[int] = set()  # the experts the current forward reached
         for name, per_expert in blocks.items():
             weight = getattr(base, name)
             out_in = weight.shape[1:][::-1] if self.transposed else weight.shape[1:]
@@ -157,9 +158,21 @@ class S2Experts(S2Layer):
         return getattr(self, f"{name}_deltas")[str(expert)].delta
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        return routed_forward(self.base, hidden_states, top_k_index, top_k_weights, self.project)
+        self._reached = set()
+        out = routed_forward(self.base, hidden_states, top_k_index, top_k_weights, self.project)
+        idle = [
+            d for n, per in self.slices.items() for e in per if e not in self._reached
+            for d in (self.delta(n, e),) if d.requires_grad
+        ]  # fmt: skip
+        if idle and torch.is_grad_enabled():
+            # Every delta gets a gradient every step, zero for an expert no token reached:
+            # one process and many (DDP, FSDP: ranks route differently) update the same
+            # parameters alike.
+            out = out + sum(d.sum() for d in idle) * 0
+        return out
 
     def project(self, name: str, expert: int, x: torch.Tensor, tokens) -> torch.Tensor:
+        self._reached.add(expert)
         y = frozen_product(self.base, name, expert, x)
         entry = self.slices.get(name, {}).get(expert)
         if entry is None:

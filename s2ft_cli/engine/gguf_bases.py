@@ -164,7 +164,8 @@ def _convert(gguf: Path, folder: Path) -> None:
     except (ValueError, KeyError, NotImplementedError) as err:
         raise S2FTError(
             f"Could not read the GGUF file {gguf}: {str(err).rstrip('.')}. transformers reads "
-            "GGUF files of the llama, mistral and qwen2/qwen3 families with standard "
+            "GGUF files of the llama, mistral, qwen2, qwen3, qwen2moe, qwen3moe, phi3, gemma2, "
+            "gemma3, stablelm, starcoder2, gpt2 and gpt-oss architectures with standard "
             "quantization types; give another file or a Hugging Face model folder."
         ) from err
     model.save_pretrained(folder)

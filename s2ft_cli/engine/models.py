@@ -28,7 +28,7 @@ PRESET_PREFIX = "preset:"
 
 
 def _preset_configs() -> dict:
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MixtralConfig
 
     return {
         # Two-layer GQA model: runs anywhere in seconds (quickstart, tests, demos). Its
@@ -52,6 +52,19 @@ def _preset_configs() -> dict:
             num_hidden_layers=12,
             num_attention_heads=12,
             num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+        # The CPU benchmark shape of a mixture-of-experts model: bench-llama's attention and
+        # width, each FFN eight experts of 1024 channels, two a token (Mixtral's routing).
+        "bench-mixtral": MixtralConfig(
+            hidden_size=768,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            num_local_experts=8,
+            num_experts_per_tok=2,
             vocab_size=32000,
             max_position_embeddings=2048,
         ),

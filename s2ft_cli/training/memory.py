@@ -35,7 +35,7 @@ from ..engine.losses import chunk_rows
 from ..engine.models import DTYPES, load_model
 from ..engine.shapes import decoder_layers, model_shape
 from .activations import trace_saved
-from .quantization import NF4_BLOCK_ELEMENTS, frozen_linears
+from .quantization import NF4_BLOCK_ELEMENTS, check_quantizable, frozen_linears
 
 # Bits per weight of a quantized decoder linear, scales included: nf4 packs two weights in
 # a byte and keeps one 8-bit absmax per block of 64 (double quantization: plus one fp32
@@ -95,6 +95,8 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     sequences of ``seq_len`` tokens (default ``data.max_seq_len``, the longest)."""
     m, t = recipe.model, recipe.train
     model = load_model(m.name_or_path, m.dtype, m.trust_remote_code, weights=False)
+    if m.quantization != "none":
+        check_quantizable(model)
     shape = model_shape(model)
     counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
     model = convert_model(model, counting)

@@ -52,7 +52,7 @@ from .checkpoints import Checkpointer, check_resumable, random_states, whole_sta
 from .distributed import setup_processes
 from .methods import S2FT, TrainingMethod
 from .metrics import MetricLogger, check_report_to, peak_memory_gb, setup_summary, status_line
-from .quantization import require_bitsandbytes
+from .quantization import check_quantizable, require_bitsandbytes
 from .sharding import shard_model
 from .signals import StopRequest
 
@@ -171,8 +171,9 @@ class Trainer:
         several processes; autocast as train.autocast says."""
         r, t = self.recipe, self.recipe.train
         self.sharded = t.sharded(self.world)
-        if r.model.quantization != "none":
-            require_bitsandbytes()  # before loading weights
+        if r.model.quantization != "none":  # before loading weights
+            require_bitsandbytes()
+            check_quantizable(load_model(r.model.name_or_path, weights=False))
         # Sharded, rank 0 alone reads the weights (to the CPU) and the others build the
         # model on the meta device; sharding hands them rank 0's values.
         model = load_model(
