@@ -20,7 +20,7 @@ from s2ft_cli.evaluation import decoding
 from s2ft_cli.evaluation.tasks import TASKS, Task
 from s2ft_cli.recipe import EvalSection
 
-from .conftest import SHARED, STORIES, stories_model, tiny_model
+from .conftest import SHARED, STORIES, stories_model
 from .families import FAMILY_CONFIGS, family_model
 from .torchrun import torchrun
 
