@@ -166,7 +166,7 @@ def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path):
     Stopped under FSDP (its checkpoints hold the gathered deltas and optimizer state, those
     of an unsharded run), resumed and stopped again under DDP, resumed under FSDP: the run
     ends where one process with the same global batch does."""
-    long = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
+    long = RECIPE.replace("max_steps: 12", "max_steps: 24").replace("limit: 112", "limit: 240")
     path = recipe_file(tmp_path, long)
     train(load_recipe(path, [f"output_dir={tmp_path / 'single'}"]))  # batch 8, one process
 
@@ -185,9 +185,9 @@ def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path):
         assert result.returncode != 0
         newest = checkpoints_of(tmp_path / "run")[-1]
         step = json.loads((newest / "meta.json").read_text())["step"]
-        assert after <= step < 40 and not (tmp_path / "run" / "adapter").exists()
+        assert after <= step < 24 and not (tmp_path / "run" / "adapter").exists()
         stderr = " ".join(result.stderr.split())
-        assert stderr.count(f"Interrupted at step {step} of 40") == 2  # both, at the same step
+        assert stderr.count(f"Interrupted at step {step} of 24") == 2  # both, at the same step
 
     result = torchrun("train", path, "train.batch_size=4", "train.distributed=fsdp", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]

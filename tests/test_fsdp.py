@@ -26,9 +26,8 @@ FSDP = "train.distributed=fsdp"
 
 @pytest.mark.parametrize(
     "setting",
-    ["model.gradient_checkpointing=false", "model.gradient_checkpointing=true",
-     "train.fsdp_offload=true"],
-    ids=["plain", "activation-checkpointing", "offload"],
+    ["model.gradient_checkpointing=true", "train.fsdp_offload=true"],
+    ids=["activation-checkpointing", "offload"],
 )  # fmt: skip
 def test_fsdp_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8, setting):
     """2 processes × batch 2 × accumulation 2 = one process × batch 8 (as DDP is, in

@@ -124,14 +124,6 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
 
 
-def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tmp_path):
-    path = recipe_file(tmp_path, RECIPE.replace("max_steps: 12", "max_steps: 6"))
-    train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
-    result = torchrun("train", path, f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert max_diff(tmp_path / "ddp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
-
-
 def test_malformed_record_stops_before_training(tmp_path):
     records = [{"instruction": "q", "output": "a"}] * 5 + [{"instruction": "q"}]
     (tmp_path / "data.json").write_text(json.dumps(records))
@@ -184,25 +176,34 @@ def test_bundled_recipes_are_valid_and_init_copies_them(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
-def test_a_recipe_takes_the_schedules_that_run_on_warmup_and_total_steps(tmp_path):
-    """train.scheduler: every name a recipe accepts is a transformers schedule that the
-    training loop steps; the others (a metric to step on, or arguments a recipe has no
-    key for) are refused by the recipe, before any model loads."""
+@pytest.mark.parametrize("warmup,total", [(2, 6), (0, 9), (5, 40), (3, 4)])
+def test_a_recipe_takes_the_schedules_that_run_on_warmup_and_total_steps(tmp_path, warmup, total):
+    """train.scheduler: every name a recipe accepts is a transformers schedule, and the
+    loop's (``training/schedules.py``) gives transformers' learning rate at every step (and
+    past the end); the others (a metric to step on, or arguments a recipe has no key for)
+    are refused by the recipe, before any model loads."""
     from typing import get_args
 
     from transformers import SchedulerType, get_scheduler
 
     from s2ft_cli.recipe import Scheduler
+    from s2ft_cli.training.schedules import schedule
 
     accepted = set(get_args(Scheduler))
     assert accepted < {s.value for s in SchedulerType}
     for name in accepted:
-        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-        schedule = get_scheduler(name, optimizer, num_warmup_steps=2, num_training_steps=6)
-        for _ in range(6):
-            optimizer.step()
-            schedule.step()
-        assert 0 <= optimizer.param_groups[0]["lr"] <= 1e-3, name
+        ours, theirs = (
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in range(2)
+        )
+        stepped = (
+            schedule(name, ours, warmup, total),
+            get_scheduler(name, theirs, num_warmup_steps=warmup, num_training_steps=total),
+        )
+        for step in range(total + 3):
+            assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"], (name, step)
+            for optimizer, scheduler in zip((ours, theirs), stepped, strict=True):
+                optimizer.step()
+                scheduler.step()
     for name in {s.value for s in SchedulerType} - accepted:
         with pytest.raises(S2FTError, match=f"train.scheduler: .*got '{name}'"):
             load_recipe(recipe_file(tmp_path), [f"train.scheduler={name}"])
@@ -221,9 +222,10 @@ def test_paths_resolve_against_the_recipe_or_the_current_folder(tmp_path, monkey
     assert load_recipe(path, ["data.train=f.json"]).data.train.path == str(tmp_path / "f.json")
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path, distributed):
-    """Rank 0 measures the selection on the whole weights (FSDP: before sharding)."""
+def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
+    """Rank 0 measures the selection on the whole weights, before FSDP shards them, and
+    every process trains it (DDP shares it the same way: ``Processes.on_main``)."""
+    distributed = "fsdp"
     path = recipe_file(
         tmp_path,
         RECIPE.replace("max_steps: 12", "max_steps: 2").replace(

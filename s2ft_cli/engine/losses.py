@@ -93,8 +93,11 @@ def _head_losses(hidden, weight, bias, labels, transform=None, grad_hidden=None)
     """Cross-entropy of ``transform(hidden @ weightᵀ + bias)`` against ``labels``, chunk by
     chunk, in float32; when ``grad_hidden`` is given, also write d(loss_i)/d(hidden_i) into
     it. A chunk's float32 logits are its one buffer: transformed, shifted by their maximum,
-    exponentiated and normalised in place, ``loss = log Σ exp(z − max) + max − z_label``."""
-    dtype = compute_dtype(hidden)
+    exponentiated and normalised in place, ``loss = log Σ exp(z − max) + max − z_label``.
+    The products run in the compute dtype on a GPU, in float32 on a CPU: there a bfloat16
+    product with the vocabulary as its inner dimension (the gradient, ``probs @ W``) took
+    17.9 s where float32 takes 0.11 s (256 rows, vocabulary 49,152, 2 cores)."""
+    dtype = compute_dtype(hidden) if hidden.device.type != "cpu" else torch.float32
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     rows = chunk_rows(weight.shape[0])

@@ -53,6 +53,7 @@ from .distributed import setup_processes
 from .methods import S2FT, TrainingMethod
 from .metrics import MetricLogger, check_report_to, peak_memory_gb, setup_summary, status_line
 from .quantization import check_quantizable, require_bitsandbytes
+from .schedules import schedule
 from .sharding import shard_model
 from .signals import StopRequest
 
@@ -201,14 +202,8 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         """AdamW over the deltas and the learning-rate schedule."""
         t = self.recipe.train
-        # here, not at import: transformers' optimization module imports its Trainer's
-        # utilities and PEFT (2.6 s), which every other command would pay at start-up
-        from transformers import get_scheduler
-
         self.optimizer = adamw(self.params, t.lr, t.weight_decay)
-        self.scheduler = get_scheduler(
-            t.scheduler, self.optimizer, t.warmup_steps, self.total_steps
-        )
+        self.scheduler = schedule(t.scheduler, self.optimizer, t.warmup_steps, self.total_steps)
 
     def _setup_run(self, checkpoint: Path | None) -> None:
         """The metric logger, and a new run's files or the resumed checkpoint's state."""
