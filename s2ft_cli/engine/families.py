@@ -86,7 +86,9 @@ class Family:
     Head: ``logit_softcap`` (``tanh`` soft-capping), ``logit_multiplier``,
     ``logit_divisor``: config attributes of what the output head does to the logits.
     ``recompute_ffn``: a LLaMA-style SiLU-gated FFN (``engine/ffn.py`` may recompute its
-    activation).
+    activation). ``gguf_config``: config attributes that transformers' GGUF reader (5.24)
+    leaves out for the family, by the GGUF key (after ``<architecture>.``) that states them
+    (``gguf_bases.py`` reads them from the file).
     """
 
     model_type: str
@@ -104,6 +106,7 @@ class Family:
     logit_multiplier: str | None = None
     logit_divisor: str | None = None
     recompute_ffn: bool = False
+    gguf_config: dict[str, str] = field(default_factory=dict)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -135,12 +138,16 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", "Mistral (GQA, sliding window)", recompute_ffn=True),
         Family("qwen2", "Qwen2 / Qwen2.5 (GQA, q/k/v biases)", recompute_ffn=True),
         Family("qwen3", "Qwen3 (GQA, per-head q/k norms, explicit head_dim)",
-               recompute_ffn=True),
+               recompute_ffn=True, gguf_config={"head_dim": "attention.key_length"}),
         Family("gemma", "Gemma (GeGLU, head_dim 256, scaled embeddings)"),
         Family("gemma2", "Gemma 2 (logit soft-capping, sandwich norms)",
-               logit_softcap="final_logit_softcapping"),
+               logit_softcap="final_logit_softcapping", gguf_config={
+                   "final_logit_softcapping": "final_logit_softcapping",
+                   "attn_logit_softcapping": "attn_logit_softcapping",
+               }),
         Family("gemma3_text", "Gemma 3 text (per-head q/k norms, optional soft-capping)",
-               logit_softcap="final_logit_softcapping"),
+               logit_softcap="final_logit_softcapping",
+               gguf_config={"final_logit_softcapping": "final_logit_softcapping"}),
         Family("phi3", "Phi-3 / Phi-4 (fused qkv_proj and gate_up_proj)", places={
             **{r: Place("self_attn.qkv_proj", fused=QKV) for r in QKV},
             "o_proj": Place("self_attn.o_proj"),
@@ -173,6 +180,7 @@ FAMILIES: dict[str, Family] = {
         }),  # fmt: skip
         Family("gpt2", "GPT-2 (Conv1D weights stored transposed, fused c_attn, no gate)",
                layers="transformer.h", ffn_size=("n_inner",), head_dim=None, kv_heads=None,
+               gguf_config={"n_positions": "context_length"},
                places={
             **{r: Place("attn.c_attn", fused=QKV, transposed=True) for r in QKV},
             "o_proj": Place("attn.c_proj", transposed=True),
@@ -183,9 +191,13 @@ FAMILIES: dict[str, Family] = {
                places={**ATTENTION, **_experts()}, num_experts="num_local_experts"),
         Family("qwen2_moe", "Qwen2-MoE / Qwen1.5-MoE (experts and a shared expert)",
                places={**ATTENTION, **_experts()}, shared_expert="mlp.shared_expert",
-               shared_size="shared_expert_intermediate_size", **MOE_SIZES),
+               shared_size="shared_expert_intermediate_size", **MOE_SIZES, gguf_config={
+                   "moe_intermediate_size": "expert_feed_forward_length",
+                   "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+               }),
         Family("qwen3_moe", "Qwen3-MoE (experts, per-head q/k norms)",
-               places={**ATTENTION, **_experts()}, **MOE_SIZES),
+               places={**ATTENTION, **_experts()}, **MOE_SIZES,
+               gguf_config={"moe_intermediate_size": "expert_feed_forward_length"}),
         Family("olmoe", "OLMoE (experts, full-width q/k norms)", followers=QK_NORMS,
                places={**ATTENTION, **_experts()}, num_experts="num_experts"),
         Family("gpt_oss", "gpt-oss (experts stored transposed with biases, interleaved "

@@ -147,26 +147,57 @@ def _require_gguf_support() -> None:
         )
 
 
+def gguf_settings(reader, config) -> dict:
+    """The config values a GGUF file (``reader``: its ``gguf.GGUFReader``) states that
+    transformers' reader leaves out, for the family of ``config`` (``Family.gguf_config``:
+    Qwen3's head_dim, the MoE experts' widths, Gemma's soft-capping, GPT-2's context), by
+    config attribute; and ``attention_bias`` where the file holds q/k/v biases a LLaMA
+    config would not expect."""
+    from .families import family_of
+
+    family = family_of(config.model_type)
+    if family is None:
+        return {}
+    arch = reader.fields["general.architecture"].contents()
+    settings = {}
+    for attr, key in family.gguf_config.items():
+        value = reader.fields.get(f"{arch}.{key}")
+        if value is not None:
+            settings[attr] = value.contents()
+    if hasattr(config, "attention_bias") and any(
+        t.name == "blk.0.attn_q.bias" for t in reader.tensors
+    ):
+        settings["attention_bias"] = True
+    return settings
+
+
 def _convert(gguf: Path, folder: Path) -> None:
-    """Dequantize ``gguf`` with transformers and save it, with its tokenizer, in ``folder``."""
+    """Dequantize ``gguf`` with transformers and save it, with its tokenizer, in ``folder``;
+    its config completed with what the file states and transformers' reader leaves out
+    (:func:`gguf_settings`)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     kwargs = {"gguf_file": gguf.name}
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+        for attr, value in gguf_settings(GGUFReader(gguf), config).items():
+            setattr(config, attr, value)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
             **kwargs,
+            config=config,
             dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
     except (ValueError, KeyError, NotImplementedError) as err:
         raise S2FTError(
             f"Could not read the GGUF file {gguf}: {str(err).rstrip('.')}. transformers reads "
-            "GGUF files of the llama, mistral, qwen2, qwen3, qwen2moe, qwen3moe, phi3, gemma2, "
-            "gemma3, stablelm, starcoder2, gpt2 and gpt-oss architectures with standard "
-            "quantization types; give another file or a Hugging Face model folder."
+            "GGUF files of the llama, mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3, "
+            "stablelm, starcoder2 and gpt2 architectures with standard quantization types "
+            "(docs/FAMILIES.md); give another file or a Hugging Face model folder."
         ) from err
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

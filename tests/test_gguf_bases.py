@@ -1,0 +1,122 @@
+"""GGUF bases of every family that transformers' GGUF reader takes: a tiny model of the
+family made into a GGUF file by llama.cpp's own converter (``convert_hf_to_gguf.py``, which
+``make install`` takes from the llama-cpp-python source distribution), as users' files are
+made, then loaded by s2ft as a base: its logits are the original model's, and it converts
+for training with the logits unchanged. Where transformers' reader drops a setting the file
+states (Qwen3's head_dim, the experts' widths, Gemma's soft-capping, GPT-2's context),
+s2ft reads it from the file (``Family.gguf_config``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from s2ft_cli import get_s2ft_model
+from s2ft_cli.engine.models import load_model
+
+from .conftest import logit_tol
+from .families import family_config
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+CONVERTER = REPO / ".venv" / "llama.cpp" / "convert_hf_to_gguf.py"
+# family -> (tokenizer, config changes). "spm": a sentencepiece model of 320 pieces trained
+# here; "bpe": the packaged SmolLM2's byte-level BPE, for the families whose converter takes
+# only a BPE it knows (by its hash: a tokenizer trained here is refused), whose 49k pieces
+# transformers parses for 15 s a file: two of those, Qwen3-MoE and GPT-2 (StableLM's and
+# StarCoder2's files, made and read the same way, loaded exactly when checked by hand:
+# docs/FAMILIES.md). The changes are what llama.cpp's converter (0.3.36's) or transformers'
+# reader cannot carry: a GPT-2 FFN other than 4 × hidden, Qwen3-MoE's unnormalised top-k
+# weights (the real models have neither).
+FAMILIES = {
+    "llama": ("spm", {"attention_bias": False}),
+    "qwen2": ("spm", {}),
+    "phi3": ("spm", {}),
+    "gemma2": ("spm", {}),
+    "gemma3_text": ("spm", {}),
+    "qwen3": ("spm", {}),
+    "qwen3_moe": ("bpe", {"norm_topk_prob": True}),
+    "gpt2": ("bpe", {"n_inner": None, "n_ctx": 256}),
+}
+SPM_PIECES = 320
+
+
+def train_sentencepiece(folder) -> None:
+    """A small sentencepiece model (BPE, byte fallback) and its transformers tokenizer."""
+    import random
+
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    rng = random.Random(0)
+    words = "Mia Tom has gets more apples how many the answer is 1 2 3 4 5 6 7 8 9 0 + = .".split()
+    text = folder / "text.txt"
+    text.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=SPM_PIECES,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+        unk_id=0, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    text.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    LlamaTokenizer(vocab_file=str(folder / "tokenizer.model")).save_pretrained(folder)
+
+
+# One process converts every folder: llama.cpp's script, run as its command line does.
+DRIVER = """
+import os, runpy, sys
+script, *folders = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+for folder in folders:
+    sys.argv = [script, folder, "--outfile", folder + "/model.gguf", "--outtype", "f32"]
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory, smollm2_tokenizer):
+    """Each family's tiny model, its folder (the original) and its GGUF file."""
+    if not CONVERTER.is_file():
+        pytest.fail(f"{CONVERTER} is missing: `make install` takes it from llama-cpp-python")
+    root = tmp_path_factory.mktemp("gguf-bases")
+    bpe, spm = root / "bpe-tokenizer", root / "spm-tokenizer"
+    smollm2_tokenizer.save_pretrained(bpe)
+    spm.mkdir()
+    train_sentencepiece(spm)
+    folders = {}
+    for model_type, (tokenizer, changes) in FAMILIES.items():
+        config = family_config(model_type)
+        vocab = SPM_PIECES if tokenizer == "spm" else len(smollm2_tokenizer)
+        config.vocab_size, config.bos_token_id, config.eos_token_id = vocab, 1, 2
+        config.pad_token_id = 0
+        for key, value in changes.items():
+            setattr(config, key, value)
+        torch.manual_seed(0)
+        folder = root / model_type
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        for file in (spm if tokenizer == "spm" else bpe).iterdir():
+            (folder / file.name).write_bytes(file.read_bytes())
+        folders[model_type] = folder
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(CONVERTER), *map(str, folders.values())],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folders
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_a_gguf_file_made_by_llama_cpp_is_a_base(gguf_files, model_type):
+    folder = gguf_files[model_type]
+    original = AutoModelForCausalLM.from_pretrained(folder).eval()
+    base = load_model(str(folder / "model.gguf")).eval()
+    assert base.config.model_type in (model_type, "llama")
+    ids = torch.randint(3, SPM_PIECES, (2, 12))
+    with torch.no_grad():
+        expected = original(ids).logits
+        assert (base(ids).logits - expected).abs().max() <= logit_tol(expected)
+        converted = get_s2ft_model(base, {"targets": {"o_proj": 0.5, "down_proj": 0.2}})
+        assert (converted(ids).logits - expected).abs().max() <= logit_tol(expected)
