@@ -79,10 +79,11 @@ def test_bad_value_and_missing_recipe(tmp_path):
 
 def test_help_listings_and_recipe_mistakes_answer_without_loading_torch(tmp_path):
     """The command line imports torch and transformers (2-3 s) only once a recipe is
-    valid: --help, recipes, init and a recipe's mistakes answer without them."""
+    valid: --help, recipes, models, init and a recipe's mistakes answer without them."""
     commands = [
         ["--help"],
         ["recipes"],
+        ["models"],
         ["init", "quickstart", str(tmp_path / "q.yaml")],
         ["select", str(QUICKSTART), "s2ft.targets.o_proj=2"],
         ["train", str(QUICKSTART), "train.scheduler=cosinee"],
@@ -103,7 +104,22 @@ def test_help_listings_and_recipe_mistakes_answer_without_loading_torch(tmp_path
         )
         code, heavy = json.loads(result.stderr.splitlines()[-1])
         assert heavy == [], (args, heavy)
-        assert code == (0 if args[0] in ("--help", "recipes", "init") else 1), (args, result)
+        assert code == (0 if args[0] in ("--help", "recipes", "models", "init") else 1), (
+            args,
+            result,
+        )
+
+
+def test_models_lists_every_family_with_its_roles():
+    from s2ft_cli.engine.families import FAMILIES
+
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert set(FAMILIES) <= set(rows)
+    assert "q, k, v, o, up, down" in rows["gpt2"] and "attn.c_attn (q|k|v" in rows["gpt2"]
+    assert "q, k, v, o, gate, up, down" in rows["qwen3_moe"]
+    assert "mlp.experts.gate_up_proj (gate|up, per expert" in rows["qwen3_moe"]
 
 
 def test_unsupported_model_fails_cleanly(tmp_path):
