@@ -7,7 +7,11 @@ PY     := $(VENV)/bin/python
 
 # llama.cpp's own converter of Hugging Face models to GGUF (with its gguf-py), from the
 # llama-cpp-python source distribution: the tests make GGUF files of every family with it,
-# as users' files are made, to check that s2ft reads them as bases. Nothing is built.
+# as users' files are made, to check that s2ft reads them as bases, and s2ft export --format
+# gguf converts a Hugging Face base with it (s2ft_cli/export/llama_cpp.py). Nothing is built
+# here; llama-cpp-python itself (the dev extra: the tests run the exports in llama.cpp) is
+# compiled by pip once per machine, 10-30 minutes on 2 cores, and taken from pip's wheel
+# cache afterwards.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
 

@@ -353,17 +353,28 @@ def export(
             help="A training run's directory, or an adapter directory.", show_default=False
         ),
     ],
-    out: Annotated[Path, _option("Where to write the adapter or model directory.", "--out")],
+    out: Annotated[
+        Path, _option("Where to write the adapter or model directory, or the GGUF file.", "--out")
+    ],
     checkpoint: Annotated[
         str | None, _option("Export this checkpoint (step number or step-N folder name).")
     ] = None,
     format: Annotated[
         str,
         _option(
-            "s2ft (default, the adapter format) or peft (a PEFT LoRA adapter: PEFT, vLLM, "
-            "SGLang, lm-eval read it; s2ft reads it back)."
+            "s2ft (default, the adapter format); peft (a PEFT LoRA adapter: PEFT, vLLM, "
+            "SGLang, lm-eval read it; s2ft reads it back); gguf (the merged model as one GGUF "
+            "file: llama.cpp, Ollama, LM Studio); gguf-lora (a llama.cpp LoRA adapter for "
+            "the base's GGUF file)."
         ),
     ] = "s2ft",
+    quant: Annotated[
+        str | None,
+        _option(
+            "--format gguf: the tensors' type, f32 (default), f16, bf16, q8_0, q4_0, q4_1, "
+            "or source (the base GGUF file's own types)."
+        ),
+    ] = None,
     rank: Annotated[
         int | None,
         _option(
@@ -385,14 +396,18 @@ def export(
     ] = False,
 ) -> None:
     """Export a run's adapter (of its end or of a checkpoint) or an adapter, as an s2ft or
-    PEFT adapter; or a merged model."""
+    PEFT adapter; a merged model; or GGUF files for llama.cpp and Ollama."""
     import json
 
     from .export import export_run
 
     _refuse_existing(out)
-    path = export_run(source, out, checkpoint, merged, force, format, rank)
-    what = "merged model" if merged else f"{'PEFT LoRA ' if format == 'peft' else ''}adapter"
+    path = export_run(source, out, checkpoint, merged, force, format, rank, quant)
+    what = {
+        "peft": "PEFT LoRA adapter",
+        "gguf": f"merged GGUF model ({quant or 'f32'})",
+        "gguf-lora": "llama.cpp LoRA adapter",
+    }.get(format, "merged model" if merged else "adapter")
     console.print(f"{what} written to {path}", highlight=False)
     if merged and (
         fused_into := json.loads((path / "s2ft_export.json").read_text()).get("fused_into")

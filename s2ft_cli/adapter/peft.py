@@ -167,6 +167,22 @@ def _factors(update, target: Target, rank: int) -> tuple[torch.Tensor, torch.Ten
     return a.contiguous(), b.contiguous()
 
 
+def lora_pairs(adapter, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted 2-D weight's exact LoRA ``(A, B)`` at its own rank, ``(out, in)``
+    orientation (a transposed weight's turned), for LoRA formats with no experts
+    (``what`` names the format in the refusal of an experts tensor)."""
+    pairs = {}
+    for name, target in _targets(adapter).items():
+        if target.experts:
+            raise S2FTError(
+                f"{name} is a tensor of experts, which {what} cannot adapt with a LoRA; "
+                "export the merged model instead."
+            )
+        (update,) = _local(adapter.updates[name], target)
+        pairs[name] = lora_factors(update, target.shape, len(update.index))
+    return pairs
+
+
 def peft_config(adapter, rank: int | None) -> dict:
     """PEFT's LoraConfig as a dict: one ``r`` = ``lora_alpha`` (padded), or per-module
     ``rank_pattern`` / ``alpha_pattern`` (exact module and parameter paths)."""

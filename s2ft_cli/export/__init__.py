@@ -1,7 +1,8 @@
 """Exports of a training run or an adapter: the adapter (of the run's end, or of any
 checkpoint), the same as a PEFT LoRA adapter (``adapter/peft.py``: PEFT, vLLM and the other
-LoRA servers read it), or a complete Hugging Face model with the update fused in, for tools
-that know nothing about s2ft."""
+LoRA servers read it), a complete Hugging Face model with the update fused in, for tools
+that know nothing about s2ft, or GGUF files for llama.cpp and Ollama (``gguf.py``: the
+merged model, or a llama.cpp LoRA adapter)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapter.format import CONFIG_NAME, V1_FILES, Adapter, adapter_of
-from .adapter.peft import SOURCE_NAME, save_peft
-from .adapter.runtime import get_s2ft_model, load_adapter, merge_adapter
-from .engine.models import load_model, load_tokenizer
-from .engine.selection import Selection
-from .errors import S2FTError
-from .files import atomic_write_dir
-from .recipe import Recipe, load_recipe
-from .training.checkpoints import Checkpointer
-from .version import __version__
+from ..adapter.format import CONFIG_NAME, V1_FILES, Adapter, adapter_of
+from ..adapter.peft import SOURCE_NAME, save_peft
+from ..adapter.runtime import get_s2ft_model, load_adapter, merge_adapter
+from ..engine.models import load_model, load_tokenizer
+from ..engine.selection import Selection
+from ..errors import S2FTError
+from ..files import atomic_write_dir
+from ..recipe import Recipe, load_recipe
+from ..training.checkpoints import Checkpointer
+from ..version import __version__
 
 
 def find_checkpoint(run: Path, name: str) -> Path:
@@ -57,7 +58,8 @@ def _trained_model(run: Path, recipe: Recipe, checkpoint: Path) -> nn.Module:
     return model
 
 
-FORMATS = ("s2ft", "peft")
+FORMATS = ("s2ft", "peft", "gguf", "gguf-lora")
+GGUF_FORMATS = ("gguf", "gguf-lora")
 
 
 def _is_run(path: Path) -> bool:
@@ -100,6 +102,7 @@ def export_run(
     force: bool = False,
     format: str = "s2ft",
     rank: int | None = None,
+    quant: str | None = None,
 ) -> Path:
     """Write the adapter of a run (of its end or of ``checkpoint``) or of an adapter
     directory, in ``format``: ``s2ft`` (GUIDE format) or ``peft`` (a PEFT LoRA adapter,
@@ -107,12 +110,18 @@ def export_run(
     with the update fused into the weights in the original layout (config, safetensors,
     tokenizer, generation config); a run trained on a quantized base fuses into the base's
     original weights, read again. ``force`` accepts a base whose weights' checksums moved
-    since training (shapes must match)."""
+    since training (shapes must match). ``gguf``: the merged model as one GGUF file, its
+    tensors in ``quant`` (``export/gguf_file.py``: f32 by default); ``gguf-lora``: a
+    llama.cpp LoRA adapter file."""
     run, out = Path(run), Path(out)
     if format not in FORMATS:
         raise S2FTError(f"--format {format!r}: one of {', '.join(FORMATS)}.")
     if rank is not None and format != "peft":
         raise S2FTError("--rank pads a PEFT export: give it with --format peft.")
+    if quant is not None and format != "gguf":
+        raise S2FTError("--quant encodes a merged GGUF file: give it with --format gguf.")
+    if format in GGUF_FORMATS:
+        return _export_gguf(run, out, checkpoint, format, quant or "f32", force, merged)
     if merged and (format != "s2ft" or not _is_run(run)):
         raise S2FTError(
             "--merged writes a whole model from a training run's directory; it takes no "
@@ -144,3 +153,25 @@ def export_run(
 
     atomic_write_dir(out, write)
     return out
+
+
+def _export_gguf(
+    run: Path, out: Path, checkpoint: str | None, format: str, quant: str, force: bool,
+    merged: bool,
+) -> Path:  # fmt: skip
+    """``--format gguf | gguf-lora`` of a run (docs/SERVING.md, "llama.cpp and Ollama")."""
+    from .gguf import export_gguf, export_gguf_lora
+
+    if merged or not _is_run(run):
+        raise S2FTError(
+            f"--format {format} writes from a training run's directory (the base is read "
+            "from its recipe); it takes no --merged (a GGUF file is always merged, a "
+            "gguf-lora file never)."
+        )
+    recipe = _run_recipe(run)
+    adapter = exported_adapter(run, checkpoint)
+    source = f"{run} {checkpoint}" if checkpoint else str(run / "adapter")
+    name = recipe.model.name_or_path
+    if format == "gguf":
+        return export_gguf(name, _base(recipe), adapter, out, quant, source, force)
+    return export_gguf_lora(name, _base(recipe), adapter, out, source)
