@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from s2ft_cli import S2FTConfig, S2FTError, Selection
@@ -16,6 +17,35 @@ def test_global_allocation_draws_int_ratio_layers_units_overall():
     sel = select_units(model, S2FTConfig(targets={"o_proj": 0.2, "down_proj": 0.07}))
     assert sum(len(pm.get("o_proj", [])) for pm in sel.units.values()) == int(0.2 * 2 * 8)
     assert sum(len(pm.get("down_proj", [])) for pm in sel.units.values()) == int(0.07 * 2 * 96)
+
+
+def test_a_cap_on_units_per_layer_keeps_the_count_and_takes_the_best_that_fit():
+    """max_units_per_layer: the global draw's count, at most the cap in a layer, and the
+    largest total score (weight norms here) any such choice has: every choice of 8 of the
+    16 heads, 4 a layer at most, tried."""
+    from itertools import combinations
+
+    model = tiny_model("llama-gqa-bias")  # 2 layers, 8 heads, 96 channels
+    targets = {"o_proj": 0.5, "down_proj": 0.04}
+    config = S2FTConfig(targets=targets, strategy="weight", max_units_per_layer=4)
+    capped = select_units(model, config)
+    for matrix, count in (("o_proj", 8), ("down_proj", 7)):
+        per_layer = [len(capped.units.get(i, {}).get(matrix, [])) for i in (0, 1)]
+        assert sum(per_layer) == count and max(per_layer) <= 4
+    scores = capped.scores["o_proj"].flatten()
+    chosen = sum(scores[8 * i + u] for i in (0, 1) for u in capped.units[i]["o_proj"])
+    best = max(
+        sum(scores[list(c)])
+        for c in combinations(range(16), 8)
+        if sum(u < 8 for u in c) <= 4 and sum(u >= 8 for u in c) <= 4
+    )
+    assert torch.isclose(chosen, best)
+    uncapped = select_units(model, config.model_copy(update={"max_units_per_layer": None}))
+    assert max(len(uncapped.units[i]["o_proj"]) for i in (0, 1)) > 4  # the cap mattered
+    with pytest.raises(S2FTError, match="raise the cap to at least 4"):
+        select_units(model, config.model_copy(update={"max_units_per_layer": 3}))
+    with pytest.raises(ValidationError, match="caps the global allocation"):
+        S2FTConfig(targets=targets, allocation="per_layer", max_units_per_layer=3)
 
 
 def test_per_layer_allocation_same_count_in_every_layer():

@@ -127,15 +127,22 @@ def check_ranks(adapter, rank: int | None) -> None:
     limit = VLLM_MAX_RANK if rank is None else rank
     if rank is not None and rank > VLLM_MAX_RANK:
         raise S2FTError(f"--rank {rank} is above vLLM's largest LoRA rank, {VLLM_MAX_RANK}.")
-    targets = _targets(adapter)
-    for name, k in sorted(_ranks(adapter, targets).items()):
+    ranks = _ranks(adapter, _targets(adapter))
+    for name, k in sorted(ranks.items()):
         if k > limit:
             what = f"--rank {rank}" if rank is not None else f"vLLM's limit, {VLLM_MAX_RANK}"
             axis = adapter.updates[name].axis
+            smallest = max(ranks.values())
+            fits = (
+                f"the smallest --rank that holds every module is {smallest}"
+                if smallest <= VLLM_MAX_RANK
+                else f"no --rank up to {VLLM_MAX_RANK} holds every module"
+            )
             raise S2FTError(
-                f"{name} has rank {k} (its {axis}), above {what}: pass a larger "
-                "--rank, or train with smaller s2ft.targets ratios or with s2ft.allocation: "
-                "per_layer (the same number of units in every layer)."
+                f"{name} has rank {k} (its {axis}), above {what}: {fits}. Or train with "
+                "s2ft.max_units_per_layer (a cap on the units of one layer: the rank a "
+                "serving engine reserves), smaller s2ft.targets ratios, or s2ft.allocation: "
+                "per_layer."
             )
 
 

@@ -53,6 +53,14 @@ class S2FTConfig(BaseModel):
         description="global: int(ratio × layers × units) units drawn over all layers at once, "
         "as the paper's code does; per_layer: int(ratio × units) units in every layer.",
     )
+    max_units_per_layer: int | None = Field(
+        None,
+        ge=1,
+        description="allocation global: at most this many units of a matrix in one layer "
+        "(the draw passes over a full layer to the next best unit). It bounds the LoRA rank "
+        "a serving engine must reserve for the PEFT export: units × head_dim for heads, "
+        "units for FFN channels.",
+    )
     layers: list[int] | None = Field(
         None, description="Only these layer indices are trained (default: all)."
     )
@@ -95,6 +103,15 @@ class S2FTConfig(BaseModel):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
         return strategy
+
+    @model_validator(mode="after")
+    def _check_cap(self) -> S2FTConfig:
+        if self.max_units_per_layer is not None and self.allocation != "global":
+            raise ValueError(
+                "max_units_per_layer caps the global allocation; per_layer already trains "
+                "the same number of units in every layer"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_layers(self) -> S2FTConfig:

@@ -171,6 +171,21 @@ def _unit_count(config: S2FTConfig, matrix: str, units: int, layers: int) -> int
     return count
 
 
+def _capped(scores: torch.Tensor, count: int, small: bool, cap: int) -> list[int]:
+    """The ``count`` best of a ``layers × units`` score table, at most ``cap`` per layer:
+    down the order of :func:`_extreme`, a unit whose layer is full gives way to the next."""
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    per_layer, taken = [0] * scores.shape[0], []
+    for flat in (order.flip(0) if small else order).tolist():
+        row = flat // scores.shape[1]
+        if per_layer[row] < cap:
+            per_layer[row] += 1
+            taken.append(flat)
+            if len(taken) == count:
+                break
+    return taken
+
+
 def _extreme(scores: torch.Tensor, count: int, small: bool) -> torch.Tensor:
     """Indices of the ``count`` largest scores, or of the ``count`` smallest: the head and
     the tail of one stable descending order, so that ties never put a unit in both."""
@@ -205,8 +220,19 @@ def select_units(
     for matrix, score in scores.items():
         n_units = shape.num_units(matrix)
         count = _unit_count(config, matrix, n_units, len(layers))
+        cap = config.max_units_per_layer
+        if cap is not None and cap * len(layers) < count:
+            raise S2FTError(
+                f"s2ft.targets.{matrix} asks for {count} units, more than max_units_per_layer "
+                f"{cap} × {len(layers)} layers hold; raise the cap to at least "
+                f"{-(-count // len(layers))} or lower the ratio."
+            )
         if config.allocation == "global":
-            flat = _extreme(score.flatten(), count, small)
+            flat = (
+                _extreme(score.flatten(), count, small).tolist()
+                if cap is None
+                else _capped(score, count, small, cap)
+            )
             chosen = [(int(f) // n_units, int(f) % n_units) for f in flat]
         else:
             chosen = [
