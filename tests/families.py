@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from s2ft_cli.engine.families import FAMILIES
+
 SIZES = dict(
     hidden_size=32,
     intermediate_size=48,
@@ -68,3 +70,13 @@ def family_model(model_type: str, seed: int = 0, dtype=torch.float32):
             if name.endswith(("bias", "norm.weight", "sinks")) or "layernorm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def gate_role(model_type: str) -> str:
+    """``gate_proj``, or ``up_proj`` for a family whose FFN has no gate."""
+    return "gate_proj" if "gate_proj" in FAMILIES[model_type].places else "up_proj"
+
+
+def targets_of(model_type: str) -> dict[str, float]:
+    """Both structures, producers and consumers (up for a family without a gate)."""
+    return {"v_proj": 0.5, "o_proj": 0.5, gate_role(model_type): 0.2, "down_proj": 0.2}

@@ -49,11 +49,18 @@ def dense_grads(base, ids) -> dict[str, torch.Tensor]:
     return {name.removesuffix(".weight"): p.grad for name, p in model.named_parameters()}
 
 
-def at(tensor: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
-    """``tensor`` (shaped like the stored weight ``name``) at the adapter's rows or
-    columns of ``name``, experts stacked along that axis (``engine.shapes.Matrix``)."""
+def adapted(tensor: torch.Tensor, tensors: dict, name: str):
+    """``tensor`` (shaped like the stored weight ``name``) as a ``Matrix`` along the
+    adapter's axis of ``name`` (experts stacked along it), that dim, and the adapter's
+    rows or columns."""
     axis = "rows" if f"{name}.rows" in tensors else "cols"
-    return Matrix(tensor, axis).select(0 if axis == "rows" else 1, tensors[f"{name}.{axis}"])
+    return Matrix(tensor, axis), 0 if axis == "rows" else 1, tensors[f"{name}.{axis}"]
+
+
+def at(tensor: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
+    """``tensor`` at the adapter's rows or columns of ``name`` (:func:`adapted`)."""
+    matrix, dim, index = adapted(tensor, tensors, name)
+    return matrix.select(dim, index)
 
 
 def rel_err(a, b):
@@ -115,9 +122,8 @@ def check_engine(base, targets, tmp_path, allocation="global", grad_tol=1e-5):
         expected = {k: v.clone() for k, v in base.state_dict().items()}
         for name in deltas:
             w = expected.get(f"{name}.weight", expected.get(name))
-            axis = "rows" if f"{name}.rows" in tensors else "cols"
-            dim = 0 if axis == "rows" else 1
-            Matrix(w, axis).add_(dim, tensors[f"{name}.{axis}"], tensors[f"{name}.delta"])
+            matrix, dim, index = adapted(w, tensors, name)
+            matrix.add_(dim, index, tensors[f"{name}.delta"])
         for k, v in merged.state_dict().items():
             assert torch.allclose(v, expected[k], rtol=0, atol=1e-7), k
         unmerge_adapter(merged)

@@ -136,7 +136,7 @@ def write(name: str, content: str | bytes):
 
 def config_dir(ws: Workspace, model_type: str, **settings) -> Path:
     """A model folder holding only a config (enough for s2ft select and s2ft plan)."""
-    from tests.families import family_config
+    from .families import family_config
 
     config = family_config(model_type).to_dict()
     config.update(settings)

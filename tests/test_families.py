@@ -25,7 +25,7 @@ from s2ft_cli.engine.shapes import Matrix, matrix_of, model_shape, role_slots, s
 from s2ft_cli.engine.targets import TARGETS
 
 from .conftest import batch, logit_tol
-from .families import FAMILY_CONFIGS, family_model
+from .families import FAMILY_CONFIGS, family_model, gate_role
 from .test_engine import check_engine, dense_grads, loss_of, rel_err
 from .test_serving import random_adapter
 
@@ -37,10 +37,9 @@ def test_every_family_has_a_tiny_model():
 def target_sets(model_type: str) -> list[dict[str, float]]:
     """Two recipes covering all seven roles (producers and consumers, both structures); a
     family without a gate trains up_proj instead."""
-    gate = "gate_proj" if "gate_proj" in FAMILIES[model_type].places else "up_proj"
     return [
         {"v_proj": 0.5, "o_proj": 0.5, "up_proj": 0.2, "down_proj": 0.2},
-        {"q_proj": 0.5, "k_proj": 0.5, gate: 0.25},
+        {"q_proj": 0.5, "k_proj": 0.5, gate_role(model_type): 0.25},
     ]
 
 
@@ -134,8 +133,10 @@ def test_gradient_scores_are_unit_norms_of_the_dense_gradient(model_type):
 @pytest.mark.parametrize("strategy", ["weight", "activation"])
 @pytest.mark.parametrize("model_type", ["phi3", "gpt2", "qwen2_moe", "gpt_oss"])
 def test_weight_and_activation_scores_on_fused_and_expert_weights(model_type, strategy):
-    """Each unit's weight norm is its own slice's; an activation score is the mean
-    |input| of its consumer's columns, zero for channels of experts no token reached."""
+    """Weight and activation scores have one value per unit of a fused, transposed or
+    expert weight, non-negative and not all zero; a weight score is the norm of the
+    unit's own slice (checked on layer 1's first down_proj slot). Activation values
+    themselves: tests/test_strategies.py on LLaMA's layout."""
     model = family_model(model_type)
     ids = batch(model, size=2)
     calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
@@ -194,16 +195,23 @@ def test_experts_train_only_their_selected_slices():
         for expert, (index, _, _) in per_expert.items():
             delta = experts.delta(name, expert)
             assert delta.shape[0 if name != "down_proj" else 1] == len(index)
+
+
+def test_a_matrix_of_experts_stacks_them_along_the_unit_axis():
+    base = family_model("mixtral")  # 4 experts, gate|up of 48 channels each, hidden 32
     gate_up = Matrix(base.model.layers[0].mlp.experts.gate_up_proj, "rows")
     assert gate_up.shape == (4 * 2 * 48, 32)
 
 
-def trained_adapter(model_type: str, targets: dict, folder, seed: int = 1):
-    """A family's base, and an adapter of it with random non-zero deltas (every expert's
-    too, whether a batch reaches it or not)."""
+def random_adapters(model_type: str, targets: list[dict], folder):
+    """A family's base, and an adapter of it per target set, with random non-zero deltas
+    (every expert's too, whether a batch reaches it or not; seeds 1, 2, ...)."""
     base = family_model(model_type)
-    random_adapter(base, folder / f"adapter-{seed}", targets, seed, scale=0.05)
-    return base, folder / f"adapter-{seed}"
+    paths = []
+    for seed, chosen in enumerate(targets, 1):
+        random_adapter(base, folder / f"adapter-{seed}", chosen, seed, scale=0.05)
+        paths.append(folder / f"adapter-{seed}")
+    return base, *paths
 
 
 @pytest.mark.parametrize(
@@ -215,7 +223,7 @@ def test_peft_computes_every_familys_adapter(model_type, tmp_path):
     from peft import PeftModel
 
     targets = target_sets(model_type)[0]
-    base, path = trained_adapter(model_type, targets, tmp_path)
+    base, path = random_adapters(model_type, [targets], tmp_path)
     adapter = Adapter.load(path)
     save_peft(adapter, tmp_path / "peft")
     ids = batch(base)
@@ -236,8 +244,7 @@ def test_each_sequence_of_a_batch_gets_its_own_adapter(model_type, tmp_path):
     adapter loaded alone (the base's for a row with none), and stopping gives the base
     its own modules back."""
     targets = target_sets(model_type)
-    base, first = trained_adapter(model_type, targets[0], tmp_path, seed=1)
-    _, second = trained_adapter(model_type, targets[1], tmp_path, seed=2)
+    base, first, second = random_adapters(model_type, targets, tmp_path)
     ids = batch(base, size=3)
     expected = []
     for row, path in zip(ids, (first, None, second), strict=True):
@@ -258,8 +265,7 @@ def test_combining_adapters_of_a_family(model_type, tmp_path):
     its overlap report counts units (heads, channels of an expert), fused weights' roles
     apart: an adapter combined with itself overlaps on every unit it has."""
     targets = target_sets(model_type)
-    base, first = trained_adapter(model_type, targets[0], tmp_path, seed=1)
-    _, second = trained_adapter(model_type, targets[1], tmp_path, seed=2)
+    base, first, second = random_adapters(model_type, targets, tmp_path)
     a, b = Adapter.load(first), Adapter.load(second)
     combined, _ = combine([a, b])
     ids = batch(base)

@@ -1,6 +1,6 @@
 """Every user path on the families whose weights differ most from LLaMA's (fused and
 transposed weights, experts with a shared expert): `s2ft train` in one
-process and under torchrun (DDP, FSDP2), `s2ft select` and `s2ft plan`, `s2ft export`
+process and under torchrun (DDP, FSDP2), `s2ft select` and the memory plan, `s2ft export`
 (the adapter, merged into a plain transformers model, as PEFT LoRA), Hugging Face's
 Trainer with default arguments. Each family's tiny model is saved as a model folder with
 the presets' character tokenizer."""
@@ -18,14 +18,13 @@ from typer.testing import CliRunner
 from s2ft_cli import get_s2ft_model, load_adapter
 from s2ft_cli.cli import app
 from s2ft_cli.data import collate
-from s2ft_cli.engine.families import FAMILIES
 from s2ft_cli.engine.models import char_tokenizer
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.training.memory import plan_memory
 from s2ft_cli.training.trainer import train
 
 from .conftest import logit_tol
-from .families import family_model
+from .families import family_model, targets_of
 from .test_ddp import max_diff
 from .torchrun import torchrun
 
@@ -40,12 +39,6 @@ train: {{max_steps: {steps}, batch_size: 8, lr: 1.0e-2, warmup_steps: 0, eval_ev
          save_every: 0, seed: 3}}
 """
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-
-
-def targets_of(model_type: str) -> dict:
-    """Both structures, producers and consumers (up for a family without a gate)."""
-    gate = "gate_proj" if "gate_proj" in FAMILIES[model_type].places else "up_proj"
-    return {"v_proj": 0.5, "o_proj": 0.5, gate: 0.2, "down_proj": 0.2}
 
 
 def model_folder(root, model_type: str):
@@ -98,16 +91,24 @@ def test_train_select_plan_and_every_export(model_type, tmp_path):
     assert not torch.equal(expected, base(ids).logits.detach())
 
 
+@pytest.fixture(scope="module")
+def experts_one_process(tmp_path_factory):
+    """The reference of the torchrun runs: Qwen2-MoE's recipe in one process, batch 8."""
+    root = tmp_path_factory.mktemp("experts")
+    path = recipe_for(root, "qwen2_moe", steps=3)
+    train(load_recipe(path, [f"output_dir={root / 'single'}"]))
+    return path, root / "single"
+
+
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_torchrun_trains_experts_like_one_process(distributed, tmp_path):
+def test_torchrun_trains_experts_like_one_process(distributed, experts_one_process, tmp_path):
     """Two processes × batch 4 = one process × batch 8 on a mixture-of-experts model,
     whose ranks route their tokens to different experts."""
-    path = recipe_for(tmp_path, "qwen2_moe", steps=3)
-    train(load_recipe(path, [f"output_dir={tmp_path / 'single'}"]))
+    path, single = experts_one_process
     result = torchrun("train", path, f"output_dir={tmp_path / 'multi'}", "train.batch_size=4",
                       f"train.distributed={distributed}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_diff(tmp_path / "multi" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
+    assert max_diff(tmp_path / "multi" / "adapter", single / "adapter") <= 1e-4
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "mixtral"])

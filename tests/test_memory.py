@@ -121,16 +121,15 @@ def test_plan_command_prints_the_parts_and_totals(tmp_path):
 
 @pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
 def test_traced_activations_are_what_every_family_saves(model_type):
-    """The fake-tensor trace counts what a real step of each family's decoder saves: exact
-    for dense families, within 15% for mixture-of-experts layers, which the trace routes
+    """The fake-tensor trace counts what a real step of each family's decoder saves: within
+    2% for dense families, within 15% for mixture-of-experts layers, which the trace routes
     evenly while a real router does not."""
     from s2ft_cli.engine.families import FAMILIES
     from s2ft_cli.training.activations import trace_saved
 
-    from .families import family_config, family_model
+    from .families import family_config, family_model, targets_of
 
-    gate = "gate_proj" if "gate_proj" in FAMILIES[model_type].places else "up_proj"
-    targets = {"targets": {"v_proj": 0.5, "o_proj": 0.5, gate: 0.2, "down_proj": 0.2}}
+    targets = {"targets": targets_of(model_type)}
     saved = saved_by_autograd(get_s2ft_model(family_model(model_type), targets), 2, 24)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(family_config(model_type))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from s2ft_cli.export import _trained_model, find_checkpoint
 from s2ft_cli.recipe import load_recipe
 from s2ft_cli.training.trainer import train
 
-from .conftest import STORIES, logit_tol, tiny_model
+from .conftest import STORIES, llama_cpp_logits, logit_tol, tiny_model
 
 runner = CliRunner()
 
@@ -106,13 +104,11 @@ def test_merged_export_loads_with_plain_transformers_and_gives_the_trained_logit
     assert result.exit_code == 1 and "not a training run" in result.output
 
 
-def test_gguf_exports_of_a_run_on_a_hugging_face_base_run_in_llama_cpp(tmp_path):
+def test_gguf_exports_of_a_run_on_a_hugging_face_base_run_in_llama_cpp(tmp_path, s2ft_cache):
     """A run on a Hugging Face base: its base converted once by llama.cpp's converter, the
     merged model (f32, q8_0) and the LoRA placed in that file; llama.cpp gives the trained
     logits (f32: to its own sums; q8_0: near), and the LoRA on the base file the merged
     file's."""
-    from llama_cpp import Llama
-
     (tmp_path / "r.yaml").write_text(RECIPE.replace('"preset:tiny-llama"', f'"{STORIES}"'))
     train(load_recipe(tmp_path / "r.yaml"))
     run = tmp_path / "run"
@@ -125,24 +121,17 @@ def test_gguf_exports_of_a_run_on_a_hugging_face_base_run_in_llama_cpp(tmp_path)
         files[name] = tmp_path / f"{name}.gguf"
         result = runner.invoke(app, ["export", str(run), "--out", str(files[name]), *args])
         assert result.exit_code == 0, result.output
-    (base_file,) = Path(os.environ["S2FT_CACHE"]).glob("gguf-export/*/base-f32.gguf")
+    (base_file,) = s2ft_cache.glob("gguf-export/*/base-f32.gguf")
     trained = load_adapter(load_model(str(STORIES)), run / "adapter").eval()
     ids = [1, 403, 261, 429, 300, 46, 13]
     expected = logits(trained, torch.tensor([ids]))[0]
 
-    def in_llama_cpp(model, lora=None):
-        llm = Llama(
-            model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=32,
-            logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0,
-        )  # fmt: skip
-        llm.eval(ids)
-        return torch.tensor(llm.scores[: len(ids)])
-
     scale = expected.abs().max()
-    merged = in_llama_cpp(files["f32"])
+    merged = llama_cpp_logits(files["f32"], ids)
     assert (merged - expected).abs().max() <= 1e-3 * scale
-    assert (in_llama_cpp(files["q8_0"]) - expected).abs().max() <= 5e-2 * scale
-    assert (in_llama_cpp(base_file, files["lora"]) - merged).abs().max() <= 1e-4 * scale
+    assert (llama_cpp_logits(files["q8_0"], ids) - expected).abs().max() <= 5e-2 * scale
+    with_lora = llama_cpp_logits(base_file, ids, files["lora"])
+    assert (with_lora - merged).abs().max() <= 1e-4 * scale
     # --quant is for --format gguf; GGUF formats need a run, not an adapter directory
     bad = {
         "--quant": ["export", str(run), "--out", "x", "--quant", "q8_0"],

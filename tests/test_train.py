@@ -225,7 +225,6 @@ def test_paths_resolve_against_the_recipe_or_the_current_folder(tmp_path, monkey
 def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
     """Rank 0 measures the selection on the whole weights, before FSDP shards them, and
     every process trains it (DDP shares it the same way: ``Processes.on_main``)."""
-    distributed = "fsdp"
     path = recipe_file(
         tmp_path,
         RECIPE.replace("max_steps: 12", "max_steps: 2").replace(
@@ -233,12 +232,12 @@ def test_torchrun_processes_train_the_selection_rank_0_measured(tmp_path):
         ),
     )
     train(load_recipe(path, [f"output_dir={tmp_path / 'single'}", "train.batch_size=8"]))
-    result = torchrun("train", path, f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4",
-                      f"train.distributed={distributed}")  # fmt: skip
+    result = torchrun("train", path, f"output_dir={tmp_path / 'fsdp'}", "train.batch_size=4",
+                      "train.distributed=fsdp")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     single = json.loads((tmp_path / "single" / "selection.json").read_text())["units"]
-    assert json.loads((tmp_path / "ddp" / "selection.json").read_text())["units"] == single
-    assert max_diff(tmp_path / "ddp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
+    assert json.loads((tmp_path / "fsdp" / "selection.json").read_text())["units"] == single
+    assert max_diff(tmp_path / "fsdp" / "adapter", tmp_path / "single" / "adapter") <= 1e-4
 
 
 def test_same_recipe_and_seed_give_byte_identical_adapters_on_cpu(tmp_path):

@@ -62,22 +62,22 @@ class Target:
     shape: tuple[int, int]
 
 
-def _targets(adapter) -> dict[str, Target]:
-    """Every adapted weight's :class:`Target`, read from the adapter's fingerprint (its
-    family and shapes) alone."""
-    fingerprint = adapter.config["base_model"]["fingerprint"]
+def _targets(config: dict, axes: dict[str, str]) -> dict[str, Target]:
+    """Every adapted weight's :class:`Target` (``axes``: each weight's update axis), read
+    from the adapter's ``config``, its fingerprint (family and shapes), alone."""
+    fingerprint = config["base_model"]["fingerprint"]
     family = family_of(fingerprint.get("model_type"))
     experts = int(fingerprint["shape"].get("num_experts") or 0)
-    names = sorted(adapter.updates)
+    names = sorted(axes)
     targets = {}
     for name in names:
-        u = adapter.updates[name]
+        axis = axes[name]
         rows, cols = fingerprint["matrices"][name]
         place = place_of(family, name) if family is not None else None
         transposed = place is not None and place.transposed
         if place is not None and place.experts:
             # the stored (E, A, B) seen as E·A × B (rows) or A × E·B (columns)
-            rows, cols = (rows // experts, cols) if u.axis == "rows" else (rows, cols // experts)
+            rows, cols = (rows // experts, cols) if axis == "rows" else (rows, cols // experts)
             path, _, param = name.rpartition(".")
             producer = next((n for n in names if n.startswith(f"{path}.") and n != name), None)
             inner = param != "down_proj" and producer is not None
@@ -93,23 +93,17 @@ def _targets(adapter) -> dict[str, Target]:
 def _local(update, target: Target) -> list[Update]:
     """The update of each LoRA: the weight's, or one per expert (ids within it), in the
     ``(out, in)`` orientation."""
-
-    def oriented(u: Update) -> Update:
-        if not target.transposed:
-            return u
-        return Update(flip(u.axis), u.index, u.delta.t())
-
     if not target.experts:
-        return [oriented(update)]
+        return [update.oriented(target.transposed)]
     out, inp = target.shape
     math_axis = flip(update.axis) if target.transposed else update.axis
     length = out if math_axis == "rows" else inp
-    pieces = []
-    for e in range(target.experts):
-        mine = (update.index // length) == e
-        delta = update.delta[mine] if update.axis == "rows" else update.delta[:, mine]
-        pieces.append(oriented(Update(update.axis, update.index[mine] % length, delta)))
-    return pieces
+    pieces = update.per_expert(length, target.experts)
+    return [pieces[e].oriented(target.transposed) for e in range(target.experts)]
+
+
+def _adapter_targets(adapter) -> dict[str, Target]:
+    return _targets(adapter.config, {n: u.axis for n, u in adapter.updates.items()})
 
 
 def _ranks(adapter, targets: dict[str, Target]) -> dict[str, int]:
@@ -121,13 +115,12 @@ def _ranks(adapter, targets: dict[str, Target]) -> dict[str, int]:
     }
 
 
-def check_ranks(adapter, rank: int | None) -> None:
-    """Refuse a module whose rank exceeds ``rank`` (the padded rank asked for) or vLLM's
-    limit, naming it and its rank."""
+def check_ranks(adapter, ranks: dict[str, int], rank: int | None) -> None:
+    """Refuse a module whose rank (``ranks``: :func:`_ranks`) exceeds ``rank`` (the padded
+    rank asked for) or vLLM's limit, naming it, its rank and the smallest that holds all."""
     limit = VLLM_MAX_RANK if rank is None else rank
     if rank is not None and rank > VLLM_MAX_RANK:
         raise S2FTError(f"--rank {rank} is above vLLM's largest LoRA rank, {VLLM_MAX_RANK}.")
-    ranks = _ranks(adapter, _targets(adapter))
     for name, k in sorted(ranks.items()):
         if k > limit:
             what = f"--rank {rank}" if rank is not None else f"vLLM's limit, {VLLM_MAX_RANK}"
@@ -179,7 +172,7 @@ def lora_pairs(adapter, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor
     orientation (a transposed weight's turned), for LoRA formats with no experts
     (``what`` names the format in the refusal of an experts tensor)."""
     pairs = {}
-    for name, target in _targets(adapter).items():
+    for name, target in _adapter_targets(adapter).items():
         if target.experts:
             raise S2FTError(
                 f"{name} is a tensor of experts, which {what} cannot adapt with a LoRA; "
@@ -190,11 +183,11 @@ def lora_pairs(adapter, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor
     return pairs
 
 
-def peft_config(adapter, rank: int | None) -> dict:
+def peft_config(
+    adapter, targets: dict[str, Target], ranks: dict[str, int], rank: int | None
+) -> dict:
     """PEFT's LoraConfig as a dict: one ``r`` = ``lora_alpha`` (padded), or per-module
     ``rank_pattern`` / ``alpha_pattern`` (exact module and parameter paths)."""
-    targets = _targets(adapter)
-    ranks = _ranks(adapter, targets)
     r = rank if rank is not None else max(ranks.values())
     patterns = {} if rank is not None else {re.escape(n): k for n, k in sorted(ranks.items())}
     experts = sorted(n for n, t in targets.items() if t.experts)
@@ -222,9 +215,9 @@ def peft_config(adapter, rank: int | None) -> dict:
 def save_peft(adapter, path: str | Path, rank: int | None = None) -> Path:
     """Write ``adapter`` (an :class:`~s2ft_cli.adapter.format.Adapter`) as a PEFT LoRA
     adapter directory (padded to ``rank`` if given)."""
-    check_ranks(adapter, rank)
-    targets = _targets(adapter)
+    targets = _adapter_targets(adapter)
     ranks = _ranks(adapter, targets)
+    check_ranks(adapter, ranks, rank)
     linear = {t.transposed for t in targets.values() if not t.experts}
     if len(linear) > 1:
         raise S2FTError(
@@ -247,9 +240,11 @@ def save_peft(adapter, path: str | Path, rank: int | None = None) -> Path:
         "adapter": adapter.config,
     }
 
+    config = peft_config(adapter, targets, ranks, rank)
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config(adapter, rank), indent=1))
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=1))
         (tmp / SOURCE_NAME).write_text(json.dumps(source, indent=1))
 
     path = Path(path)
@@ -286,7 +281,7 @@ def read_peft_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], t
         tensors = load_file(str(path / PEFT_WEIGHTS_NAME))
     except Exception as err:  # a missing or unreadable file: the same advice
         raise S2FTError(f"{path / PEFT_WEIGHTS_NAME} cannot be read ({err}); {damaged}") from None
-    targets = _targets(_Shell(source["adapter"], modules))
+    targets = _targets(source["adapter"], {n: m["axis"] for n, m in modules.items()})
     stored = {}
     for name, module in modules.items():
         target = targets[name]
@@ -302,17 +297,6 @@ def read_peft_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], t
         stored[f"{name}.{module['axis']}"], stored[f"{name}.delta"] = read
     files = (path / SOURCE_NAME, path / PEFT_WEIGHTS_NAME)
     return source["adapter"], stored, files
-
-
-class _Shell:
-    """What :func:`_targets` reads of an adapter, from an export's record."""
-
-    def __init__(self, config: dict, modules: dict):
-        self.config = config
-        self.updates = {
-            n: Update(m["axis"], torch.empty(m["rank"], dtype=torch.long), torch.empty(0))
-            for n, m in modules.items()
-        }
 
 
 def _one_lora(a: torch.Tensor, b: torch.Tensor, axis: str, k: int | None):

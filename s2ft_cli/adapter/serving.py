@@ -28,7 +28,7 @@ from torch import nn
 
 from ..engine.experts import frozen_product, routed_forward
 from ..engine.layers import Update, load_names_of_base, state_dict_names_of_base
-from ..engine.shapes import flip, get_family, place_of, replace_module
+from ..engine.shapes import get_family, place_of, replace_module
 from ..engine.state import state_of
 from ..errors import S2FTError
 from .format import Adapter
@@ -71,11 +71,6 @@ def _add_to_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, u: Update
         y.index_copy_(0, rows, ys)
 
 
-def _oriented(u: Update, transposed: bool) -> Update:
-    """An update of a stored weight in the ``(out, in)`` orientation."""
-    return Update(flip(u.axis), u.index, u.delta.t()) if transposed else u
-
-
 class MultiAdapterLinear(nn.Module):
     """A frozen linear module plus, per adapter name, an :class:`Update` of its rows or
     columns (``(out, in)`` orientation), applied to the sequences routed to that adapter.
@@ -96,7 +91,7 @@ class MultiAdapterLinear(nn.Module):
 
     def add(self, name: str, u: Update) -> None:
         """Serve an adapter's update of this weight (stored orientation)."""
-        u = _oriented(u, self.transposed)
+        u = u.oriented(self.transposed)
         self.updates[name] = Update(u.axis, u.index.to(self.weight.device), u.delta.to(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,10 +143,8 @@ class MultiAdapterExperts(nn.Module):
         weight = getattr(self.base, param)
         length = weight.shape[1 + u.dim]
         per_expert = self.updates.setdefault(name, {})
-        for expert in (u.index // length).unique().tolist():
-            mine = (u.index // length) == expert
-            delta = u.delta[mine] if u.axis == "rows" else u.delta[:, mine]
-            local = _oriented(Update(u.axis, u.index[mine] % length, delta), self.transposed)
+        for expert, local in u.per_expert(length).items():
+            local = local.oriented(self.transposed)
             index = local.index.to(weight.device)
             per_expert[(param, expert)] = Update(local.axis, index, local.delta.to(weight))
 
@@ -166,8 +159,10 @@ class MultiAdapterExperts(nn.Module):
         sequence = tokens // length
         for name, seqs in self.routing.for_batch(batch, x.device).items():
             u = self.updates.get(name, {}).get((param, expert))
+            if u is None:  # this adapter leaves this expert's weight alone
+                continue
             mine = torch.isin(sequence, seqs).nonzero()[:, 0]
-            if u is not None and len(mine):
+            if len(mine):
                 _add_to_rows(y, x, mine, u)
         return y
 

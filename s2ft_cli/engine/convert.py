@@ -17,7 +17,6 @@ from .permute import Layout, apply_layout, plan_layout
 from .selection import Selection, calibration_data, select_units
 from .shapes import (
     ModelShape,
-    flip,
     get_family,
     model_shape,
     place_of,
@@ -130,22 +129,18 @@ def unfused_layers(
         place = place_of(family, name)
         transposed = place is not None and place.transposed
         if place is None or not place.experts:
-            axis = flip(u.axis) if transposed else u.axis
-            delta = u.delta.t() if transposed else u.delta
+            o = u.oriented(transposed)
             base = model.get_submodule(name)
             layers[name] = S2Linear(
-                base, axis, u.index, delta, trainable, u.delta.dtype, transposed=transposed
+                base, o.axis, o.index, o.delta, trainable, u.delta.dtype, transposed=transposed
             )
             continue
         path, _, param = name.rpartition(".")
         stored = getattr(model.get_submodule(path), param).shape[1:]
-        length = stored[u.dim]
         per_expert = experts.setdefault(path, {}).setdefault(param, {})
-        for expert in u.index.div(length, rounding_mode="floor").unique().tolist():
-            mine = (u.index // length) == expert
-            local = u.index[mine] % length
-            delta = u.delta[mine] if u.axis == "rows" else u.delta[:, mine]
-            per_expert[expert] = (local, local, delta.t() if transposed else delta)
+        for expert, local in u.per_expert(stored[u.dim]).items():
+            o = local.oriented(transposed)
+            per_expert[expert] = (o.index, o.index, o.delta)
     for path, blocks in experts.items():
         dtype = next(d for per in blocks.values() for *_, d in per.values()).dtype
         layers[path] = S2Experts(model.get_submodule(path), blocks, trainable, dtype)

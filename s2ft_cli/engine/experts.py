@@ -18,7 +18,7 @@ sets on every experts module (transposed, biased, gated).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,10 @@ from .layers import (
     S2Layer,
     Update,
     add_delta,
-    load_names_of_base,
     original_update,
     spans_of,
-    state_dict_names_of_base,
 )
-from .shapes import Matrix, expert_weight_axis
+from .shapes import Matrix, ModelShape, expert_weight_axis, role_slots
 
 # a product of one expert: (weight name, expert, its tokens' inputs, their token ids) -> out
 Project = Callable[[str, int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,6 +97,36 @@ def routed_forward(
     return final
 
 
+def experts_modules(
+    model: nn.Module, shape: ModelShape, layers
+) -> Iterator[tuple[int, str, nn.Module]]:
+    """``(layer, path, module)`` of the experts module of each of ``layers`` (none in a
+    dense model)."""
+    if not shape.num_experts:
+        return
+    for layer in layers:
+        path = role_slots(shape, layer, "down_proj")[0].path
+        yield layer, path, model.get_submodule(path)
+
+
+def route_through(module: nn.Module, project: Project | None = None, even: bool = False):
+    """Make ``module`` (an experts module, or an :class:`S2Experts`) compute
+    :func:`routed_forward` with ``project`` (default: its own products) until its
+    instance ``forward`` is popped from ``module.__dict__``."""
+    base = module.base if isinstance(module, S2Experts) else module
+    if project is None and isinstance(module, S2Experts):
+        project = module.project
+    elif project is None:
+
+        def project(name, expert, x, tokens):
+            return frozen_product(base, name, expert, x)
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        return routed_forward(base, hidden_states, top_k_index, top_k_weights, project, even)
+
+    module.__dict__["forward"] = forward
+
+
 class ExpertDelta(nn.Module):
     """One expert's delta on one weight (a module, so that it is named ``….delta``)."""
 
@@ -123,9 +151,7 @@ class S2Experts(S2Layer):
         delta_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        self.base = base
-        self._base_requires_grad = [p.requires_grad for p in base.parameters()]
-        base.requires_grad_(False)
+        self._wrap(base)
         self.transposed = bool(getattr(base, "is_transposed", False))
         self.slices: dict[str, dict[int, tuple]] = {}
         self._reached: set[int] = set()  # the experts the current forward reached
@@ -144,8 +170,6 @@ class S2Experts(S2Layer):
                 device_index = index.to(weight.device)
                 self.slices[name][expert] = (device_index, original.cpu(), spans_of(index))
             self.register_module(f"{name}_deltas", deltas)
-        self.register_state_dict_post_hook(state_dict_names_of_base)
-        self.register_load_state_dict_pre_hook(load_names_of_base)
 
     def __getattr__(self, name: str):
         """The wrapped module's attributes (its weights, ``num_experts``, its flags)."""
@@ -160,11 +184,13 @@ class S2Experts(S2Layer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         self._reached = set()
         out = routed_forward(self.base, hidden_states, top_k_index, top_k_weights, self.project)
+        if not torch.is_grad_enabled():
+            return out
         idle = [
             d for n, per in self.slices.items() for e in per if e not in self._reached
             for d in (self.delta(n, e),) if d.requires_grad
         ]  # fmt: skip
-        if idle and torch.is_grad_enabled():
+        if idle:
             # Every delta gets a gradient every step, zero for an expert no token reached:
             # one process and many (DDP, FSDP: ranks route differently) update the same
             # parameters alike.
@@ -215,11 +241,6 @@ class S2Experts(S2Layer):
         for name, u in self._updates(original=False).items():
             Matrix(getattr(self.base, name), u.axis).add_(u.dim, u.index, u.delta)
         return self.unload()
-
-    def unload(self) -> nn.Module:
-        for p, flag in zip(self.base.parameters(), self._base_requires_grad, strict=False):
-            p.requires_grad_(flag)
-        return self.base
 
     def extra_repr(self) -> str:
         return ", ".join(

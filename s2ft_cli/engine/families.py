@@ -117,9 +117,6 @@ class Family:
     def moe(self) -> bool:
         return self.num_experts is not None
 
-    def place(self, role: str) -> Place:
-        return self.places[role]
-
     def fused_roles(self, role: str) -> tuple[str, ...]:
         """The roles sharing ``role``'s weight, in storage order (itself alone if none)."""
         return self.places[role].fused or (role,)

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,29 +205,39 @@ def _convert(gguf: Path, folder: Path) -> None:
     (folder / CONVERTED_MARKER).write_text(f"{gguf}\n")
 
 
-def _announce(message: str) -> None:
+def announce(message: str) -> None:
+    """A progress line on stderr (stdout stays the command's output)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def gguf_file(name_or_path: str) -> Path:
+    """The GGUF file of a packaged model (checked) or a ``.gguf`` path (that exists)."""
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_model_file(name_or_path)
+    gguf = Path(name_or_path).expanduser()
+    if not gguf.is_file():
+        raise S2FTError(
+            f"GGUF file {name_or_path!r} does not exist. Give model.name_or_path as the "
+            f"path of a .gguf file, or a packaged model ({', '.join(PACKAGED_MODELS)})."
+        )
+    return gguf
 
 
 def gguf_folder(name_or_path: str) -> Path:
     """The converted folder of a packaged model or ``.gguf`` file, made on first use."""
-    if name_or_path in PACKAGED_MODELS:
-        gguf = packaged_model_file(name_or_path)
-        digest = PACKAGED_MODELS[name_or_path].sha256
-    else:
-        gguf = Path(name_or_path).expanduser()
-        if not gguf.is_file():
-            raise S2FTError(
-                f"GGUF file {name_or_path!r} does not exist. Give model.name_or_path as the "
-                f"path of a .gguf file, or a packaged model ({', '.join(PACKAGED_MODELS)})."
-            )
-        digest = content_digest(gguf)
+    gguf = gguf_file(name_or_path)
+    packaged = PACKAGED_MODELS.get(name_or_path)
+    digest = packaged.sha256 if packaged else content_digest(gguf)
     folder = cache_root() / "gguf" / digest[:32]
     if (folder / CONVERTED_MARKER).is_file():
         return folder
     _require_gguf_support()
     try:
-        _convert_once(gguf, folder)
+        made_once(
+            folder / CONVERTED_MARKER,
+            lambda: atomic_write_dir(folder, lambda tmp: _convert(gguf, tmp)),
+            f"converting {gguf.name} once into {folder} (later loads take seconds)",
+        )
     except OSError as err:
         raise S2FTError(
             f"Could not write the converted model to {folder} ({err.strerror or err}): it "
@@ -236,13 +247,14 @@ def gguf_folder(name_or_path: str) -> Path:
     return folder
 
 
-def _convert_once(gguf: Path, folder: Path) -> None:
-    """Convert under a lock: one process converts, the others then find the folder."""
+def made_once(done: Path, make: Callable[[], None], message: str) -> None:
+    """``make()`` under a lock beside ``done`` unless ``done`` exists: one process makes
+    it (announcing ``message``), the others wait and then find it."""
     import fcntl
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+    done.parent.parent.mkdir(parents=True, exist_ok=True)
+    with open(done.parent.parent / f".{done.parent.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / CONVERTED_MARKER).is_file():
-            _announce(f"converting {gguf.name} once into {folder} (later loads take seconds)")
-            atomic_write_dir(folder, lambda tmp: _convert(gguf, tmp))
+        if not done.is_file():
+            announce(message)
+            make()

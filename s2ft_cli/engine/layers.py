@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import S2FTError
+from .shapes import flip
 
 # A run of a delta: rows or columns ``start .. stop`` of the frozen product, the delta's
 # rows (row blocks) or columns (column blocks) from ``offset`` on.
@@ -166,6 +167,24 @@ class Update:
     def dim(self) -> int:
         return 0 if self.axis == "rows" else 1
 
+    def oriented(self, transposed: bool) -> Update:
+        """This update of a stored weight in the ``(out, in)`` orientation: a weight stored
+        ``(in, out)`` (``transposed``) has its axis and delta turned."""
+        return Update(flip(self.axis), self.index, self.delta.t()) if transposed else self
+
+    def per_expert(self, length: int, experts: int | None = None) -> dict[int, Update]:
+        """An update of a 3-D experts tensor (experts stacked along the axis, ``length``
+        rows or columns each) split per expert, ids within the expert: the experts it
+        touches, or every one of ``experts`` (empty updates where it touches none)."""
+        owner = self.index // length
+        ids = range(experts) if experts is not None else owner.unique().tolist()
+        out = {}
+        for expert in ids:
+            mine = owner == expert
+            delta = self.delta[mine] if self.axis == "rows" else self.delta[:, mine]
+            out[expert] = Update(self.axis, self.index[mine] % length, delta)
+        return out
+
 
 def original_update(
     axis: str, index: torch.Tensor, delta: torch.Tensor, transposed: bool
@@ -176,9 +195,8 @@ def original_update(
     order = torch.argsort(index)
     delta = full_tensor(delta.detach())  # every process gathers a sharded one
     delta = delta[order.to(delta.device)] if axis == "rows" else delta[:, order.to(delta.device)]
-    if transposed:
-        axis, delta = ("cols" if axis == "rows" else "rows"), delta.t()
-    return Update(axis, index[order].contiguous(), delta.contiguous())
+    update = Update(axis, index[order].contiguous(), delta).oriented(transposed)
+    return Update(update.axis, update.index, update.delta.contiguous())
 
 
 class S2Layer(nn.Module):
@@ -197,11 +215,24 @@ class S2Layer(nn.Module):
     def merge(self) -> nn.Module:
         raise NotImplementedError
 
-    def unload(self) -> nn.Module:
-        raise NotImplementedError
-
     def deltas(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def _wrap(self, base: nn.Module) -> None:
+        """Hold ``base`` frozen while the deltas are attached (:meth:`unload` gives its
+        flags back); the state dict keeps ``base``'s own names."""
+        self.base = base
+        self._base_requires_grad = [p.requires_grad for p in base.parameters()]
+        base.requires_grad_(False)
+        self.register_state_dict_post_hook(state_dict_names_of_base)
+        self.register_load_state_dict_pre_hook(load_names_of_base)
+
+    def unload(self) -> nn.Module:
+        """Drop the deltas: the wrapped module, its parameters untouched and their
+        ``requires_grad`` flags as they were before wrapping."""
+        for p, flag in zip(self.base.parameters(), self._base_requires_grad, strict=False):
+            p.requires_grad_(flag)
+        return self.base
 
 
 # Modules whose product s2ft knows: a fresh tensor (a Conv1D's is a plain view of one).
@@ -285,10 +316,7 @@ class S2Linear(S2Layer):
         out_features, in_features = stored[::-1] if transposed else stored
         self.in_features = getattr(base, "in_features", None) or in_features
         self.out_features = getattr(base, "out_features", None) or out_features
-        self.base = base
-        # frozen while the delta is attached; unload() gives the flags back
-        self._base_requires_grad = [p.requires_grad for p in base.parameters()]
-        base.requires_grad_(False)
+        self._wrap(base)
         self.axis = axis
         device = weight.device
         index = index.to(device="cpu", dtype=torch.long)  # read here: not on the meta device
@@ -304,8 +332,6 @@ class S2Linear(S2Layer):
         self.delta = nn.Parameter(delta.to(device), requires_grad=trainable)
         self.spans = spans_of(index)
         self.register_buffer("index", index.to(device), persistent=False)
-        self.register_state_dict_post_hook(state_dict_names_of_base)
-        self.register_load_state_dict_pre_hook(load_names_of_base)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -404,13 +430,6 @@ class S2Linear(S2Layer):
         update = original_update(self.axis, self.index, self.delta, self.transposed)
         weight.index_add_(update.dim, update.index.to(weight.device), update.delta.to(weight))
         return self.unload()
-
-    def unload(self) -> nn.Module:
-        """Drop the delta: the wrapped module, its parameters untouched and their
-        ``requires_grad`` flags as they were before wrapping."""
-        for p, flag in zip(self.base.parameters(), self._base_requires_grad, strict=False):
-            p.requires_grad_(flag)
-        return self.base
 
     def extra_repr(self) -> str:
         runs = self.spans and ", ".join(f"{a}:{b}" for a, b, _ in self.spans)

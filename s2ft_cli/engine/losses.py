@@ -21,8 +21,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..data import IGNORE_INDEX
-from .families import family_of
 from .models import compute_dtype
+from .shapes import known_family
 
 # Rows of logits formed at once: as many as fit in CHUNK_LOGITS values (32 MiB in fp32),
 # and never fewer than CHUNK_ROWS: a product of a few rows with the head's whole weight is
@@ -75,7 +75,7 @@ class LogitTransform:
 def logit_transform(model: nn.Module) -> LogitTransform | None:
     """The output head's transform of a model of a known family (None: plain logits)."""
     config = getattr(model, "config", None)
-    family = family_of(getattr(config, "model_type", None))
+    family = known_family(config)
     if family is None:
         return None
     values = {
@@ -174,7 +174,7 @@ def example_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
     config = getattr(model, "config", None)
-    if family_of(getattr(config, "model_type", None)) is not None:
+    if known_family(config) is not None:
         hidden = model.get_decoder()(**call).last_hidden_state
         head = model.get_output_embeddings()
         transform = logit_transform(model)
@@ -259,7 +259,7 @@ def lean_forward(model: nn.Module):
     (evaluation), with ``logits_to_keep`` or TRL's ``fused_lm_head``, the model's own
     forward runs. None for an unsupported architecture."""
     config = getattr(model, "config", None)
-    if family_of(getattr(config, "model_type", None)) is None:
+    if known_family(config) is None:
         return None
 
     def forward(self, *args, **kwargs):

@@ -25,6 +25,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 PRESET_PREFIX = "preset:"
+# width, attention and vocabulary of the CPU benchmark presets (bench-llama, bench-mixtral)
+CPU_BENCH_ATTENTION = dict(
+    hidden_size=768,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
 
 
 def _preset_configs() -> dict:
@@ -47,26 +55,16 @@ def _preset_configs() -> dict:
         ),
         # The CPU benchmark shape of the efficiency issue.
         "bench-llama": LlamaConfig(
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            vocab_size=32000,
-            max_position_embeddings=2048,
+            **CPU_BENCH_ATTENTION, intermediate_size=2048, num_hidden_layers=12
         ),
         # The CPU benchmark shape of a mixture-of-experts model: bench-llama's attention and
         # width, each FFN eight experts of 1024 channels, two a token (Mixtral's routing).
         "bench-mixtral": MixtralConfig(
-            hidden_size=768,
+            **CPU_BENCH_ATTENTION,
             intermediate_size=1024,
             num_hidden_layers=6,
-            num_attention_heads=12,
-            num_key_value_heads=4,
             num_local_experts=8,
             num_experts_per_tok=2,
-            vocab_size=32000,
-            max_position_embeddings=2048,
         ),
         # The CUDA benchmark shapes: LLaMA-3.2-1B's dimensions, and LLaMA-2-7B's cut to
         # eight layers (two and four: the CPU benchmark at 7B layer width).
@@ -130,10 +128,37 @@ def load_model(
     ``weights=False`` builds the architecture on the meta device from the config alone,
     for work that needs only shapes (random selection of an 8B model reads no weights).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise S2FTError(f"model.dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    if not weights:
+        return _meta_model(load_config(name_or_path, trust_remote_code), dtype)
+    if name_or_path.startswith(PRESET_PREFIX):
+        config = load_config(name_or_path)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model.config.name_or_path = name_or_path
+        return model
+    source = _model_source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise _unreadable(name_or_path, err) from err
+    get_family(model)
+    if is_gguf_source(name_or_path):  # adapters name the base as the user did, not the cache
+        model.config.name_or_path = name_or_path
+    return model
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The config of a model (as :func:`load_model` finds it; a preset's), of a family s2ft
+    knows: no weights are read."""
+    from transformers import AutoConfig
+
     if name_or_path.startswith(PRESET_PREFIX):
         configs = _preset_configs()
         name = name_or_path[len(PRESET_PREFIX) :]
@@ -141,31 +166,22 @@ def load_model(
             raise S2FTError(
                 f"Unknown preset {name_or_path!r}. Built-in presets: {', '.join(preset_names())}."
             )
-        if not weights:
-            return _meta_model(configs[name], dtype)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(configs[name], dtype=DTYPES[dtype])
-        model.config.name_or_path = name_or_path
-        return model
-    source = _model_source(name_or_path)
+        return configs[name]
     try:
-        if not weights:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-            get_family(config)
-            return _meta_model(config, dtype)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        config = AutoConfig.from_pretrained(
+            _model_source(name_or_path), trust_remote_code=trust_remote_code
         )
     except OSError as err:
-        raise S2FTError(
-            f"Could not load model {name_or_path!r}: {str(err).rstrip('.')}. Check the path or "
-            "hub id; a hub id needs network access (or a local copy in the Hugging Face cache)."
-        ) from err
-    get_family(model)
-    if is_gguf_source(name_or_path):  # adapters name the base as the user did, not the cache
-        model.config.name_or_path = name_or_path
-    return model
+        raise _unreadable(name_or_path, err) from err
+    get_family(config)
+    return config
+
+
+def _unreadable(name_or_path: str, err: OSError) -> S2FTError:
+    return S2FTError(
+        f"Could not load model {name_or_path!r}: {str(err).rstrip('.')}. Check the path or "
+        "hub id; a hub id needs network access (or a local copy in the Hugging Face cache)."
+    )
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

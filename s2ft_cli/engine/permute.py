@@ -355,14 +355,16 @@ def reorders(model: nn.Module, layout: Layout, shape: ModelShape) -> dict[str, R
     structure moves, trainable or not, so the model computes the same function."""
     family = shape.family
     out: dict[str, Reorder] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # each weight's Matrix shape, read once
     for layer, structures in layout.items():
         for structure, plan in structures.items():
             for slot in structure_slots(shape, layer, structure):
                 src = _source(plan.unit_perm(slot.role), slot.first, slot.count)
                 dest, src = slot.ids(range(slot.count)), slot.ids(src)
-                matrix = matrix_of(model, slot.name)
+                if slot.name not in shapes:
+                    shapes[slot.name] = tuple(matrix_of(model, slot.name).shape)
                 axis = stored_axis(slot.place, slot.axis)
-                length = matrix.shape[0 if axis == "rows" else 1]
+                length = shapes[slot.name][0 if axis == "rows" else 1]
                 shift = 0
                 if slot.expert is not None:
                     shift = slot.expert * (length // shape.num_experts)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..data import IGNORE_INDEX
 from .config import S2FTConfig
-from .experts import frozen_product, routed_forward
+from .experts import experts_modules, frozen_product, route_through
 from .losses import example_losses
 from .shapes import ModelShape, Slot, role_slots
 from .targets import STRUCTURES, TARGETS, Unit, structure_consumer
@@ -95,21 +95,15 @@ def _observed_experts(
     """Within the block, every experts module of ``layers`` computes its routed loop with
     products that ``observe(layer, slot name, expert, input, output, tokens)`` sees."""
     installed = []
-    if shape.num_experts:
-        for i in layers:
-            slot = role_slots(shape, i, "down_proj")[0]
-            experts = model.get_submodule(slot.path)
+    for i, path, experts in experts_modules(model, shape, layers):
 
-            def project(name, expert, x, tokens, experts=experts, layer=i, path=slot.path):
-                y = frozen_product(experts, name, expert, x)
-                observe(layer, f"{path}.{name}", expert, x, y, tokens)
-                return y
+        def project(name, expert, x, tokens, experts=experts, layer=i, path=path):
+            y = frozen_product(experts, name, expert, x)
+            observe(layer, f"{path}.{name}", expert, x, y, tokens)
+            return y
 
-            def forward(h, index, weights, experts=experts, project=project):
-                return routed_forward(experts, h, index, weights, project)
-
-            experts.__dict__["forward"] = forward
-            installed.append(experts)
+        route_through(experts, project)
+        installed.append(experts)
     try:
         yield
     finally:
@@ -224,14 +218,16 @@ def gradient_scores(model, shape: ModelShape, config: S2FTConfig, layers, batche
 
         return hook
 
-    def observe(layer, name, expert, x, y, tokens):
-        if y.requires_grad:
-            accumulate_into((name, expert), x, y)
-
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
     slots = [s for i in layers for m in config.targets for s in role_slots(shape, i, m)]
+    wanted = {s.name for s in slots if s.expert is not None}  # the targeted experts tensors
+
+    def observe(layer, name, expert, x, y, tokens):
+        if y.requires_grad and name in wanted:
+            accumulate_into((name, expert), x, y)
+
     handles = [
         model.get_submodule(path).register_forward_hook(recorder((name, None)))
         for path, name in sorted({(s.path, s.name) for s in slots if s.expert is None})

@@ -95,24 +95,32 @@ class ModelShape:
         return self.unit_width(matrix) * self.hidden_size
 
 
+def known_family(model_or_config) -> Family | None:
+    """The family of a model or config; None for a model type s2ft does not know."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return FAMILIES.get(getattr(config, "model_type", None))
+
+
 def get_family(model_or_config) -> Family:
     """The family of a model or config; refuses a model type s2ft does not know."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
+    family = known_family(model_or_config)
+    if family is None:
+        model_type = getattr(
+            getattr(model_or_config, "config", model_or_config), "model_type", None
+        )
         raise S2FTError(
             f"Model type {model_type!r} is not supported by s2ft. Supported model types: "
             f"{supported_types()} (`s2ft models` lists them with their roles). Use a "
             "checkpoint of one of these families."
         )
-    return FAMILIES[model_type]
+    return family
 
 
-def _config_value(config, names: tuple[str, ...], default=None):
+def _config_value(config, names: tuple[str, ...]):
     for name in names:
         if hasattr(config, name):
             return getattr(config, name)
-    return default
+    return None
 
 
 def model_shape(model_or_config) -> ModelShape:
@@ -217,17 +225,24 @@ class Slot:
         return (base[:, None] + self.offset + steps).flatten()
 
 
+def _role_lengths(shape: ModelShape, role: str, place: Place, count: int) -> list[int]:
+    """Rows (or columns) of each role fused in ``place``'s weight, in storage order, with
+    ``count`` units for the roles of ``role``'s unit (a per-expert width)."""
+    same = TARGETS[role].unit
+    return [
+        (count if TARGETS[r].unit is same else shape.num_units(r)) * shape.unit_width(r)
+        for r in place.fused or (role,)
+    ]
+
+
 def _placed(shape: ModelShape, role: str, place: Place, count: int) -> tuple[int, int, int]:
     """(offset, stride, width) of a role's units in a weight of ``count`` units per role."""
     width = shape.unit_width(role)
     fused = place.fused or (role,)
     if place.interleaved:
         return fused.index(role) * width, len(fused) * width, width
-    before = fused[: fused.index(role)]
-    per_role = {
-        r: (count if TARGETS[r].unit is TARGETS[role].unit else shape.num_units(r)) for r in before
-    }
-    return sum(per_role[r] * shape.unit_width(r) for r in before), width, width
+    before = _role_lengths(shape, role, place, count)[: fused.index(role)]
+    return sum(before), width, width
 
 
 def role_slots(shape: ModelShape, layer: int, role: str) -> list[Slot]:
@@ -264,12 +279,7 @@ def structure_slots(shape: ModelShape, layer: int, structure: str) -> list[Slot]
 
 def _weight_length(shape: ModelShape, slot: Slot) -> int:
     """Rows (producers) or columns (consumers) of the slot's weight (of one expert)."""
-    fused = slot.place.fused or (slot.role,)
-    same = TARGETS[slot.role].unit
-    return sum(
-        (slot.count if TARGETS[r].unit is same else shape.num_units(r)) * shape.unit_width(r)
-        for r in fused
-    )
+    return sum(_role_lengths(shape, slot.role, slot.place, slot.count))
 
 
 def units_of(shape: ModelShape, name: str, ids: torch.Tensor) -> list[tuple]:
@@ -283,12 +293,13 @@ def units_of(shape: ModelShape, name: str, ids: torch.Tensor) -> list[tuple]:
         for slot in structure_slots(shape, layer, structure)
         if slot.name == name
     ]
+    lengths = {slot: _weight_length(shape, slot) for slot in slots if slot.expert is not None}
     out = []
     for i in ids.tolist():
         for slot in slots:
             local = i
             if slot.expert is not None:
-                expert, local = divmod(i, _weight_length(shape, slot))
+                expert, local = divmod(i, lengths[slot])
                 if expert != slot.expert:
                     continue
             step, rest = divmod(local - slot.offset, slot.stride)
@@ -330,7 +341,7 @@ class Matrix:
         return self.tensor.ndim == 3 and self.axis == "cols"
 
     def _split(self, index: torch.Tensor):
-        experts, a, b = self.tensor.shape
+        _, a, b = self.tensor.shape
         index = index.to(self.tensor.device)
         rows = torch.arange(a, device=index.device)[:, None]
         return index // b, rows, index % b

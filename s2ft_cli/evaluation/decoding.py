@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import IGNORE_INDEX, Example, alpaca_prompt, build_examples, collate, user_message
-from ..engine.families import family_of
 from ..engine.losses import example_losses, logit_transform, token_losses
+from ..engine.shapes import known_family
 from ..recipe import EvalSection
 from .tasks import ANSWER_SENTENCE, Task
 
@@ -119,7 +119,7 @@ def generate(
     if not prompts:
         return []
     greedy = not settings.do_sample and settings.num_beams == 1
-    known = family_of(getattr(getattr(model, "config", None), "model_type", None)) is not None
+    known = known_family(model) is not None
     if own_loop and greedy and known:
         return _greedy(model, tokenizer, prompts, settings, task, device, advance)
     return _transformers_generate(model, tokenizer, prompts, settings, task, device, advance)
@@ -376,7 +376,7 @@ def answer_logliks(
     for labels in offered:
         starts.append(starts[-1] + len(labels))
     choices = [examples[starts[k] : starts[k + 1]] for k in range(len(records))]
-    known = family_of(getattr(getattr(model, "config", None), "model_type", None)) is not None
+    known = known_family(model) is not None
     score = _shared_prefix_logliks if share_prefixes and known else _whole_sequence_logliks
     scores = score(model, choices, tokenizer.pad_token_id, batch_size, device, advance)
     return [dict(zip(labels, s, strict=True)) for labels, s in zip(offered, scores, strict=True)]

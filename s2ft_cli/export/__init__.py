@@ -21,6 +21,7 @@ from ..files import atomic_write_dir
 from ..recipe import Recipe, load_recipe
 from ..training.checkpoints import Checkpointer
 from ..version import __version__
+from .gguf_file import QUANTS
 
 
 def find_checkpoint(run: Path, name: str) -> Path:
@@ -120,6 +121,8 @@ def export_run(
         raise S2FTError("--rank pads a PEFT export: give it with --format peft.")
     if quant is not None and format != "gguf":
         raise S2FTError("--quant encodes a merged GGUF file: give it with --format gguf.")
+    if quant is not None and quant not in QUANTS:
+        raise S2FTError(f"--quant {quant!r}: one of {', '.join(QUANTS)}.")
     if format in GGUF_FORMATS:
         return _export_gguf(run, out, checkpoint, format, quant or "f32", force, merged)
     if merged and (format != "s2ft" or not _is_run(run)):
@@ -159,7 +162,7 @@ def _export_gguf(
     run: Path, out: Path, checkpoint: str | None, format: str, quant: str, force: bool,
     merged: bool,
 ) -> Path:  # fmt: skip
-    """``--format gguf | gguf-lora`` of a run (docs/SERVING.md, "llama.cpp and Ollama")."""
+    """``--format gguf | gguf-lora`` of a run (``gguf.py``)."""
     from .gguf import export_gguf, export_gguf_lora
 
     if merged or not _is_run(run):

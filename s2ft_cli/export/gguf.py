@@ -1,5 +1,5 @@
 """``s2ft export --format gguf | gguf-lora``: what a run trained, for llama.cpp and Ollama
-(docs/SERVING.md, "llama.cpp and Ollama").
+(docs/COMMANDS.md, ``s2ft export``).
 
 Both start from a GGUF file of the base, the *source*: the file the run's base came from
 (a ``.gguf`` path or a packaged model), or, for a Hugging Face base, that base converted
@@ -16,7 +16,7 @@ llama.cpp LoRA adapter, for the source file or any quantization of it.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from torch import nn
 from ..adapter.format import Adapter
 from ..adapter.peft import lora_pairs
 from ..adapter.runtime import load_adapter, merge_adapter
-from ..engine.gguf_bases import PACKAGED_MODELS, is_gguf_source, packaged_model_file
+from ..engine.gguf_bases import announce, gguf_file, is_gguf_source
 from ..engine.shapes import model_shape, place_of
 from ..errors import S2FTError
 from ..version import __version__
@@ -38,32 +38,41 @@ from .llama_cpp import converted_base
 def source_gguf(name: str, fingerprint: dict) -> Path:
     """The GGUF file of the base ``name`` (``model.name_or_path``), converted once if it is
     a Hugging Face model."""
-    if name in PACKAGED_MODELS:
-        return packaged_model_file(name)
-    if is_gguf_source(name):
-        return Path(name).expanduser()
-    return converted_base(name, fingerprint)
+    return gguf_file(name) if is_gguf_source(name) else converted_base(name, fingerprint)
 
 
-def _oriented(base: nn.Module, name: str) -> torch.Tensor:
-    """Weight ``name`` (an adapter's name) of ``base`` in the ``(out, in)`` orientation."""
-    place = place_of(model_shape(base).family, name)
-    weight = base.get_parameter(name if place.experts else f"{name}.weight").detach()
+def _oriented(model: nn.Module, family, name: str) -> torch.Tensor:
+    """Weight ``name`` (an adapter's name) of ``model`` in the ``(out, in)`` orientation."""
+    place = place_of(family, name)
+    weight = model.get_parameter(name if place.experts else f"{name}.weight").detach()
     return weight.transpose(-1, -2) if place.transposed else weight
 
 
-def _file_layout(base: nn.Module, source: Path, names: list[str]):
-    """The source's reader and the layout of the base's weights ``names`` in it, checked:
-    each, placed, must be the file's tensor (to the precision the base was loaded in)."""
+@dataclass
+class Placement:
+    """Where the base's adapted weights lie in the source file: its reader, the layout,
+    and the adapter weight each of the file's tensors concerned comes from."""
+
+    source: Path
+    reader: object  # gguf.GGUFReader
+    layout: GGUFLayout
+    owners: dict[str, str]
+
+
+def _placement(base: nn.Module, source: Path, names: list[str]) -> Placement:
+    """The placement of the base's weights ``names`` in ``source``, checked: each, placed,
+    must be the file's tensor (to the precision the base was loaded in)."""
     from gguf import GGUFReader, Keys
     from gguf.quants import dequantize
 
     reader = GGUFReader(source)
     tensors = {t.name: t for t in reader.tensors}
+    shape = model_shape(base)
     arch = reader.fields[Keys.General.ARCHITECTURE].contents()
-    layout = GGUFLayout(model_shape(base), arch, set(tensors))
+    layout = GGUFLayout(shape, arch, set(tensors))
+    owners = {}
     for name in names:
-        for gguf_name, values in layout.pieces(name, _oriented(base, name)):
+        for gguf_name, values in layout.pieces(name, _oriented(base, shape.family, name)):
             tensor = tensors[gguf_name]
             held = torch.tensor(dequantize(tensor.data, tensor.tensor_type)).flatten()
             values = values.float().flatten()
@@ -71,10 +80,12 @@ def _file_layout(base: nn.Module, source: Path, names: list[str]):
             if held.numel() != values.numel() or (values - held).abs().max() > 1e-2 * scale:
                 raise S2FTError(
                     f"{source}'s {gguf_name} is not the base's {name} laid out as s2ft lays "
-                    f"out {arch} weights: s2ft cannot place the update in this file. Export "
-                    "a merged Hugging Face model (--merged) and convert it with llama.cpp."
+                    f"out {arch} weights: s2ft cannot place the update in this "
+                    "file. Export a merged Hugging Face model (--merged) and convert it with "
+                    "llama.cpp."
                 )
-    return reader, layout
+            owners[gguf_name] = name
+    return Placement(source, reader, layout, owners)
 
 
 def _provenance(source: Path, adapter_source: str) -> dict[str, str]:
@@ -96,28 +107,27 @@ def export_gguf(
 ) -> Path:
     """The merged model of ``adapter`` on ``base`` (loaded from ``name``, unconverted) as one
     GGUF file, every tensor in ``quant``."""
-    names = sorted(adapter.updates)
     fingerprint = adapter.config["base_model"]["fingerprint"]
-    source = source_gguf(name, fingerprint)
-    _, layout = _file_layout(base, source, names)
+    placement = _placement(base, source_gguf(name, fingerprint), sorted(adapter.updates))
     model = merge_adapter(load_adapter(base, adapter, force=force))
+    family = placement.layout.family
     pending: dict[str, np.ndarray] = {}
 
-    def placed(name: str, gguf_name: str):
-        def make() -> np.ndarray:
+    def placed(gguf_name: str):
+        def make() -> np.ndarray:  # one weight's pieces at a time, when the writer asks
             if gguf_name not in pending:
-                for piece, values in layout.pieces(name, _oriented(model, name)):
+                owner = placement.owners[gguf_name]
+                for piece, values in placement.layout.pieces(
+                    owner, _oriented(model, family, owner)
+                ):
                     pending[piece] = values.float().numpy()
             return pending.pop(gguf_name)
 
         return make
 
-    replaced = {
-        gguf_name: placed(name, gguf_name)
-        for name in names
-        for gguf_name, _ in layout.pieces(name, _oriented(model, name)[..., :1])
-    }
-    return rewrite_gguf(source, out, quant, replaced, _provenance(source, adapter_source))
+    replaced = {gguf_name: placed(gguf_name) for gguf_name in placement.owners}
+    metadata = _provenance(placement.source, adapter_source)
+    return rewrite_gguf(placement.reader, out, quant, replaced, metadata)
 
 
 def export_gguf_lora(
@@ -129,22 +139,18 @@ def export_gguf_lora(
 ) -> Path:
     """``adapter`` as a llama.cpp LoRA adapter for the GGUF file of ``base`` (loaded from
     ``name``), which it names on stderr."""
-    from gguf import Keys
-
     pairs = lora_pairs(adapter, "llama.cpp's LoRA adapter format")
     fingerprint = adapter.config["base_model"]["fingerprint"]
-    source = source_gguf(name, fingerprint)
-    reader, layout = _file_layout(base, source, sorted(pairs))
+    placement = _placement(base, source_gguf(name, fingerprint), sorted(pairs))
     factors = {}
     for name, (a, b) in sorted(pairs.items()):
-        for gguf_name, rows in layout.pieces(name, b):
+        for gguf_name, rows in placement.layout.pieces(name, b):
             factors[gguf_name] = (a.float().numpy(), rows.float().numpy())
-    arch = reader.fields[Keys.General.ARCHITECTURE].contents()
-    write_lora_gguf(out, arch, factors, _provenance(source, adapter_source))
-    print(
-        f"the adapter applies to {source} (or a quantization of it): llama-cli -m {source} "
-        f"--lora {out}",
-        file=sys.stderr,
-        flush=True,
+    write_lora_gguf(
+        out, placement.layout.arch, factors, _provenance(placement.source, adapter_source)
+    )
+    announce(
+        f"the adapter applies to {placement.source} (or a quantization of it): llama-cli -m "
+        f"{placement.source} --lora {out}"
     )
     return out

@@ -11,24 +11,23 @@ the gguf package cannot quantize that type).
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
+from functools import cache
 from math import prod
 from pathlib import Path
 
 import numpy as np
 
+from ..engine.gguf_bases import announce
 from ..errors import S2FTError
+from ..files import atomic_write_path
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "source")
 
 
-def _announce(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
+@cache
 def _types():
+    """(the --quant types, their file types, the types the gguf package quantizes)."""
     from gguf import GGMLQuantizationType as T
     from gguf import LlamaFileType as F
 
@@ -60,7 +59,7 @@ def _encoding(tensor, qtype, replaced: bool, keep_source: bool):
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
 
-    types, _, quantizable = _types()
+    _, _, quantizable = _types()
     source = tensor.tensor_type
     if source in (T.I8, T.I16, T.I32, T.I64, T.F64):
         return None
@@ -87,40 +86,26 @@ def _copy_metadata(reader, writer, skip: set[str]) -> None:
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub_type)
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        write(partial)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
-
-
 def rewrite_gguf(
-    source: Path,
+    reader,
     out: Path,
     quant: str,
     replaced: dict[str, Callable[[], np.ndarray]],
     metadata: dict[str, str],
 ) -> Path:
-    """Write ``source`` to ``out`` with the tensors named in ``replaced`` taken from their
-    callables (float32, the file's shape; each called once, when written), every tensor in
-    ``quant`` (:data:`QUANTS`), and ``metadata`` added as strings."""
-    from gguf import GGUFReader, GGUFWriter, Keys
+    """Write the file ``reader`` (a ``gguf.GGUFReader``) reads to ``out``: the tensors
+    named in ``replaced`` taken from their callables (float32, the file's shape; each called
+    once, when written), every tensor in ``quant`` (:data:`QUANTS`), ``metadata`` added as
+    strings."""
+    from gguf import GGUFWriter, Keys
     from gguf.quants import dequantize, quantize
 
     if quant not in QUANTS:
         raise S2FTError(f"--quant {quant!r}: one of {', '.join(QUANTS)}.")
     types, file_types, _ = _types()
-    reader = GGUFReader(source)
     arch = reader.fields[Keys.General.ARCHITECTURE].contents()
     keep = quant == "source"
     qtype = None if keep else types[quant]
-    missing = set(replaced) - {t.name for t in reader.tensors}
-    if missing:
-        raise S2FTError(f"{source} has no tensors {', '.join(sorted(missing))}.")
 
     def write(path: Path) -> None:
         writer = GGUFWriter(path, arch)
@@ -153,11 +138,12 @@ def rewrite_gguf(
                 data = quantize(values, encoding)
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)
             if i % every == 0 or i == len(plan):
-                _announce(f"  {i}/{len(plan)} tensors written")
+                announce(f"  {i}/{len(plan)} tensors written")
         writer.close()
 
-    _announce(f"writing {out} ({quant}, {len(reader.tensors)} tensors)")
-    return _write_atomically(out, write)
+    announce(f"writing {out} ({quant}, {len(reader.tensors)} tensors)")
+    atomic_write_path(out, write)
+    return out
 
 
 def write_lora_gguf(
@@ -183,4 +169,5 @@ def write_lora_gguf(
         writer.write_tensors_to_file()
         writer.close()
 
-    return _write_atomically(out, write)
+    atomic_write_path(out, write)
+    return out

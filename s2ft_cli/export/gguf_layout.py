@@ -65,13 +65,10 @@ class GGUFLayout:
         place = place_of(self.family, name)
         if place is None:
             raise S2FTError(f"{name} is no weight of a role of {self.family.model_type}.")
-        if place.fused:
-            return place.fused
-        module = place.module.rsplit(".", 1)[-1]
-        for role, own in self.family.places.items():
-            if own == place:
-                return (role,)
-        return (module,)  # a shared expert's gate_proj / up_proj / down_proj
+        role = next((r for r, own in self.family.places.items() if own == place), None)
+        if role is None:  # a shared expert's gate_proj / up_proj / down_proj
+            return (place.module.rsplit(".", 1)[-1],)
+        return self.family.fused_roles(role)
 
     def _role_rows(self, name: str, role: str) -> torch.Tensor:
         """Rows of ``role``'s units in weight ``name`` (``(out, in)``, within one expert),
@@ -87,17 +84,16 @@ class GGUFLayout:
         path, an experts tensor's) given in the ``(out, in)`` orientation (an experts
         tensor: ``experts × out × in``), or of a LoRA ``B`` of it (its rows the weight's)."""
         roles = self._roles(name)
-        path = name
         if TARGETS[roles[0]].axis == "cols":  # a consumer: its rows are not the units'
-            return [(self._required(path, name), weight)]
+            return [(self._required(name, name), weight)]
         parts = [(role, self._role_rows(name, role)) for role in roles]
-        whole = self._gguf_name(path)
+        whole = self._gguf_name(name)
         if len(parts) == 1 or whole in self.present:
             rows = torch.cat([rows for _, rows in parts])
             if len(rows) != weight.shape[-2]:
                 raise S2FTError(f"{name}: {weight.shape[-2]} rows, its roles hold {len(rows)}.")
-            return [(self._required(path, name), weight.index_select(-2, rows))]
-        parent = path.rsplit(".", 1)[0]
+            return [(self._required(name, name), weight.index_select(-2, rows))]
+        parent = name.rsplit(".", 1)[0]
         return [
             (self._required(f"{parent}.{role}", name), weight.index_select(-2, rows))
             for role, rows in parts

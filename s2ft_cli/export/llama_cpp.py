@@ -16,9 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..engine.gguf_bases import cache_root
+from ..engine.gguf_bases import cache_root, made_once
 from ..engine.models import PRESET_PREFIX
 from ..errors import S2FTError
+from ..files import atomic_write_path
 
 CONVERTER = "convert_hf_to_gguf.py"
 
@@ -38,10 +39,6 @@ def find_converter() -> Path:
         f"to the clone (looked in: {', '.join(str(p) for p in places)}). A run on a GGUF "
         "base (a .gguf file or a packaged model) needs none."
     )
-
-
-def _announce(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _hf_folder(name: str) -> Path:
@@ -66,14 +63,19 @@ def converted_base(name: str, fingerprint: dict) -> Path:
     if target.is_file():
         return target
     converter = find_converter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    _announce(f"converting the base {name} to GGUF once with llama.cpp's converter: {target}")
     folder = _hf_folder(name)
-    command = [sys.executable, str(converter), str(folder), "--outtype", "f32"]
-    result = subprocess.run([*command, "--outfile", str(partial)], capture_output=True, text=True)
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise S2FTError(f"llama.cpp's converter could not convert {name}:\n{result.stderr[-2000:]}")
-    os.replace(partial, target)
+
+    def convert(partial: Path) -> None:
+        command = [sys.executable, str(converter), str(folder), "--outtype", "f32"]
+        done = subprocess.run([*command, "--outfile", str(partial)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise S2FTError(
+                f"llama.cpp's converter could not convert {name}:\n{done.stderr[-2000:]}"
+            )
+
+    made_once(
+        target,
+        lambda: atomic_write_path(target, convert),
+        f"converting the base {name} to GGUF once with llama.cpp's converter: {target}",
+    )
     return target

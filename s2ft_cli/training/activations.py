@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.experts import S2Experts, frozen_product, routed_forward
-from ..engine.shapes import decoder_layers, model_shape, role_slots
+from ..engine.experts import experts_modules, route_through
+from ..engine.shapes import decoder_layers, model_shape
 
 
 @dataclass
@@ -60,22 +60,8 @@ def _fake_tensors(model: nn.Module, mode) -> None:
 def _even_experts(model: nn.Module) -> None:
     """Every experts module routes evenly (see the module docstring)."""
     shape = model_shape(model)
-    if not shape.num_experts:
-        return
-    for layer in range(shape.num_layers):
-        module = model.get_submodule(role_slots(shape, layer, "down_proj")[0].path)
-        if isinstance(module, S2Experts):
-            base, project = module.base, module.project
-        else:
-            base = module
-
-            def project(name, expert, x, tokens, base=base):
-                return frozen_product(base, name, expert, x)
-
-        def forward(h, index, weights, base=base, project=project):
-            return routed_forward(base, h, index, weights, project, even=True)
-
-        module.__dict__["forward"] = forward
+    for _, _, module in experts_modules(model, shape, range(shape.num_layers)):
+        route_through(module, even=True)
 
 
 def trace_saved(model: nn.Module, batch_size: int, seq_len: int) -> SavedActivations:

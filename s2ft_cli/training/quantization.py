@@ -84,7 +84,7 @@ def frozen_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear
     shape = model_shape(model)
     seen = set()
     for layer in range(shape.num_layers):
-        for role in get_family(model).roles:
+        for role in shape.family.roles:
             for slot in role_slots(shape, layer, role):
                 if slot.place.experts or slot.path in seen:
                     continue

@@ -60,9 +60,7 @@ def _constant(step: int, *, warmup: int, total: int) -> float:
 
 
 def _constant_with_warmup(step: int, *, warmup: int, total: int) -> float:
-    if step < warmup:
-        return float(step) / float(max(1.0, warmup))
-    return 1.0
+    return _warmup(step, warmup) if step < warmup else 1.0
 
 
 def _inverse_sqrt(step: int, *, warmup: int, total: int) -> float:

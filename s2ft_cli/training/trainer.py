@@ -44,7 +44,12 @@ from ..data import (
     training_plan,
 )
 from ..engine.losses import example_losses
-from ..engine.models import enable_activation_checkpointing, load_model, load_tokenizer
+from ..engine.models import (
+    enable_activation_checkpointing,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from ..errors import S2FTError, TrainingInterrupted
 from ..files import atomic_write_text
 from ..recipe import Recipe
@@ -174,7 +179,7 @@ class Trainer:
         self.sharded = t.sharded(self.world)
         if r.model.quantization != "none":  # before loading weights
             require_bitsandbytes()
-            check_quantizable(load_model(r.model.name_or_path, weights=False))
+            check_quantizable(load_config(r.model.name_or_path, r.model.trust_remote_code))
         # Sharded, rank 0 alone reads the weights (to the CPU) and the others build the
         # model on the meta device; sharding hands them rank 0's values.
         model = load_model(
