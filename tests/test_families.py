@@ -259,6 +259,21 @@ def test_each_sequence_of_a_batch_gets_its_own_adapter(model_type, tmp_path):
     assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
 
 
+def test_served_updates_follow_the_model_to_another_dtype(tmp_path):
+    """``.to()`` after serve_adapters: a linear's and an expert's served updates move with
+    the weights (as on a GPU, where an update left behind would be on the wrong device)."""
+    from s2ft_cli.adapter.serving import MultiAdapterExperts, MultiAdapterLinear
+
+    base, path = random_adapters("qwen2_moe", target_sets("qwen2_moe")[:1], tmp_path)
+    served = serve_adapters(copy.deepcopy(base), {"a": path}).to(torch.float64)
+    linear = [m for m in served.modules() if isinstance(m, MultiAdapterLinear)]
+    experts = [m for m in served.modules() if isinstance(m, MultiAdapterExperts)]
+    assert linear and experts
+    deltas = [u.delta for m in linear for u in m.updates.values()]
+    deltas += [u.delta for m in experts for per in m.updates.values() for u in per.values()]
+    assert deltas and all(d.dtype == torch.float64 for d in deltas)
+
+
 @pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt2", "qwen2_moe", "gpt_oss"])
 def test_combining_adapters_of_a_family(model_type, tmp_path):
     """A combination is the sum of its adapters (its logits those of both fused in), and

@@ -151,6 +151,16 @@ class MultiAdapterExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return routed_forward(self.base, hidden_states, top_k_index, top_k_weights, self.project)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``: the served updates follow the weights, as
+        :meth:`MultiAdapterLinear._apply`'s."""
+        super()._apply(fn, recurse)
+        self.updates = {
+            name: {key: Update(u.axis, fn(u.index), fn(u.delta)) for key, u in per.items()}
+            for name, per in self.updates.items()
+        }
+        return self
+
     def project(self, param: str, expert: int, x: torch.Tensor, tokens) -> torch.Tensor:
         y = frozen_product(self.base, param, expert, x)
         if self.routing is None:
