@@ -94,6 +94,8 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     # the PEFT export, from the wheel
     _run([s2ft, "export", "runs/q", "--format", "peft", "--out", "p"], work, env)
     assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    _run([s2ft, "export", "runs/q", "--format", "gguf-lora", "--out", "l.gguf"], work, env)
+    assert (work / "l.gguf").read_bytes()[:4] == b"GGUF"  # a llama.cpp LoRA of the packaged base
     # the data package and the memory plan, from the wheel: s2ft data's tokens and s2ft
     # plan's total are the library's, which one process of the installed package computes
     # (the examples drawn with data.seed, not train.seed)
