@@ -1,7 +1,7 @@
 """GGUF bases: a ``.gguf`` file, or a model that a Python package ships as one, as a base.
 
 transformers reads GGUF files (``gguf_file=``) and dequantizes them, but a load parses the
-file's tokenizer metadata and every tensor in Python (15–40 s for a 135 M model). The first
+file's tokenizer metadata and every tensor in Python (7 s a parse for a 135 M model). The first
 load of a file therefore converts it once into a plain Hugging Face folder (float32
 safetensors, config, tokenizer and chat template) in a cache keyed by the file's content
 hash; every later load, by any command, reads that folder in a fraction of a second. The
@@ -15,13 +15,15 @@ that ships the file, its pinned version and the file's sha256.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,22 +179,22 @@ def _convert(gguf: Path, folder: Path) -> None:
     its config completed with what the file states and transformers' reader leaves out
     (:func:`gguf_settings`)."""
     import torch
-    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     kwargs = {"gguf_file": gguf.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
-        for attr, value in gguf_settings(GGUFReader(gguf), config).items():
-            setattr(config, attr, value)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            **kwargs,
-            config=config,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        with _parsed_once(gguf) as reader:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+            for attr, value in gguf_settings(reader, config).items():
+                setattr(config, attr, value)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent,
+                **kwargs,
+                config=config,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
     except (ValueError, KeyError, NotImplementedError) as err:
         raise S2FTError(
             f"Could not read the GGUF file {gguf}: {str(err).rstrip('.')}. transformers reads "
@@ -203,6 +205,31 @@ def _convert(gguf: Path, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / CONVERTED_MARKER).write_text(f"{gguf}\n")
+
+
+@contextlib.contextmanager
+def _parsed_once(gguf: Path) -> Iterator:
+    """The file parsed once (``gguf.GGUFReader``) for the tokenizer, the config and the
+    weights, which transformers would each parse again (7 s apiece for SmolLM2's 49,152-token
+    vocabulary), and the ``gguf`` package's tensor-name map built once a layout (transformers
+    builds it again for every module of the model)."""
+    import gguf as package
+
+    reader = package.GGUFReader(gguf)
+    parse, name_map = package.GGUFReader, package.get_tensor_name_map
+
+    def reuse(path, *args, **kwargs):
+        return (
+            reader
+            if Path(path) == gguf and not args and not kwargs
+            else parse(path, *args, **kwargs)
+        )
+
+    package.GGUFReader, package.get_tensor_name_map = reuse, functools.cache(name_map)
+    try:
+        yield reader
+    finally:
+        package.GGUFReader, package.get_tensor_name_map = parse, name_map
 
 
 def announce(message: str) -> None:
