@@ -186,3 +186,38 @@ def test_gguf_exports_hold_the_trained_update_in_transformers_and_llama_cpp(
     export_gguf_lora(str(source), base, adapter, lora_file)
     with_lora = llama_cpp_logits(source, ids[0].tolist(), lora_file)
     assert (with_lora - in_llama_cpp).abs().max() <= 1e-4 * scale
+
+
+def test_source_types_keep_untouched_tensors_and_widen_a_replaced_4_bit_one(tmp_path):
+    """``--quant source``: untouched tensors keep their bytes; a replaced tensor keeps its
+    type when it has 8 bits or more (F16 here) and becomes Q8_0 when it had fewer (Q4_0),
+    whose grid would round a fine-tuning update away."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    from s2ft_cli.export.gguf_file import rewrite_gguf
+
+    g = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(8, 64, generator=g).numpy() for name in ("a", "b", "c")}
+    types = {"a": T.Q4_0, "b": T.Q4_0, "c": T.F16}
+    writer = GGUFWriter(tmp_path / "source.gguf", "llama")
+    for name, w in weights.items():
+        data = quantize(w, types[name])
+        writer.add_tensor(name, data, raw_dtype=types[name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    source = GGUFReader(tmp_path / "source.gguf")
+    update = {name: weights[name] + 0.01 for name in ("b", "c")}
+    replaced = {name: (lambda w=w: w) for name, w in update.items()}
+    out = rewrite_gguf(source, tmp_path / "out.gguf", "source", replaced, {})
+    written = {t.name: t for t in GGUFReader(out).tensors}
+    before = {t.name: t for t in source.tensors}
+    assert bytes(written["a"].data) == bytes(before["a"].data)  # untouched: the same bytes
+    assert (written["b"].tensor_type, written["c"].tensor_type) == (T.Q8_0, T.F16)
+    for name, w in update.items():
+        back = dequantize(written[name].data, written[name].tensor_type).reshape(w.shape)
+        assert abs(back - w).max() <= abs(w).max() / 100  # Q8_0's and F16's rounding

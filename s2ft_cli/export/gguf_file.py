@@ -5,8 +5,12 @@ adapter files.
 
 Encodings follow llama.cpp's converter: one-dimensional tensors (norms, biases) stay F32,
 the others take the asked type, F16 where a row is no whole number of the type's blocks;
-``source`` keeps each tensor's own type (a replaced one re-quantized into it, Q8_0 where
-the gguf package cannot quantize that type).
+``source`` keeps each tensor's own type, and so the untouched tensors' bytes; a replaced
+one is re-quantized into its type when that has 8 bits or more, and into Q8_0 otherwise (and
+where the gguf package cannot quantize the type): a 4-bit grid's steps are coarser than a
+fine-tuning update, and re-quantizing onto it rounds much of the update away
+(docs/BENCHMARKS.md, "Exports in llama.cpp"), as llama.cpp's own mixtures keep some tensors
+wider.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "source")
 
 @cache
 def _types():
-    """(the --quant types, their file types, the types the gguf package quantizes)."""
+    """(the --quant types, their file types, the types a replaced tensor keeps)."""
     from gguf import GGMLQuantizationType as T
     from gguf import LlamaFileType as F
 
@@ -37,9 +41,10 @@ def _types():
         T.F32: F.ALL_F32, T.F16: F.MOSTLY_F16, T.BF16: F.MOSTLY_BF16, T.Q8_0: F.MOSTLY_Q8_0,
         T.Q4_0: F.MOSTLY_Q4_0, T.Q4_1: F.MOSTLY_Q4_1,
     }  # fmt: skip
-    # the types the gguf package quantizes (it dequantizes every type)
-    quantizable = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
-    return types, file_types, quantizable
+    # the types a replaced tensor keeps under ``source``: 8 bits a weight or more, and the
+    # gguf package quantizes them (it dequantizes every type)
+    wide = {T.F32, T.F16, T.BF16, T.Q8_0}
+    return types, file_types, wide
 
 
 def _numpy_shape(tensor) -> tuple[int, ...]:
@@ -59,14 +64,14 @@ def _encoding(tensor, qtype, replaced: bool, keep_source: bool):
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
 
-    _, _, quantizable = _types()
+    _, _, wide = _types()
     source = tensor.tensor_type
     if source in (T.I8, T.I16, T.I32, T.I64, T.F64):
         return None
     if keep_source:
         if not replaced:
             return None
-        return source if source in quantizable else T.Q8_0
+        return source if source in wide else T.Q8_0
     shape = _numpy_shape(tensor)
     if len(shape) <= 1:
         return T.F32
