@@ -122,6 +122,21 @@ def smollm2_tokenizer():
     return load_tokenizer(SMOLLM2)
 
 
+def smollm2_in_small(tokenizer, seed: int = 0):
+    """A two-layer random model of SmolLM2's architecture (LLaMA, grouped queries, tied
+    embeddings) and vocabulary: for the paths where what matters is the tokenizer and the
+    chat template, not the weights, at a fraction of the real model's time."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def stories_model():
     if not STORIES.is_dir():
         pytest.skip(f"reference checkpoint {STORIES} not present (it sits beside the repo)")

@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,13 +32,14 @@ from s2ft_cli.errors import S2FTError
 from s2ft_cli.evaluation.report import wilson_interval
 from s2ft_cli.recipe import load_recipe
 
-from .conftest import SHARED, SMOLLM2, batch, logit_tol
+from .conftest import SHARED, SMOLLM2, batch, logit_tol, smollm2_in_small
 from .test_cli import QUICKSTART
 from .test_engine import check_engine
 from .test_hf_trainers import holds_the_trained_adapter, optimized_the_deltas_alone
 from .test_train import max_diff
 from .torchrun import torchrun
 
+REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 # the quickstart recipe cut to seconds: 3 steps of batch 4
 QUICK = ["data.train.limit=48", "data.val_size=8", "train.max_steps=3", "train.batch_size=4"]
@@ -243,6 +246,23 @@ def test_s2ft_eval_of_the_run_scores_base_and_adapter(smollm2_run, tmp_path):
         assert arithmetic["ci95"] == list(wilson_interval(arithmetic["correct"], 4))
 
 
+def test_lm_evaluation_harness_scores_the_peft_export_as_s2ft_eval_does(smollm2_run, tmp_path):
+    """``scripts/engines_lm_eval.py``: ``lm_eval --model hf --model_args
+    pretrained=BASE,peft=EXPORT`` with the chat template, on a local task made of the
+    held-out problems ``s2ft eval`` asks (greedy, the same budget and scoring), gives the same
+    answers and the same accuracy."""
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.fail("lm-evaluation-harness is missing: `make install` installs the dev extra")
+    out = tmp_path / "lm_eval.json"
+    command = [sys.executable, str(REPO / "scripts" / "engines_lm_eval.py"), str(smollm2_run)]
+    command += ["--limit", "16", "--batch-size", "16", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["n"] == figures["same_text"] == 16
+    assert figures["accuracy"] == figures["s2ft_accuracy"]
+
+
 def test_s2ft_data_marks_the_chatml_assistant_turn(tmp_path, smollm2_tokenizer):
     dump = tmp_path / "examples.json"
     result = runner.invoke(app, ["data", str(QUICKSTART), *QUICK, "--show", "1", "--json", dump])
@@ -321,19 +341,10 @@ def test_trl_sft_trainer_trains_on_the_assistant_turn(smollm2_tokenizer, tmp_pat
     this CPU."""
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from s2ft_cli import get_s2ft_model
 
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-        tie_word_embeddings=True, bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    smollm2_base = AutoModelForCausalLM.from_config(config).eval()
-
+    smollm2_base = smollm2_in_small(smollm2_tokenizer)
     problems = arithmetic_problems(8, seed=5)
     dataset = [
         {
