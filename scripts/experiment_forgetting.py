@@ -259,6 +259,8 @@ def main() -> None:
     ap.add_argument("--stories", type=int, default=64, help="old-domain samples")
     ap.add_argument("--story-tokens", type=int, default=192)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rates", type=int, help="only the first N rates of each sweep (a quick "
+                    "check of the script; default every rate)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "docs"), help="folder for the plot and results")
@@ -284,7 +286,7 @@ def main() -> None:
     for method, budgets in BUDGETS.items():
         middle = budgets["medium"]
         tried = []
-        for lr in SWEEP[method]:
+        for lr in SWEEP[method][: args.rates]:
             tried.append(run(method, middle, lr, args, data, reference, pad_id))
             r = tried[-1]
             print(

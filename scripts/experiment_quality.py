@@ -21,6 +21,7 @@ the next regime starts, the base model after the first regime:
 
     python scripts/experiment_quality.py             # the study (≈ 14 hours here)
     python scripts/experiment_quality.py --smoke     # every stage, a step each, minutes
+    python scripts/experiment_quality.py --smoke --model DIR  # the same on another model
     python scripts/experiment_quality.py --report    # the tables from the JSON file only
     python scripts/experiment_quality.py --check grid/commonsense/s2ft-r/0.001  # rerun, compare
 """
@@ -171,17 +172,20 @@ class Study:
     """The settings of one study (full or smoke), its data and its record."""
 
     def __init__(self, args):
-        self.args, self.smoke = args, args.smoke
+        self.args, self.smoke, self.model = args, args.smoke, args.model
         self.console = Console(width=160)
-        self.tokenizer = load_tokenizer(MODEL)
+        self.tokenizer = load_tokenizer(self.model)
         self.path = Path(args.out)
         self.models = Path(args.models)  # the grid's trained weights, until the finals use them
         self.outputs = self.models.parent / f"{self.path.stem}_outputs"  # every generated answer
         self.record = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.record.setdefault("jobs", {})
+        recorded = self.record.get("settings", {}).get("model", self.model)
+        if recorded != self.model:
+            raise SystemExit(f"{self.path} records {recorded}: add --model {recorded}")
         methods = {k: {"lrs": v[0], "seeds": v[1], "overrides": v[2]} for k, v in METHODS.items()}
         self.record["settings"] = {
-            "model": MODEL,
+            "model": self.model,
             "smoke": self.smoke,
             "regimes": {k: vars(v) for k, v in REGIMES.items()},
             "methods": methods,
@@ -211,7 +215,7 @@ class Study:
             "train.seed": seed, "data.seed": SPLIT_SEED, "train.lr": lr,
             "train.max_steps": self.steps(regime), "train.batch_size": 2 if self.smoke else 8,
             "train.group_by_length": "true", "train.eval_every": 0, "train.save_every": 0,
-            "output_dir": str(out),
+            "model.name_or_path": self.model, "output_dir": str(out),
         }  # fmt: skip
         return load_recipe(
             REPO / REGIMES[regime].recipe, [f"{k}={v}" for k, v in overrides.items()]
@@ -340,7 +344,9 @@ def evaluate(study: Study, model, regime: str, job: str) -> dict:
     )  # fmt: skip
     if study.evaluator is None:  # one evaluator (tokenizer, processes), its model swapped
         quiet = Console(quiet=True)
-        study.evaluator = Evaluator(MODEL, settings, "float32", "chat", console=quiet, model=model)
+        study.evaluator = Evaluator(
+            study.model, settings, "float32", "chat", console=quiet, model=model
+        )
     study.evaluator.settings = settings
     study.evaluator.model = model.to(study.evaluator.procs.device).eval()
     results, scored = study.evaluator.run(study.test_sets(regime), regime)
@@ -428,7 +434,7 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         lr = best_lr(study.record, regime, method)
         kept = study.weights(regime, method, lr)
         if seed == 0 and kept.is_file():  # the grid's run: the same training
-            model = load_model(MODEL).eval()
+            model = load_model(study.model).eval()
             model.load_state_dict(torch.load(kept, weights_only=True))
             ran = study.record["jobs"][grid_job(regime, method, lr)]
             cost = {k: ran[k] for k in COST} | {"from_grid": True}
@@ -441,7 +447,7 @@ def jobs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         return result | {"prose_loss": prose_loss(study, model)}
 
     def base() -> dict:
-        model = load_model(MODEL).eval()
+        model = load_model(study.model).eval()
         return {r: evaluate(study, model, r, "base") for r in REGIMES} | {
             "prose_loss": prose_loss(study, model)
         }
@@ -683,7 +689,9 @@ def plot(record: dict, path: Path) -> Path | None:
                             textcoords="offset points", fontsize=7, color="grey")  # fmt: skip
         left.set_title(f"trained on {regime}: forgetting {other}", fontsize=10)
         right.set_title(f"trained on {regime}: forgetting English prose", fontsize=10)
-    fig.suptitle(f"{MODEL}: accuracy against forgetting (error bars: std over seeds)")
+    fig.suptitle(
+        f"{record['settings']['model']}: accuracy against forgetting (error bars: std over seeds)"
+    )
     handles, labels = axes[0][1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -736,7 +744,7 @@ def figures(result: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check(study: Study, job: str, threads: int) -> bool:
+def check(study: Study, job: str) -> bool:
     """Run a recorded job again, from the record's settings, in a scratch copy of the record
     (no kept weights: a seed-0 final trains again), and print every recorded figure beside
     the rerun's; True if all are the same (a loss to ``LOSS_RTOL``)."""
@@ -750,7 +758,7 @@ def check(study: Study, job: str, threads: int) -> bool:
         others = {k: v for k, v in study.record["jobs"].items() if k != job}
         copy.write_text(json.dumps(study.record | {"jobs": others}))
         models = str(Path(scratch) / "models")
-        subprocess.run(job_command(job, str(copy), models, threads, study.smoke), check=True)
+        subprocess.run(job_command(job, str(copy), models, study), check=True)
         again = figures(json.loads(copy.read_text())["jobs"][job])
     rows, same = compare(figures(study.record["jobs"][job]), again)
     columns = ["figure", "recorded", "rerun", ""]
@@ -775,10 +783,11 @@ def compare(recorded: dict, again: dict) -> tuple[list[list[str]], bool]:
     return rows, all(same)
 
 
-def job_command(job: str, out: str, models: str, threads: int, smoke: bool) -> list[str]:
+def job_command(job: str, out: str, models: str, study: Study) -> list[str]:
     """The command that runs one job in a process of its own."""
     command = [sys.executable, __file__, "--job", job, "--out", out, "--models", models]
-    return command + ["--threads", str(threads)] + ["--smoke"] * smoke
+    command += ["--threads", str(study.args.threads), "--model", study.model]
+    return command + ["--smoke"] * study.smoke
 
 
 def main() -> None:
@@ -792,6 +801,8 @@ def main() -> None:
                     "(default runs/quality_models; beside any other --out)")  # fmt: skip
     ap.add_argument("--check", metavar="JOB", help="run a recorded job again and compare its "
                     "figures with the record's, e.g. grid/commonsense/s2ft-r/0.001")  # fmt: skip
+    ap.add_argument("--model", default=MODEL, help="the model studied (default %(default)s; "
+                    "a small one with its tokenizer checks the script quickly)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -804,7 +815,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     study = Study(args)
     if args.check:
-        sys.exit(0 if check(study, args.check, args.threads) else 1)
+        sys.exit(0 if check(study, args.check) else 1)
     if args.job:  # one job, in this process (started by the loop below)
         start = time.perf_counter()
         work = dict(jobs(study))[args.job]
@@ -824,7 +835,7 @@ def main() -> None:
             start = time.perf_counter()
             study.save(name, todo[name]() | {"job_seconds": time.perf_counter() - start})
         else:  # each job in a process of its own: its peak memory is its own
-            command = job_command(name, args.out, args.models, args.threads, False)
+            command = job_command(name, args.out, args.models, study)
             subprocess.run(command, check=True)
             study.record = json.loads(study.path.read_text())
         study.prune()

@@ -96,32 +96,12 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     _run([s2ft, "export", "runs/q", "--format", "gguf-lora", "--out", "l.gguf"], work, env)
     assert (work / "l.gguf").read_bytes()[:4] == b"GGUF"  # a llama.cpp LoRA of the packaged base
-    # the data package and the memory plan, from the wheel: s2ft data's tokens and s2ft
-    # plan's total are the library's, which one process of the installed package computes
-    # (the examples drawn with data.seed, not train.seed)
-    long_rows = ["data.train.limit=120", "data.max_seq_len=512", "data.seed=1"]
-    packed = _run([s2ft, "data", "q.yaml", *long_rows, "data.packing=true",
-                   "--json", "d.json"], work, env).stdout  # fmt: skip
-    assert "packed" in packed
+    # the memory plan from the wheel, and the package the venv imports is the wheel's
     printed = _run([s2ft, "plan", "q.yaml", "--gpus", "2"], work, env).stdout
-    library = (
-        "import json; import s2ft_cli, s2ft_cli.recipes; from s2ft_cli.data import load_datasets; "
-        "from s2ft_cli.engine.models import load_tokenizer; "
-        "from s2ft_cli.recipe import load_recipe; "
-        "from s2ft_cli.training.memory import GIB, plan_memory; "
-        f"r = load_recipe('q.yaml', {long_rows}); "
-        "d = load_datasets(r.data, r.data_seed, load_tokenizer(r.model.name_or_path)); "
-        "print(json.dumps({'where': [s2ft_cli.recipes.__file__, s2ft_cli.__file__], "
-        "'rows': [{'input_ids': e.input_ids, 'labels': e.labels} for e in d.train], "
-        "'plan': f\"{plan_memory(load_recipe('q.yaml'), 2).total(False) / GIB:.2f}\"}))"
-    )
-    computed = json.loads(_run([python, "-c", library], work, env).stdout)
-    where = computed["where"]
+    assert "│ total " in printed
+    where = "import s2ft_cli, s2ft_cli.recipes; print(s2ft_cli.__file__, s2ft_cli.recipes.__file__)"
+    where = _run([python, "-c", where], work, env).stdout.split()
     assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
-    rows = computed["rows"]
-    assert json.loads((work / "d.json").read_text()) == rows and len(rows) == 70  # 120 - 50
-    total = computed["plan"]
-    assert "│ total " in printed and total in printed.split("│ total ")[1].split("\n")[0]
 
 
 def test_recipes_that_need_outside_files_say_so_and_name_the_missing_path(tmp_path):

@@ -17,7 +17,7 @@ from s2ft_cli import S2FTConfig
 from s2ft_cli.engine.models import load_model
 from s2ft_cli.engine.selection import select_units
 
-from .conftest import STORIES
+from .conftest import STORIES, smollm2_in_small
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TARGETS = {"o_proj": 0.25, "down_proj": 0.1}  # the benchmark's S²FT on the tiny model
@@ -66,7 +66,8 @@ def test_bench_train_measures_every_method(tmp_path):
 
 def test_experiment_forgetting_records_every_run(tmp_path):
     cmd = [sys.executable, str(SCRIPTS / "experiment_forgetting.py"), "--steps", "1"]
-    cmd += ["--val", "4", "--held-out", "4", "--stories", "2", "--story-tokens", "8"]
+    cmd += ["--batch", "2", "--rates", "2", "--val", "4", "--held-out", "4"]
+    cmd += ["--stories", "2", "--story-tokens", "8"]
     cmd += ["--threads", "1", "--out", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
 
@@ -80,6 +81,7 @@ def test_experiment_forgetting_records_every_run(tmp_path):
         ("full", "medium"),
         ("full", "large"),
     }
+    assert {len(sweep) for sweep in results["sweeps"].values()} == {2}  # --rates 2
     for method, sweep in results["sweeps"].items():
         best = min(sweep, key=lambda r: r["val_loss"])
         assert runs[method, "medium"]["lr"] == best["lr"] == runs[method, "large"]["lr"]
@@ -119,16 +121,23 @@ def test_bench_generate_times_both_loops_and_checks_they_agree(tmp_path):
     assert row["ratio"] == row["own_loop_per_s"][0] / row["generate_per_s"][0]
 
 
-def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
+def test_experiment_quality_smoke_runs_every_stage_and_resumes(smollm2_tokenizer, tmp_path):
     """``scripts/experiment_quality.py --smoke`` on one regime and one method (matched
     LoRA: the study's own baseline; S²FT's training and merge are tested throughout): the
     grid picks the rate by validation loss (grown past its edge), the final run (seed 0:
     the grid's trained weights, not trained again) records both regimes' test sets, the
     prose loss and the cost, the base model is scored, the tables and the plot are written,
-    and a second invocation finds every job done."""
+    and a second invocation finds every job done. On a two-layer model of SmolLM2's
+    architecture with its tokenizer and chat template (the study's data and prompts; the
+    real model's weights would only slow the stages down)."""
+    model = tmp_path / "smollm2-small"
+    small = smollm2_in_small(smollm2_tokenizer)
+    small.save_pretrained(model)
+    smollm2_tokenizer.save_pretrained(model)
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(SCRIPTS / "experiment_quality.py"), "--smoke", "--out", str(out)]
     cmd += ["--regimes", "commonsense", "--methods", "lora-matched", "--threads", "1"]
+    cmd += ["--model", str(model)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     jobs = json.loads(out.read_text())["jobs"]
@@ -141,7 +150,9 @@ def test_experiment_quality_smoke_runs_every_stage_and_resumes(tmp_path):
     # was inside or twice
     assert len(grid) == 4 or min(rates) < final["lr"] < max(rates) and len(grid) == 3
     assert len(final["commonsense"]["tasks"]) == 7 and len(final["arithmetic"]["tasks"]) == 7
-    assert final["prose_loss"] > 0 and final["trainable"] == 2_350_080  # r 24
+    hidden, inner = small.config.hidden_size, small.config.intermediate_size
+    matched = 2 * 24 * (hidden + hidden + inner + hidden)  # r 24 on o_proj and down_proj
+    assert final["prose_loss"] > 0 and final["trainable"] == matched
     best = next(r for r in grid.values() if r["lr"] == final["lr"])  # seed 0: the grid's run
     assert final["from_grid"] and final["train_seconds"] == best["train_seconds"]
     assert not list((tmp_path / "quality_models").iterdir())  # kept weights deleted once used
