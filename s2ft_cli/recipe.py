@@ -306,12 +306,12 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check_sharded_quantization(self) -> Recipe:
-        if self.model.quantization != "none" and self.train.distributed == "fsdp":
+        if self.model.quantization == "int8" and self.train.distributed == "fsdp":
             raise ValueError(
-                f"model.quantization {self.model.quantization} with train.distributed fsdp is "
-                "not supported (sharding bitsandbytes' packed weights is not proven here); "
-                "train a quantized base under ddp (each process holds the whole quantized "
-                "model), or shard an unquantized one with fsdp"
+                "model.quantization int8 with train.distributed fsdp is not supported "
+                "(bitsandbytes' 8-bit weights keep their scales where FSDP cannot shard "
+                "them); shard a 4-bit base (model.quantization=nf4), or train the int8 base "
+                "under ddp (each process holds the whole quantized model)"
             )
         return self
 

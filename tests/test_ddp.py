@@ -100,10 +100,10 @@ def save_gathered(trainer: Trainer, view: dict, path: Path) -> None:
         torch.save(gathered, path)
 
 
-def gathered_views(module: str, worker: str, recipe: Path) -> list:
+def gathered_views(module: str, worker: str, recipe: Path, *args: str) -> list:
     """Run a worker of ``module`` under torchrun on ``recipe`` (whose run folder is
-    ``run/``); what it saved with :func:`save_gathered` in ``run/views.pt``."""
-    result = finish(launch(module, worker, recipe))
+    ``run/``) and ``args``; what it saved with :func:`save_gathered` in ``run/views.pt``."""
+    result = finish(launch(module, worker, recipe, *args))
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(recipe.parent / "run" / "views.pt", weights_only=True)
 

@@ -185,9 +185,9 @@ CASES = {
         lambda ws: ["train", ws.recipe, "train.fsdp_offload=true"],
         ["train: fsdp_offload", "train.distributed=fsdp"],
     ),
-    "recipe-quantized-fsdp": (
-        lambda ws: ["train", ws.recipe, "model.quantization=nf4", "train.distributed=fsdp"],
-        ["model.quantization nf4 with train.distributed fsdp", "under ddp"],
+    "recipe-int8-fsdp": (
+        lambda ws: ["train", ws.recipe, "model.quantization=int8", "train.distributed=fsdp"],
+        ["model.quantization int8 with train.distributed fsdp", "model.quantization=nf4"],
     ),
     "plan-without-data": (
         lambda ws: [

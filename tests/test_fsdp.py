@@ -49,7 +49,7 @@ def test_fsdp_with_grad_accum_matches_one_process(tmp_path, one_process_batch_8,
         assert probes[name]["z"] == pytest.approx(want["z"], abs=1e-9)  # the unsharded base's
 
 
-def _shards_worker(recipe_path: str) -> None:
+def _shards_worker(recipe_path: str, *overrides: str) -> None:
     """One process of ``torchrun``: set up a sharded run, recording which processes read
     weights; rank 0 saves every process's view of the parameters."""
     import s2ft_cli.training.trainer as train_module
@@ -63,13 +63,19 @@ def _shards_worker(recipe_path: str) -> None:
         return load(*args, **kwargs)
 
     train_module.load_model = recording_load
-    trainer = Trainer(load_recipe(Path(recipe_path), [FSDP]))
+    trainer = Trainer(load_recipe(Path(recipe_path), [FSDP, *overrides]))
     try:
         trainer.setup()
         view = {
             "reads": reads,
             "params": {
-                name: (type(p).__name__, p.to_local().numel(), p.numel(), p.requires_grad)
+                name: (
+                    type(p).__name__,
+                    p.to_local().numel(),
+                    p.numel(),
+                    p.requires_grad,
+                    str(p.dtype),
+                )
                 for name, p in trainer.model.named_parameters()
             },
             "buffers_meta": any(b.is_meta for b in trainer.model.buffers()),
@@ -79,15 +85,23 @@ def _shards_worker(recipe_path: str) -> None:
         trainer.cleanup()
 
 
-def test_fsdp_shards_every_tensor_and_only_rank_0_reads_the_weights(tmp_path):
-    rank0, rank1 = gathered_views("tests.test_fsdp", "shards", recipe_file(tmp_path))
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_fsdp_shards_every_tensor_and_only_rank_0_reads_the_weights(tmp_path, quantization):
+    """Every parameter a DTensor, half on each process: under nf4 the frozen decoder
+    linears' packed codes and 8-bit scales too (``nf4_shards.py``), rank 0 having quantized
+    them."""
+    override = f"model.quantization={quantization}"
+    rank0, rank1 = gathered_views("tests.test_fsdp", "shards", recipe_file(tmp_path), override)
     assert rank0["reads"] == [True] and rank1["reads"] == [False]  # rank 1: meta device
     assert rank0["params"].keys() == rank1["params"].keys()
     assert any(name.endswith(".delta") for name in rank0["params"])
-    for name, (kind, local0, whole, trains) in rank0["params"].items():
-        _, local1, _, _ = rank1["params"][name]
+    packed = [name for name in rank0["params"] if name.endswith((".codes", ".scales"))]
+    assert len(packed) == (2 * 7 * 2 if quantization == "nf4" else 0)  # 2 layers × 7 linears
+    for name, (kind, local0, whole, trains, dtype) in rank0["params"].items():
+        _, local1, _, _, _ = rank1["params"][name]
         assert kind == "DTensor" and local0 + local1 == whole and local1 < whole, name
         assert trains == name.endswith(".delta"), name
+        assert (dtype == "torch.uint8") == (name in packed), name
     assert not rank0["buffers_meta"] and not rank1["buffers_meta"]
 
 

@@ -112,7 +112,11 @@ def test_blockwise_nf4_products_equal_bitsandbytes_own(
     whole = quantized_linear(linear, "nf4", blockwise=False)
     blockwise = quantized_linear(linear, "nf4")
     assert type(blockwise) is nf4.BlockwiseLinear4bit
-    blocks = list(nf4.dequantized_blocks(blockwise.weight, blockwise.block_elements))
+    blocks = list(
+        nf4.dequantized_blocks(
+            blockwise.weight.data, blockwise.weight.quant_state, blockwise.block_elements
+        )
+    )
     assert len(blocks) == (1 if in_features % 64 else -(-out_features * in_features // 2048))
     assert torch.equal(torch.cat([w for _, w in blocks]), dequantized(whole))
     x = torch.randn(2, 7, in_features, requires_grad=True)
@@ -194,12 +198,59 @@ def test_without_bitsandbytes_a_quantized_recipe_is_one_message(tmp_path, monkey
         Trainer(recipe).setup()
 
 
-def test_under_torchrun_an_nf4_run_trains_like_one_process(nf4_run, tmp_path):
-    """DDP over an nf4 base: 2 processes × batch 4 = one process × batch 8."""
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_under_torchrun_an_nf4_run_trains_like_one_process(nf4_run, distributed, tmp_path):
+    """DDP over an nf4 base, and FSDP2 sharding it (the packed codes and scales sharded
+    with the deltas, ``nf4_shards.py``): 2 processes × batch 4 = one process × batch 8.
+    Sharded, the adapter loads onto the unquantized base, and a run resumed from its step-4
+    checkpoint ends as the uninterrupted one."""
     path, run = nf4_run
-    result = torchrun("train", path, f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4")
+    out = tmp_path / distributed
+    args = (f"output_dir={out}", "train.batch_size=4", f"train.distributed={distributed}")
+    result = torchrun("train", path, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_diff(tmp_path / "ddp" / "adapter", run / "adapter") <= 1e-4
+    assert max_diff(out / "adapter", run / "adapter") <= 1e-4
+    if distributed == "fsdp":
+        load_adapter(load_model(str(STORIES)), out / "adapter")  # the unquantized base's
+        resumed = tmp_path / "resumed"
+        shutil.copytree(out, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step-0000008")
+        shutil.rmtree(resumed / "adapter")
+        result = torchrun("train", path, f"output_dir={resumed}", *args[1:], "--resume")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert max_diff(resumed / "adapter", out / "adapter") == 0.0
+
+
+def test_a_shardable_nf4_layer_computes_what_the_blockwise_one_computes(monkeypatch):
+    """``ShardableLinear4bit`` holds bitsandbytes' quantized weight as plain tensors: its
+    product and the input's gradient are the blockwise ``Linear4bit``'s, bit for bit; one
+    built empty on the meta device and given those tensors (what a process receiving rank
+    0's shards holds) computes the same."""
+    from s2ft_cli.training.nf4_shards import ShardableLinear4bit
+    from s2ft_cli.training.quantization import shardable_linear
+
+    monkeypatch.setattr(quantization, "NF4_BLOCK_ELEMENTS", 2048)
+    linear = nn.Linear(128, 48, bias=True)
+    blockwise = quantized_linear(linear, "nf4")
+    shardable = shardable_linear(linear)
+    assert shardable.weight.dtype == torch.uint8 and not any(
+        p.requires_grad for p in shardable.parameters()
+    )
+    empty = shardable_linear(nn.Linear(128, 48, bias=True, device="meta"))
+    assert type(empty) is ShardableLinear4bit
+    assert {k: (v.shape, v.dtype) for k, v in empty.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in shardable.state_dict().items()
+    }
+    empty = empty.to_empty(device="cpu")
+    empty.load_state_dict(shardable.state_dict())
+    for layer in (shardable, empty):
+        x = torch.randn(3, 5, 128, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, ref = layer(x), blockwise(x_ref)
+        assert torch.equal(out, ref)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert torch.equal(x.grad, x_ref.grad)
 
 
 def test_the_library_and_hugging_face_trainer_on_an_nf4_base_save_the_bases_adapter(tmp_path):

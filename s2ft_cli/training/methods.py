@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..adapter.fingerprint import remember_base_fingerprint
 from ..adapter.runtime import get_s2ft_model
 from ..engine.losses import ExampleLosses
 from ..engine.selection import Selection, calibration_data, select_units
@@ -68,7 +69,9 @@ class S2FT(TrainingMethod):
         quantized blocks would mix their scales)."""
         selection = self.measured_selection(model, trainer)
         model = get_s2ft_model(model, trainer.recipe.s2ft, selection=selection)
-        quantize_frozen_linears(model, trainer.recipe.model.quantization)
+        if trainer.sharded:  # rank 0 holds the weights: its fingerprint, shared
+            remember_base_fingerprint(model, trainer.procs.on_main)
+        quantize_frozen_linears(model, trainer.recipe.model.quantization, shardable=trainer.sharded)
         return model
 
     @staticmethod

@@ -17,7 +17,7 @@ from rich.console import Console
 from ..errors import S2FTError
 from ..files import atomic_write_text
 from .distributed import Processes
-from .quantization import weight_count
+from .quantization import weight_total
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -213,7 +213,7 @@ def setup_summary(trainer) -> list[str]:
     """The lines (rich markup) a run prints when set up: model, device and processes, the
     trainable parameters, what the method trains, the data and the steps, the output."""
     r = trainer.recipe
-    total = sum(weight_count(p) for p in trainer.model.parameters())
+    total = weight_total(trainer.model)
     trainable = sum(p.numel() for p in trainer.params)
     processes = f"{trainer.world} process{'es' if trainer.world > 1 else ''}"
     if trainer.sharded:

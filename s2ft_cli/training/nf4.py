@@ -33,21 +33,21 @@ def rows_per_block(quant_state: QuantState, block_elements: int) -> int:
 
 
 def dequantized_blocks(
-    weight: bnb.nn.Params4bit, block_elements: int
+    packed: torch.Tensor, state: QuantState, block_elements: int
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(rows, their dequantized weights) of a 4-bit weight, blocks of about
-    ``block_elements`` weights one after another."""
-    state = weight.quant_state
+    """(rows, their dequantized weights) of a 4-bit weight (``packed``: two weights a byte,
+    row-major; ``state``: its scales and shape), blocks of about ``block_elements`` weights
+    one after another."""
     rows, cols = state.shape
     step = rows_per_block(state, block_elements)
     if step >= rows:
-        yield slice(0, rows), dequantize_4bit(weight.data, state)
+        yield slice(0, rows), dequantize_4bit(packed, state)
         return
     size = state.blocksize
     scales = state.absmax
     if state.nested:  # double quantization: the scales are themselves 8-bit
         scales = dequantize_blockwise(state.absmax, state.state2) + state.offset
-    packed = weight.data.view(-1)  # two weights a byte, row-major
+    packed = packed.view(-1)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         first, last = start * cols, stop * cols
@@ -64,23 +64,33 @@ def dequantized_blocks(
 
 
 class _BlockwiseProduct(torch.autograd.Function):
-    """``x Wᵀ + b`` for a frozen 4-bit ``W``; the backward pass gives only x's gradient."""
+    """``x Wᵀ + b`` for a frozen 4-bit ``W`` (packed codes and their quantization state);
+    the backward pass gives only x's gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, block_elements):
-        ctx.weight = weight  # a frozen parameter, not an activation
+    def forward(ctx, x, packed, state, bias, block_elements):
+        ctx.packed, ctx.state = packed, state  # the frozen weight, not an activation
         ctx.block_elements = block_elements
-        parts = [x @ w.to(x.dtype).T for _, w in dequantized_blocks(weight, block_elements)]
-        out = torch.cat(parts, dim=-1)
+        blocks = dequantized_blocks(packed, state, block_elements)
+        out = torch.cat([x @ w.to(x.dtype).T for _, w in blocks], dim=-1)
         return out if bias is None else out.add_(bias)
 
     @staticmethod
     def backward(ctx, grad):
         flat = grad.reshape(-1, grad.shape[-1])
-        grad_x = flat.new_zeros(flat.shape[0], ctx.weight.quant_state.shape[1])
-        for rows, w in dequantized_blocks(ctx.weight, ctx.block_elements):
+        grad_x = flat.new_zeros(flat.shape[0], ctx.state.shape[1])
+        for rows, w in dequantized_blocks(ctx.packed, ctx.state, ctx.block_elements):
             grad_x.addmm_(flat[:, rows], w.to(flat.dtype))
-        return grad_x.view(*grad.shape[:-1], -1), None, None, None
+        return grad_x.view(*grad.shape[:-1], -1), None, None, None, None
+
+
+def blockwise_product(x, packed, state, bias, block_elements, compute_dtype) -> torch.Tensor:
+    """``x Wᵀ + b`` in ``compute_dtype`` (None: x's), as ``Linear4bit`` computes it, a
+    block of rows dequantized at a time; the result in x's dtype."""
+    dtype = compute_dtype or x.dtype
+    bias = None if bias is None else bias.to(dtype)
+    product = _BlockwiseProduct.apply(x.to(dtype), packed, state, bias, block_elements)
+    return product.to(x.dtype)
 
 
 class BlockwiseLinear4bit(bnb.nn.Linear4bit):
@@ -91,7 +101,7 @@ class BlockwiseLinear4bit(bnb.nn.Linear4bit):
     block_elements: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        product = _BlockwiseProduct.apply(x.to(dtype), self.weight, bias, self.block_elements)
-        return product.to(x.dtype)
+        weight = self.weight
+        return blockwise_product(
+            x, weight.data, weight.quant_state, self.bias, self.block_elements, self.compute_dtype
+        )

@@ -14,6 +14,7 @@ fingerprint of the unquantized weights, so it loads onto the unquantized base.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 from torch import nn
@@ -109,22 +110,60 @@ def check_quantizable(model_or_config) -> None:
         )
 
 
-def quantize_frozen_linears(model: nn.Module, kind: str, blockwise: bool = True) -> int:
+def shardable_linear(linear: nn.Linear) -> nn.Module:
+    """``linear``'s weight in NF4 as FSDP2 can shard it (``nf4_shards.py``): quantized by
+    bitsandbytes as :func:`quantized_linear` quantizes it, or, for a weight on the meta
+    device (a process that receives rank 0's values), an empty one of its shapes."""
+    from .nf4_shards import ShardableLinear4bit
+
+    dtype = linear.weight.dtype
+    if linear.weight.is_meta:
+        out_features, in_features = linear.weight.shape
+        bias = linear.bias is not None
+        args = (in_features, out_features, bias, dtype, NF4_BLOCK_ELEMENTS)
+        return ShardableLinear4bit(*args, device="meta")
+    return ShardableLinear4bit.of(quantized_linear(linear, "nf4"), dtype, NF4_BLOCK_ELEMENTS)
+
+
+def quantize_frozen_linears(
+    model: nn.Module, kind: str, blockwise: bool = True, shardable: bool = False
+) -> int:
     """Replace the frozen linears of every decoder layer by quantized ones (``kind`` nf4 or
     int8), inside S² layers too; returns how many. Run it after conversion: a converted
     model's adapter keeps the fingerprint of the weights as they were. ``blockwise``: see
-    :func:`quantized_linear`."""
+    :func:`quantized_linear`; ``shardable`` (nf4): layers FSDP2 shards
+    (:func:`shardable_linear`)."""
     if kind == "none":
         return 0
+    if shardable and kind != "nf4":
+        raise ValueError(f"only nf4 weights are stored shardable, not {kind}")
     check_quantizable(model)
     remember_base_fingerprint(model)
     found = list(frozen_linears(model))
     for path, module, linear in found:
-        if isinstance(module, S2Linear):
-            module.base = quantized_linear(linear, kind, blockwise)
+        if shardable:
+            quantized = shardable_linear(linear)
         else:
-            replace_module(model, path, quantized_linear(linear, kind, blockwise))
+            quantized = quantized_linear(linear, kind, blockwise)
+        if isinstance(module, S2Linear):
+            module.base = quantized
+        else:
+            replace_module(model, path, quantized)
     return len(found)
+
+
+def weight_total(model: nn.Module) -> int:
+    """How many weights a model holds, a quantized weight counted unpacked (sharded ones
+    too: a DTensor counts its whole tensor)."""
+    shards = sys.modules.get(f"{__package__}.nf4_shards")  # none exist unless imported
+    shardable = shards.ShardableLinear4bit if shards else ()
+    total, counted = 0, set()
+    for module in model.modules():
+        if isinstance(module, shardable):
+            total += module.in_features * module.out_features
+            total += module.bias.numel() if module.bias is not None else 0
+            counted.update(id(p) for p in module.parameters())
+    return total + sum(weight_count(p) for p in model.parameters() if id(p) not in counted)
 
 
 def weight_count(parameter: nn.Parameter) -> int:
