@@ -25,7 +25,7 @@ from s2ft_cli.training.trainer import Trainer, train
 
 from .conftest import batch, tiny_model
 from .test_train import RECIPE, max_diff, recipe_file
-from .torchrun import TORCHRUN_TIMEOUT, finish, launch, torchrun
+from .torchrun import TORCHRUN_TIMEOUT, finish, free_port, launch, launch_node, torchrun
 
 CFG = {"targets": {"v_proj": 0.5, "o_proj": 0.5, "down_proj": 0.1}, "seed": 2}
 
@@ -159,6 +159,19 @@ def test_a_refusal_on_rank_0_stops_every_process_with_the_message(tmp_path):
     stderr = " ".join(result.stderr.split())  # rich may wrap the paragraph
     assert stderr.count("was trained with global batch 8 (batch_size 8 × 1 process ×") == 2
     assert "this run has global batch 8 (batch_size 4 × 2 processes × grad_accum 1)" in stderr
+
+
+def test_two_nodes_on_the_loopback_train_like_one_process(tmp_path, one_process_batch_8):
+    """``torchrun --nnodes 2`` as on two machines (c10d rendezvous at the first node's
+    address), here two "nodes" of one process each on 127.0.0.1: 2 × batch 4 = one
+    process × batch 8."""
+    port, run = free_port(), tmp_path / "nodes"
+    args = ("train", one_process_batch_8, f"output_dir={run}", "train.batch_size=4")
+    nodes = [launch_node(rank, port, *args) for rank in (0, 1)]
+    for result in [finish(node) for node in nodes]:
+        assert result.returncode == 0, result.stderr[-3000:]
+    single = one_process_batch_8.parent / "run"
+    assert max_diff(run / "adapter", single / "adapter") <= 1e-4
 
 
 def test_sigterm_to_torchrun_stops_every_process_with_a_checkpoint(tmp_path):

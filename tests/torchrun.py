@@ -4,6 +4,7 @@ one thread each from the repository root, and failed cleanly when one hangs."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,27 @@ def launch(module: str, *args) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
+
+
+def launch_node(node_rank: int, port: int, *args) -> subprocess.Popen:
+    """One "node" of a two-node ``torchrun`` (one process each), as the docs launch it:
+    ``--nnodes 2 --node_rank N --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:PORT``,
+    running ``s2ft ARGS``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+           "1", "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint",
+           f"127.0.0.1:{port}", "--rdzv_id", "s2ft-test", "-m", "s2ft_cli"]  # fmt: skip
+    cmd += map(str, args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+
+
+def free_port() -> int:
+    """A TCP port of the loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish(proc: subprocess.Popen, timeout: float = TORCHRUN_TIMEOUT):
