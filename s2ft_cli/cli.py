@@ -163,7 +163,7 @@ def plan(
     parts = [
         ("frozen weights", p.weights),
         ("deltas, gradients, AdamW (fp32)", p.trainable),
-        ("layers gathered while they run (FSDP)", p.gathered),
+        ("embeddings, head and layers gathered (FSDP)", p.gathered),
         ("saved activations", p.activations),
         ("saved activations, activation checkpointing", p.activations_checkpointed),
         (working, p.working),

@@ -103,7 +103,23 @@ def test_the_plan_counts_weights_and_state_without_reading_weights(tmp_path, mon
 
     sharded = plan_memory(load_recipe(path, ["train.distributed=fsdp"]), gpus=4)
     assert sharded.weights == dense.weights // 4 and sharded.trainable == dense.trainable // 4
-    assert sharded.gathered > 0 and sharded.activations == dense.activations
+    assert sharded.activations == dense.activations
+    # the root unit (embeddings, final norm, head) whole, two layers and a layer's buffer
+    root = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n)
+    layer = max(sum(p.numel() * 4 for p in layer.parameters()) for layer in model.model.layers)
+    assert sharded.gathered == root + 3 * layer and sharded.gathering == 2 * root
+
+    # FSDP2 over the 4-bit base; with offload the shards and AdamW live in CPU memory
+    both = ["train.distributed=fsdp", "model.quantization=nf4"]
+    sharded_nf4 = plan_memory(load_recipe(path, both), gpus=4)
+    assert sharded_nf4.weights == nf4.weights // 4 and sharded_nf4.gathered < sharded.gathered
+    offload = plan_memory(load_recipe(path, [*both, "train.fsdp_offload=true"]), gpus=4)
+    assert offload.weights == offload.trainable == 0
+    assert (
+        offload.total(False)
+        == sharded_nf4.total(False) - sharded_nf4.weights - sharded_nf4.trainable
+    )
+    assert any("fsdp_offload" in note for note in offload.notes)
 
 
 def test_plan_command_prints_the_parts_and_totals(tmp_path):

@@ -6,7 +6,10 @@ weights at their precision (``model.dtype``; 4 or 8 bits for the decoder linears
 the activations a step saves for the backward pass at ``train.batch_size`` ×
 ``data.max_seq_len``, with and without activation checkpointing. Under FSDP every
 parameter tensor is divided over the processes, and one decoder layer is gathered whole
-while it runs (two with prefetching).
+while it runs (two with prefetching, and once more in the buffer FSDP gathers into before
+copying it out), the root's own tensors (embeddings, final norm, head: FSDP's root unit)
+through the whole step; gathering those at the start of the step, before anything is
+saved, takes twice their size for a moment.
 
 Saved activations are traced, not modelled: the converted model reads a batch of fake
 tensors (shapes without storage, ``activations.py``) and autograd's own saved tensors are
@@ -51,15 +54,19 @@ class MemoryPlan:
 
     weights: int  # frozen weights (and the deltas' own storage) at rest, this GPU's share
     trainable: int  # deltas, gradients and AdamW state, this GPU's share
-    gathered: int  # FSDP: the whole layers gathered while they run
+    gathered: int  # FSDP: the root's tensors and the layers gathered while they run
     activations: int  # saved for the backward pass, without activation checkpointing
     activations_checkpointed: int  # the same with it
     working: int  # the largest transient on top of the saved activations
+    # FSDP: the root's tensors gathered at the start of the step, nothing saved yet, and
+    # their all-gather buffer (FSDP copies it out to the parameters)
+    gathering: int = 0
     notes: list[str] = field(default_factory=list)
 
     def total(self, checkpointing: bool) -> int:
         saved = self.activations_checkpointed if checkpointing else self.activations
-        return self.weights + self.trainable + self.gathered + saved + self.working
+        step = max(self.gathered + saved + self.working, self.gathering)
+        return self.weights + self.trainable + step
 
 
 def _dequantized_bytes(model: nn.Module, quantization: str) -> int:
@@ -72,9 +79,10 @@ def _dequantized_bytes(model: nn.Module, quantization: str) -> int:
     return max(w.numel() * w.element_size() for w in weights)
 
 
-def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
-    """(all parameters' bytes at rest, the largest decoder layer's bytes) of a meta model,
-    the decoder linears' weights at ``quantization``."""
+def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int, int]:
+    """(all parameters' bytes at rest, the largest decoder layer's bytes, the bytes outside
+    the decoder layers: embeddings, final norm, head) of a meta model, the decoder
+    linears' weights at ``quantization``."""
     linear_weights = {id(linear.weight) for _, _, linear in frozen_linears(model)}
 
     def size(p: nn.Parameter) -> float:
@@ -85,8 +93,8 @@ def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int]:
         return p.numel() * p.element_size()
 
     total = sum(size(p) for p in model.parameters())
-    largest = max(sum(size(p) for p in layer.parameters()) for layer in decoder_layers(model))
-    return int(total), int(largest)
+    layers = [sum(size(p) for p in layer.parameters()) for layer in decoder_layers(model)]
+    return int(total), int(max(layers)), int(total - sum(layers))
 
 
 def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan:
@@ -102,7 +110,7 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     model = convert_model(model, counting)
     selection = model.s2ft_selection
     trained_layers = sorted(layer for layer, per_matrix in selection.units.items() if per_matrix)
-    weights, largest_layer = _weight_bytes(model, m.quantization)
+    weights, largest_layer, outside_layers = _weight_bytes(model, m.quantization)
     trainable = selection.trainable_params()
     weights -= trainable * 4  # the deltas are counted with their state below
     sharded = t.sharded(gpus)
@@ -122,12 +130,27 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
     gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
     notes = [f"{trainable:,} trainable parameters in {len(trained_layers)} layers"]
+    at_rest = (weights // share, trainable * ADAMW_BYTES // share)
     if sharded:
-        notes.append(f"FSDP over {gpus} processes: every tensor divided, one layer gathered")
+        notes.append(
+            f"FSDP over {gpus} processes: every tensor divided; embeddings, final norm and "
+            "head gathered through the step, one layer (two with prefetching) at a time; "
+            f"gathering the former takes {2 * outside_layers / GIB:.2f} GiB for a moment at "
+            "the step's start"
+        )
+    if sharded and t.fsdp_offload:  # the shards and the optimizer live in CPU memory
+        notes.append(
+            f"fsdp_offload: {sum(at_rest) / GIB:.2f} GiB of shards, gradients and AdamW state "
+            "per process in CPU memory, not on the GPU"
+        )
+        at_rest = (0, 0)
     return MemoryPlan(
-        weights=weights // share,
-        trainable=trainable * ADAMW_BYTES // share,
-        gathered=2 * largest_layer if sharded else 0,
+        weights=at_rest[0],
+        trainable=at_rest[1],
+        # the root's tensors and two layers unsharded, and the flat buffer a layer gathers
+        # into before FSDP copies it out to the parameters
+        gathered=outside_layers + 3 * largest_layer if sharded else 0,
+        gathering=2 * outside_layers if sharded else 0,
         activations=activations,
         activations_checkpointed=checkpointed,
         working=max(logits, gradients) + dequantized,

@@ -1,0 +1,190 @@
+"""FSDP2 over a 4-bit base (issue 40) against FSDP2 over the unquantized base and one
+process over the 4-bit base: time per step and peak memory of every process, side by
+side, and ``s2ft plan``'s prediction of that peak.
+
+Each configuration is S²FT through ``s2ft train``'s own loop (``Trainer``) on random token
+batches, every process started by this script (``torchrun --nproc_per_node N`` for two
+processes) and measuring itself: set up (rank 0 reads, quantizes and sends the shards),
+the high-water mark reset, ``--warmup`` + ``--steps`` optimizer steps timed, then its peak
+resident memory above what it held before the set-up (on a CUDA device, its peak allocated
+memory). Glibc's malloc is told to hand large freed blocks back at once
+(``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows the live tensors, the measure
+``s2ft plan`` predicts. Steps run under every configuration in turn, one configuration at a
+time: no other job may run meanwhile.
+
+    python scripts/bench_fsdp.py                                  # CPU: 7B width, 2 layers
+    python scripts/bench_fsdp.py --shapes 1x256,2x256 --checkpointing both
+    python scripts/bench_fsdp.py --device cuda --model preset:bench-llama2-7b-8l --shapes 4x1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name -> (processes, train.distributed, model.quantization)
+    "nf4": (1, "ddp", "nf4"),  # one process over the 4-bit base
+    "fsdp": (2, "fsdp", "none"),  # two processes sharding the unquantized base
+    "fsdp-nf4": (2, "fsdp", "nf4"),  # two processes sharding the 4-bit base
+}
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def memory_now(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def worker(config: str, spec: dict) -> None:
+    """One process of a configuration: its step times and memory, to ``spec["out"]``."""
+    from rich.console import Console
+
+    from s2ft_cli.data import Datasets, Example
+    from s2ft_cli.engine.models import load_model
+    from s2ft_cli.recipe import Recipe
+    from s2ft_cli.training.memory import plan_memory
+    from s2ft_cli.training.trainer import Trainer
+
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    processes, distributed, quantization = CONFIGS[config]
+    steps = spec["warmup"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as out:
+        recipe = Recipe.model_validate({
+            "model": {"name_or_path": spec["model"], "dtype": spec["dtype"],
+                      "gradient_checkpointing": spec["checkpointing"],
+                      "quantization": quantization},
+            "s2ft": {"targets": spec["targets"]},
+            "train": {"batch_size": spec["batch"], "max_steps": steps, "lr": 1e-5,
+                      "warmup_steps": 0, "device": device, "distributed": distributed},
+            "output_dir": out,
+        })  # fmt: skip
+        # the plan first: it builds the model on the meta device, so that what the run's
+        # libraries import (the model's modules, bitsandbytes) is loaded before the base
+        planned = plan_memory(recipe, processes, seq_len=spec["seq"])
+        for module in ("bitsandbytes", "torch.distributed.fsdp", "s2ft_cli.training.nf4_shards"):
+            importlib.import_module(module)
+
+        vocab = load_model(spec["model"], weights=False).config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        total = steps * spec["batch"] * processes
+        ids = torch.randint(0, vocab, (total, spec["seq"]), generator=g).tolist()
+        data = Datasets([Example(row, row) for row in ids], [], [])
+        base = 0 if device == "cuda" else memory_now("VmRSS")  # what the process holds first
+        trainer = Trainer(recipe, console=Console(quiet=True), datasets=data)
+        trainer.setup()
+        reset_peak(device)
+        times = []
+        for step in range(steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer.train_step(step)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else memory_now("VmHWM")
+        rank = trainer.rank
+        trainer.cleanup()
+    result = {
+        "step_s": statistics.median(times[spec["warmup"] :]),
+        "peak_bytes": peak - base,
+        "planned_bytes": planned.total(spec["checkpointing"]),
+        "planned_parts": {k: v for k, v in vars(planned).items() if k != "notes"},
+    }
+    Path(spec["results"], f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_config(config: str, spec: dict) -> list[dict]:
+    """Every process's figures of one configuration, by rank."""
+    processes = CONFIGS[config][0]
+    with tempfile.TemporaryDirectory() as results:
+        spec = spec | {"results": results}
+        command = [__file__, "--worker", config, "--spec", json.dumps(spec)]
+        if processes > 1:
+            launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+            command = [*launcher, str(processes), *command]
+        env = {**os.environ, **LIVE_MEMORY_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
+        return [json.loads(Path(results, f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="preset:bench-llama2-7b-2l")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--shapes", default="1x256", help="batch x sequence per process")
+    ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--targets", default='{"o_proj": 0.05, "down_proj": 0.02}')
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=", ".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    ap.add_argument("--json", dest="json_path", help="write every measurement here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, json.loads(args.spec))
+        return
+    settings = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    table = Table(title=f"{args.model}, {args.dtype}, S²FT {args.targets}, {args.device}")
+    for column in ("shape", "checkpointing", "configuration", "step s", "peak GiB per rank",
+                   "s2ft plan GiB", "plan / peak"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    records = []
+    for shape in args.shapes.split(","):
+        batch, seq = (int(x) for x in shape.lower().split("x"))
+        for checkpointing in settings:
+            for config in args.configs.split(","):
+                spec = {
+                    "device": args.device, "model": args.model, "dtype": args.dtype,
+                    "batch": batch, "seq": seq, "checkpointing": checkpointing,
+                    "targets": json.loads(args.targets), "steps": args.steps,
+                    "warmup": args.warmup, "threads": args.threads,
+                }  # fmt: skip
+                ranks = run_config(config, spec)
+                records.append({"config": config, **spec, "ranks": ranks})
+                peak = max(r["peak_bytes"] for r in ranks)
+                table.add_row(
+                    shape, "on" if checkpointing else "off", config,
+                    f"{max(r['step_s'] for r in ranks):.2f}",
+                    " / ".join(f"{r['peak_bytes'] / 2**30:.2f}" for r in ranks),
+                    f"{ranks[0]['planned_bytes'] / 2**30:.2f}",
+                    f"{ranks[0]['planned_bytes'] / peak:.2f}",
+                )  # fmt: skip
+                print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+    Console().print(table)
+    if args.json_path:
+        record = {"command": " ".join(sys.argv), "records": records}
+        Path(args.json_path).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
