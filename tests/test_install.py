@@ -131,9 +131,10 @@ def test_recipes_that_need_outside_files_say_so_and_name_the_missing_path(tmp_pa
 def test_paper_recipes_evaluate_with_the_official_protocol():
     """The official S²FT evaluation scripts decode with 4 beams and up to 256 new tokens,
     without sampling; s2ft eval's own default stays greedy."""
-    paper = {n: p for n, p in _recipe_files().items() if n.startswith(("llama2-", "llama3-"))}
-    assert len(paper) == 4
-    for name, path in paper.items():
+    paper = ["llama2-7b-math", "llama2-7b-commonsense", "llama3-8b-math", "llama3-8b-commonsense"]
+    paper.append("llama3-70b-fsdp-nf4")  # the LLaMA-3 math setup on a 70B model
+    for name in paper:
+        path = _recipe_files()[name]
         ev = load_recipe(path).eval
         assert (ev.mode, ev.num_beams, ev.max_new_tokens, ev.do_sample) == (
             "generate",
