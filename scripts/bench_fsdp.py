@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import LIVE_MEMORY_ENV, process_memory, reset_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name -> (processes, train.distributed, model.quantization)
@@ -38,21 +39,6 @@ CONFIGS = {  # name -> (processes, train.distributed, model.quantization)
     "fsdp": (2, "fsdp", "none"),  # two processes sharding the unquantized base
     "fsdp-nf4": (2, "fsdp", "nf4"),  # two processes sharding the 4-bit base
 }
-LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def memory_now(field: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
-
-
-def reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
 
 
 def worker(config: str, spec: dict) -> None:
@@ -90,10 +76,10 @@ def worker(config: str, spec: dict) -> None:
         total = steps * spec["batch"] * processes
         ids = torch.randint(0, vocab, (total, spec["seq"]), generator=g).tolist()
         data = Datasets([Example(row, row) for row in ids], [], [])
-        base = 0 if device == "cuda" else memory_now("VmRSS")  # what the process holds first
+        base = 0 if device == "cuda" else process_memory("VmRSS")  # what the process holds first
         trainer = Trainer(recipe, console=Console(quiet=True), datasets=data)
         trainer.setup()
-        reset_peak(device)
+        reset_peak_memory(device)
         times = []
         for step in range(steps):
             if device == "cuda":
@@ -103,7 +89,7 @@ def worker(config: str, spec: dict) -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else memory_now("VmHWM")
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else process_memory("VmHWM")
         rank = trainer.rank
         trainer.cleanup()
     result = {

@@ -64,6 +64,21 @@ def test_bench_train_measures_every_method(tmp_path):
     assert loss == pytest.approx(results["s2ft"]["loss"], rel=1e-5)
 
 
+def test_bench_fsdp_measures_every_process_beside_the_plan(tmp_path):
+    """``scripts/bench_fsdp.py`` on the tiny model: one nf4 process, and FSDP2 + nf4 under
+    torchrun, each process's step time and peak beside ``s2ft plan``'s prediction."""
+    out = tmp_path / "fsdp.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_fsdp.py"), "--model", "preset:tiny-llama"]
+    cmd += ["--targets", json.dumps(TARGETS), "--shapes", "1x16", "--steps", "1"]
+    cmd += ["--warmup", "0", "--configs", "nf4,fsdp-nf4", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    records = {r["config"]: r for r in json.loads(out.read_text())["records"]}
+    assert [len(records[c]["ranks"]) for c in ("nf4", "fsdp-nf4")] == [1, 2]
+    for record in records.values():
+        assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 for r in record["ranks"])
+        assert all(r["planned_bytes"] > 0 for r in record["ranks"])
+
+
 def test_experiment_forgetting_records_every_run(tmp_path):
     cmd = [sys.executable, str(SCRIPTS / "experiment_forgetting.py"), "--steps", "1"]
     cmd += ["--batch", "2", "--rates", "2", "--val", "4", "--held-out", "4"]
