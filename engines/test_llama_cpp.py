@@ -1,5 +1,5 @@
 """The quickstart's GGUF exports in llama.cpp on 100 held-out problems (``make
-test-engines``; about 8 minutes on 2 cores, too long for every ``make test``, where
+test-engines``; about 10 minutes on 2 cores, too long for every ``make test``, where
 llama.cpp checks every family's exports on logits): ``scripts/engines_llama_cpp.py`` on a
 quickstart run trained here. The float exports and the LoRA file on the float base give
 ``s2ft eval``'s greedy text on at least 90 of the 100 prompts; the quantized ones (q8_0, the

@@ -8,8 +8,10 @@ bitsandbytes layer holding the same weight quantized: 4-bit NormalFloat with dou
 quantization (``Linear4bit``, whose products s2ft computes a block of rows at a time:
 ``nf4.py``) or LLM.int8 (``Linear8bitLt``). The S² layer calls that
 module's own forward for the frozen product and adds its fp32 delta; the embeddings and
-the head stay as loaded. The adapter is written in the original layout with the
-fingerprint of the unquantized weights, so it loads onto the unquantized base.
+the head stay as loaded. Under FSDP2 (``train.distributed: fsdp``) the NF4 weights are held
+as tensors FSDP2 shards (``nf4_shards.py``), quantized on rank 0. The adapter is written in
+the original layout with the fingerprint of the unquantized weights, so it loads onto the
+unquantized base.
 """
 
 from __future__ import annotations
