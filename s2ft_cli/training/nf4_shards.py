@@ -57,7 +57,8 @@ class ShardableLinear4bit(nn.Module):
         """The weight of bitsandbytes' ``Linear4bit`` (NF4, double quantization), its
         bias as it is."""
         state = linear4bit.weight.quant_state
-        if not state.nested or state.blocksize != NF4_BLOCK or state.state2.blocksize != 256:
+        blocks = (state.blocksize, state.state2.blocksize if state.nested else None)
+        if blocks != (NF4_BLOCK, SCALES_BLOCK):
             raise ValueError("expected NF4 with double quantization, blocks of 64 and 256")
         out_features, in_features = state.shape
         bias = linear4bit.bias is not None
