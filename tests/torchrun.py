@@ -3,7 +3,9 @@ one thread each from the repository root, and failed cleanly when one hangs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ def launch(module: str, *args) -> subprocess.Popen:
     """``torchrun --standalone --nproc_per_node 2 -m MODULE ARGS``, one thread per process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "-m", module, *map(str, args)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -34,7 +36,7 @@ def launch_node(node_rank: int, port: int, *args) -> subprocess.Popen:
            "1", "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint",
            f"127.0.0.1:{port}", "--rdzv_id", "s2ft-test", "-m", "s2ft_cli"]  # fmt: skip
     cmd += map(str, args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -47,19 +49,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _workers(pid: int) -> list[int]:
+    """The processes torchrun ``pid`` started."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
+
+
 def finish(proc: subprocess.Popen, timeout: float = TORCHRUN_TIMEOUT):
-    """Wait for a torchrun. Past ``timeout`` a process is taken to hang: torchrun is sent
-    SIGTERM (it passes it on, and SIGKILLs its workers 30 s later) and the test fails."""
+    """Wait for a torchrun. Past ``timeout`` a process is taken to hang: each worker is sent
+    SIGABRT, on which Python's fault handler (``PYTHONFAULTHANDLER``, set by the launch)
+    prints every thread's stack, then torchrun SIGTERM, and the test fails with those
+    stacks."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for worker in _workers(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGABRT)
         proc.terminate()
         try:
             _, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-        pytest.fail(f"torchrun did not end within {timeout} s (a process hangs?):\n{err[-3000:]}")
+        pytest.fail(f"torchrun did not end within {timeout} s (a process hangs?):\n{err[-8000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
