@@ -39,11 +39,16 @@ from s2ft_cli.recipe import load_recipe
 REPO = Path(__file__).resolve().parents[1]
 
 
-def eval_predictions(run: Path, limit: int, tokens: int, out: Path) -> dict[str, list[dict]]:
-    """``s2ft eval``'s predictions of the base and the run's adapter, by column."""
+def eval_predictions(
+    run: Path, limit: int, tokens: int, out: Path, base: bool = True
+) -> dict[str, list[dict]]:
+    """``s2ft eval``'s predictions of the base (unless not ``base``) and the run's adapter,
+    by column."""
     command = [sys.executable, "-m", "s2ft_cli", "eval", str(run), f"eval.limit={limit}"]
-    command += [f"eval.max_new_tokens={tokens}", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True)
+    command += [f"eval.max_new_tokens={tokens}", f"eval.include_base={str(base).lower()}"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    if not base:  # one column: its files in the folder itself
+        return {"adapter": [json.loads(line) for line in (out / "predictions.jsonl").open()]}
     return {
         column: [json.loads(line) for line in (out / folder / "predictions.jsonl").open()]
         for column, folder in (("base", "base"), ("adapter", run.name))

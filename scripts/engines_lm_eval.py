@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from engines_llama_cpp import eval_predictions
+
 from s2ft_cli.data.templates import user_message
 from s2ft_cli.engine.gguf_bases import gguf_folder, is_gguf_source
 from s2ft_cli.evaluation.runner import load_test_sets
@@ -52,14 +54,6 @@ def process_results(doc, results):
     task = task_named("arithmetic")
     return {"acc": float(task.is_correct(task.extract(results[0]), task.gold(doc["answer"])))}
 '''
-
-
-def s2ft_answers(run: Path, limit: int, tokens: int, out: Path) -> list[dict]:
-    """``s2ft eval``'s predictions of the run's adapter alone."""
-    command = [sys.executable, "-m", "s2ft_cli", "eval", str(run), f"eval.limit={limit}"]
-    command += [f"eval.max_new_tokens={tokens}", "eval.include_base=false", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True)
-    return [json.loads(line) for line in (out / "predictions.jsonl").open()]
 
 
 def write_task(folder: Path, rows: list[dict], limit: int, tokens: int, stop: str) -> None:
@@ -103,7 +97,7 @@ def compare(run: Path, limit: int, tokens: int, batch: int, work: Path) -> dict:
     recipe = load_recipe(run / "recipe.yaml")
     name = recipe.model.name_or_path
     base = str(gguf_folder(name)) if is_gguf_source(name) else name
-    ours = s2ft_answers(run, limit, tokens, work / "eval")
+    ours = eval_predictions(run, limit, tokens, work / "eval", base=False)["adapter"]
     stop = AutoTokenizer.from_pretrained(base).eos_token  # the chat template's end of turn
     write_task(work / "task", ours, limit, tokens, stop)
     peft = export_run(run, work / "peft", format="peft")
