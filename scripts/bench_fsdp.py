@@ -27,11 +27,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from bench_train import LIVE_MEMORY_ENV, process_memory, reset_peak_memory
+from bench_train import (
+    LIVE_MEMORY_ENV,
+    process_memory,
+    recipe_for,
+    reset_peak_memory,
+    timed_step,
+    trainer_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name -> (processes, train.distributed, model.quantization)
@@ -43,52 +49,24 @@ CONFIGS = {  # name -> (processes, train.distributed, model.quantization)
 
 def worker(config: str, spec: dict) -> None:
     """One process of a configuration: its step times and memory, to ``spec["out"]``."""
-    from rich.console import Console
-
-    from s2ft_cli.data import Datasets, Example
-    from s2ft_cli.engine.models import load_model
-    from s2ft_cli.recipe import Recipe
     from s2ft_cli.training.memory import plan_memory
-    from s2ft_cli.training.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
     processes, distributed, quantization = CONFIGS[config]
-    steps = spec["warmup"] + spec["steps"]
+    method = "s2ft-nf4" if quantization == "nf4" else "s2ft"
+    spec |= {"distributed": distributed, "processes": processes, "layers": None, "loop": "s2ft"}
     with tempfile.TemporaryDirectory() as out:
-        recipe = Recipe.model_validate({
-            "model": {"name_or_path": spec["model"], "dtype": spec["dtype"],
-                      "gradient_checkpointing": spec["checkpointing"],
-                      "quantization": quantization},
-            "s2ft": {"targets": spec["targets"]},
-            "train": {"batch_size": spec["batch"], "max_steps": steps, "lr": 1e-5,
-                      "warmup_steps": 0, "device": device, "distributed": distributed},
-            "output_dir": out,
-        })  # fmt: skip
         # the plan first: it builds the model on the meta device, so that what the run's
         # libraries import (the model's modules, bitsandbytes) is loaded before the base
-        planned = plan_memory(recipe, processes, seq_len=spec["seq"])
+        planned = plan_memory(recipe_for(method, spec, out), processes, seq_len=spec["seq"])
         for module in ("bitsandbytes", "torch.distributed.fsdp", "s2ft_cli.training.nf4_shards"):
             importlib.import_module(module)
-
-        vocab = load_model(spec["model"], weights=False).config.vocab_size
-        g = torch.Generator().manual_seed(0)
-        total = steps * spec["batch"] * processes
-        ids = torch.randint(0, vocab, (total, spec["seq"]), generator=g).tolist()
-        data = Datasets([Example(row, row) for row in ids], [], [])
         base = 0 if device == "cuda" else process_memory("VmRSS")  # what the process holds first
-        trainer = Trainer(recipe, console=Console(quiet=True), datasets=data)
-        trainer.setup()
+        trainer = trainer_for(method, spec, out)
         reset_peak_memory(device)
-        times = []
-        for step in range(steps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            trainer.train_step(step)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        steps = range(spec["warmup"] + spec["steps"])
+        times = [timed_step(trainer, step, spec)[0] for step in steps]
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else process_memory("VmHWM")
         rank = trainer.rank
         trainer.cleanup()

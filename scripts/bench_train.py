@@ -81,18 +81,12 @@ def training_method(name: str):
     }[name]()
 
 
-def trainer_for(method: str, spec: dict, out: str):
-    """A set-up :class:`Trainer` of ``method`` on random token batches of the spec's shape
-    (one distinct batch per step, every token a target, no padding)."""
-    from rich.console import Console
-
-    from s2ft_cli.data import Datasets, Example
-    from s2ft_cli.engine.models import load_model
+def recipe_for(method: str, spec: dict, out: str):
+    """The recipe of ``method`` at the spec's model, shape and steps (``spec["distributed"]``,
+    when given, under torchrun)."""
     from s2ft_cli.recipe import Recipe
-    from s2ft_cli.training.trainer import Trainer
 
-    steps = spec["warmup"] + spec["steps"]
-    recipe = Recipe.model_validate(
+    return Recipe.model_validate(
         {
             "model": {
                 "name_or_path": spec["model"],
@@ -103,17 +97,32 @@ def trainer_for(method: str, spec: dict, out: str):
             "s2ft": {"targets": spec["targets"], "layers": spec["layers"]},
             "train": {
                 "batch_size": spec["batch"],
-                "max_steps": steps,
+                "max_steps": spec["warmup"] + spec["steps"],
                 "lr": 1e-5,
                 "warmup_steps": 0,
                 "device": spec["device"],
+                "distributed": spec.get("distributed", "auto"),
             },
             "output_dir": out,
         }
     )
+
+
+def trainer_for(method: str, spec: dict, out: str):
+    """A set-up :class:`Trainer` of ``method`` on random token batches of the spec's shape
+    (one distinct batch per step and process, every token a target, no padding)."""
+    from rich.console import Console
+
+    from s2ft_cli.data import Datasets, Example
+    from s2ft_cli.engine.models import load_model
+    from s2ft_cli.training.trainer import Trainer
+
+    steps = spec["warmup"] + spec["steps"]
+    recipe = recipe_for(method, spec, out)
     vocab = load_model(spec["model"], weights=False).config.vocab_size  # meta: no weights
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (steps * spec["batch"], spec["seq"]), generator=g).tolist()
+    rows = steps * spec["batch"] * spec.get("processes", 1)
+    ids = torch.randint(0, vocab, (rows, spec["seq"]), generator=g).tolist()
     examples = [Example(row, row) for row in ids]
     trainer = Trainer(
         recipe,
