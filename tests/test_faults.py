@@ -26,7 +26,7 @@ from s2ft_cli.training import checkpoints as checkpoints_module
 from s2ft_cli.training.checkpoints import checkpoints_of
 from s2ft_cli.training.trainer import Trainer, train
 
-from .test_train import RECIPE, max_diff, metrics, recipe_file, s2ft
+from .test_train import RECIPE, cli, max_diff, metrics, recipe_file
 
 LONG = RECIPE.replace("max_steps: 12", "max_steps: 40").replace("limit: 112", "limit: 400")
 
@@ -73,8 +73,8 @@ def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path
         assert after <= step < 40 and f"step {step} of 40" in stderr
         assert not (tmp_path / "run" / "adapter").exists()
 
-    result = s2ft("train", path, "--resume")
-    assert result.returncode == 0, result.stderr
+    result = cli("train", path, "--resume")
+    assert result.exit_code == 0, result.output
     assert max_diff(tmp_path / "run" / "adapter", straight) <= 1e-5
 
 
@@ -104,8 +104,8 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, 
     assert [c.name for c in checkpoints_of(run)] == ["step-0000004"]
     assert list((run / "checkpoints").glob(".step-0000008*"))  # the half-written one
 
-    result = s2ft("train", path, "--resume")
-    assert result.returncode == 0, result.stderr
+    result = cli("train", path, "--resume")
+    assert result.exit_code == 0, result.output
     assert not list((run / "checkpoints").glob(".step-*"))  # cleaned up on resume
     assert max_diff(run / "adapter", straight) <= 1e-5
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from s2ft_cli import load_adapter
+from s2ft_cli.cli import app
 from s2ft_cli.data import load_datasets
 from s2ft_cli.engine.models import load_model, load_tokenizer
 from s2ft_cli.errors import S2FTError
@@ -60,6 +62,12 @@ def s2ft(*args, timeout=240, env=None):
         timeout=timeout,
         env=env,
     )
+
+
+def cli(*args):
+    """``s2ft ARGS`` in this process: for what the command does, where the process it runs in
+    is not what a test is about (a subprocess costs seconds of imports)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def metrics(run: Path) -> list[dict]:
@@ -117,8 +125,8 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
     done = json.loads(marker.read_text())["step"]
     assert done == 8 and not (tmp_path / "run" / "adapter").exists()
 
-    result = s2ft("train", path, "--resume")
-    assert result.returncode == 0, result.stderr
+    result = cli("train", path, "--resume")
+    assert result.exit_code == 0, result.output
     assert max_diff(tmp_path / "run" / "adapter", tmp_path / "straight" / "adapter") <= 1e-5
     steps = [r["step"] for r in metrics(tmp_path / "run")]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
@@ -127,24 +135,20 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
 def test_malformed_record_stops_before_training(tmp_path):
     records = [{"instruction": "q", "output": "a"}] * 5 + [{"instruction": "q"}]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    result = s2ft(
-        "train",
-        recipe_file(tmp_path),
-        f"data.train.path={tmp_path / 'data.json'}",
-        "data.val_size=0",
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "data.json: record 6 is malformed: it has no 'output' field" in result.stderr
+    data = f"data.train.path={tmp_path / 'data.json'}"
+    result = cli("train", recipe_file(tmp_path), data, "data.val_size=0")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # no traceback
+    assert "data.json: record 6 is malformed: it has no 'output' field" in result.output
     assert not (tmp_path / "run").exists()
 
 
 def test_resume_without_checkpoint_and_rerun_into_a_run_are_refused(tmp_path):
     path = recipe_file(tmp_path)
-    result = s2ft("train", path, "--resume")
-    assert result.returncode == 1 and "no checkpoint" in result.stderr
+    result = cli("train", path, "--resume")
+    assert result.exit_code == 1 and "no checkpoint" in result.output
     train(load_recipe(path, ["train.max_steps=4"]))
-    result = s2ft("train", path)
-    assert result.returncode == 1 and "already holds checkpoints" in result.stderr
+    result = cli("train", path)
+    assert result.exit_code == 1 and "already holds checkpoints" in result.output
 
 
 def test_bundled_recipes_are_valid_and_init_copies_them(tmp_path):
