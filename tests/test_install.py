@@ -96,9 +96,7 @@ def test_the_wheel_installs_and_runs_the_quickstart_from_its_bundled_recipe(tmp_
     assert json.loads((work / "p" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     _run([s2ft, "export", "runs/q", "--format", "gguf-lora", "--out", "l.gguf"], work, env)
     assert (work / "l.gguf").read_bytes()[:4] == b"GGUF"  # a llama.cpp LoRA of the packaged base
-    # the memory plan from the wheel, and the package the venv imports is the wheel's
-    printed = _run([s2ft, "plan", "q.yaml", "--gpus", "2"], work, env).stdout
-    assert "│ total " in printed
+    # the package the venv imports is the wheel's
     where = "import s2ft_cli, s2ft_cli.recipes; print(s2ft_cli.__file__, s2ft_cli.recipes.__file__)"
     where = _run([python, "-c", where], work, env).stdout.split()
     assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
