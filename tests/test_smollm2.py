@@ -194,6 +194,12 @@ def smollm2_run(tmp_path_factory) -> Path:
     return run
 
 
+# The tests of that run go to one pytest-xdist worker (make test: --dist loadgroup), which
+# trains it once; spread over both workers, each trained it.
+ON_THE_RUN = pytest.mark.xdist_group("smollm2_run")
+
+
+@ON_THE_RUN
 def test_s2ft_train_learns_and_its_adapter_and_exports_give_the_trained_logits(
     smollm2_run, smollm2_base, tmp_path
 ):
@@ -233,6 +239,7 @@ def test_s2ft_train_learns_and_its_adapter_and_exports_give_the_trained_logits(
     assert (mixed[1] - logits(smollm2_base, ids)[1]).abs().max() <= tol
 
 
+@ON_THE_RUN
 def test_s2ft_eval_of_the_run_scores_base_and_adapter(smollm2_run, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", str(smollm2_run), "eval.limit=4", "eval.max_new_tokens=24", "--out", str(out)]
@@ -246,6 +253,7 @@ def test_s2ft_eval_of_the_run_scores_base_and_adapter(smollm2_run, tmp_path):
         assert arithmetic["ci95"] == list(wilson_interval(arithmetic["correct"], 4))
 
 
+@ON_THE_RUN
 def test_lm_evaluation_harness_scores_the_peft_export_as_s2ft_eval_does(smollm2_run, tmp_path):
     """``scripts/engines_lm_eval.py``: ``lm_eval --model hf --model_args
     pretrained=BASE,peft=EXPORT`` with the chat template, on a local task made of the
@@ -255,11 +263,11 @@ def test_lm_evaluation_harness_scores_the_peft_export_as_s2ft_eval_does(smollm2_
         pytest.fail("lm-evaluation-harness is missing: `make install` installs the dev extra")
     out = tmp_path / "lm_eval.json"
     command = [sys.executable, str(REPO / "scripts" / "engines_lm_eval.py"), str(smollm2_run)]
-    command += ["--limit", "16", "--batch-size", "16", "--out", str(out)]
+    command += ["--limit", "8", "--batch-size", "8", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert figures["n"] == figures["same_text"] == 16
+    assert figures["n"] == figures["same_text"] == 8
     assert figures["accuracy"] == figures["s2ft_accuracy"]
 
 
@@ -277,6 +285,7 @@ def test_s2ft_data_marks_the_chatml_assistant_turn(tmp_path, smollm2_tokenizer):
     assert text.endswith("<|im_end|>") and "<|im_start|>" not in text
 
 
+@ON_THE_RUN
 def test_torchrun_two_processes_train_like_one(smollm2_run, tmp_path):
     """2 processes × batch 2 against the fixture's 1 process × batch 4 (DDP, gloo)."""
     run = tmp_path / "ddp"
