@@ -139,6 +139,14 @@ def plan(
     gpus: Annotated[
         int, typer.Option("--gpus", min=1, help="Processes (GPUs) the run will use.")
     ] = 1,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="s2ft (the recipe's run), or the same run as lora (PEFT LoRA of S²FT's "
+            "trainable count on the target matrices) or full fine-tuning, to compare.",
+        ),
+    ] = "s2ft",
 ) -> None:
     """Show the memory a recipe's training run needs per GPU, before it starts (no weights
     are read: the model is built on the meta device)."""
@@ -148,9 +156,11 @@ def plan(
     if r.data is None:
         raise S2FTError("s2ft plan needs the recipe's data: section (data.max_seq_len).")
 
-    from .training.memory import GIB, plan_memory
+    from .training.memory import GIB, METHODS, plan_memory
 
-    p = plan_memory(r, gpus)
+    if method not in METHODS:
+        raise S2FTError(f"--method {method}: plans {', '.join(METHODS)}.")
+    p = plan_memory(r, gpus, method=method)
     seq = r.data.max_seq_len
     how = "FSDP" if r.train.sharded(gpus) else "DDP" if gpus > 1 else ""
     caption = (
@@ -160,9 +170,14 @@ def plan(
     working = "working memory (loss chunk or one layer's gradients" + (
         ", a dequantized weight block)" if r.model.quantization != "none" else ")"
     )
+    trained = {
+        "s2ft": "deltas, gradients, AdamW (fp32)",
+        "lora": "LoRA A and B, gradients, AdamW (fp32)",
+        "full": f"weights, gradients, AdamW ({r.model.dtype})",
+    }[method]
     parts = [
         ("frozen weights", p.weights),
-        ("deltas, gradients, AdamW (fp32)", p.trainable),
+        (trained, p.trainable),
         ("embeddings, head and layers gathered (FSDP)", p.gathered),
         ("saved activations", p.activations),
         ("saved activations, activation checkpointing", p.activations_checkpointed),
@@ -173,7 +188,8 @@ def plan(
         ("total", p.total(False) / GIB),
         ("total with activation checkpointing", p.total(True) / GIB),
     ]
-    title = f"Memory per GPU — {r.model.name_or_path}"
+    named = {"s2ft": "", "lora": ", trained with LoRA", "full": ", fully fine-tuned"}[method]
+    title = f"Memory per GPU — {r.model.name_or_path}{named}"
     console.print(memory_table(title, caption, shown, totals))
     for note in p.notes:
         console.print(f"  {note}", highlight=False)

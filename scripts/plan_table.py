@@ -1,6 +1,9 @@
 """``s2ft plan``'s memory per GPU for LLaMA-3-8B and LLaMA-3-70B under DDP, FSDP2, FSDP2
 over a 4-bit base and the same with the shards offloaded to CPU memory (issue 40): the
-table of docs/BENCHMARKS.md, "FSDP2 over a 4-bit base".
+tables of docs/BENCHMARKS.md, "FSDP2 over a 4-bit base". The second compares S²FT's total
+with the same run planned as LoRA (``s2ft plan --method lora``: PEFT LoRA at the rank
+matching S²FT's trainable count on o_proj and down_proj) and as full fine-tuning
+(``--method full``; not on a 4-bit base).
 
 The models' configurations are written here from their published dimensions (no download:
 the planner builds the model on the meta device from its config alone); the recipe is the
@@ -14,6 +17,7 @@ model and the sharding set per row.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -43,9 +47,15 @@ SETUPS = {  # name -> (GPUs, overrides)
 }  # fmt: skip
 
 
+def both_totals(plan) -> str:
+    """GiB with activation checkpointing (the recipe's setting) / without."""
+    return f"{plan.total(True) / GIB:.1f} / {plan.total(False) / GIB:.1f}"
+
+
 def main() -> None:
     rows = ["| model | setup | weights | deltas + AdamW | gathered | activations | total GiB |",
             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    compared = ["| model | setup | S²FT | LoRA | full fine-tuning |", "|---|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for model, dims in MODELS.items():
             folder = Path(tmp) / model
@@ -58,7 +68,21 @@ def main() -> None:
                 cells = " | ".join(f"{x / GIB:.1f}" for x in parts)
                 rows.append(f"| {model} | {setup} | {cells} | **{p.total(True) / GIB:.1f}** |")
                 print(rows[-1], flush=True)
+                totals = [both_totals(p)]
+                for method in ("lora", "full"):
+                    if method == "full" and recipe.model.quantization != "none":
+                        totals.append("—")  # full fine-tuning trains the weights themselves
+                        continue
+                    other = plan_memory(recipe, gpus, method=method)
+                    totals.append(both_totals(other))
+                    if method == "lora":
+                        rank = re.search(r"r=\d+", other.notes[0]).group()
+                        totals[-1] += f" ({rank})"
+                compared.append(f"| {model} | {setup} | {' | '.join(totals)} |")
+                print(compared[-1], flush=True)
     print("\n".join(rows))
+    print()
+    print("\n".join(compared))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,62 @@ def test_the_plan_counts_weights_and_state_without_reading_weights(tmp_path, mon
     assert any("fsdp_offload" in note for note in offload.notes)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_lora_and_full_plans_count_what_they_train_and_save(tmp_path, method):
+    """The same run planned as LoRA (PEFT, the rank matching S²FT's trainable count on the
+    target matrices) or full fine-tuning: the parameters, their state and the activations a
+    real step of that model saves."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = {"o_proj": 0.25, "down_proj": 0.1}
+    text = PLAN_RECIPE.format(model="preset:tiny-llama", seq=96, targets=targets, batch=2)
+    recipe = load_recipe(recipe_file(tmp_path, text))
+    plan = plan_memory(recipe, method=method)
+    model = load_model("preset:tiny-llama", seed=0)
+    if method == "lora":
+        s2ft = get_s2ft_model(load_model("preset:tiny-llama"), recipe.s2ft)
+        matched = sum(p.numel() for p in s2ft.parameters() if p.requires_grad)
+        c = model.config
+        per_rank = c.num_hidden_layers * (2 * c.hidden_size + c.intermediate_size + c.hidden_size)
+        rank = round(matched / per_rank)
+        assert f"LoRA r={rank} on down_proj, o_proj" in plan.notes[0]
+        config = LoraConfig(r=rank, target_modules=["o_proj", "down_proj"])
+        model = get_peft_model(model, config).get_base_model()
+        state = ADAMW_BYTES
+    else:
+        model.requires_grad_(True)
+        state = 4 * 4  # fp32 model: weight, gradient, two moments
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert plan.trainable == sum(p.numel() for p in trained) * state
+    frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
+    assert plan.weights == frozen
+    assert plan.activations == pytest.approx(saved_by_autograd(model, 2, 96), rel=0.02)
+    s2ft_plan = plan_memory(recipe)
+    assert s2ft_plan.total(False) < plan.total(False)  # leaner than both
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "recipe.yaml"), "--method", method])
+    assert result.exit_code == 0, result.output
+    assert f"{plan.total(False) / GIB:.2f}" in result.output
+
+
+def test_what_cannot_be_planned_is_refused_naming_what_can(tmp_path):
+    """LoRA of a mixture-of-experts model (full fine-tuning of it is planned), full
+    fine-tuning of a 4-bit base, a method s2ft does not know."""
+    from .families import family_config
+
+    def plan(model, *args):
+        text = PLAN_RECIPE.format(model=model, seq=16, targets={"down_proj": 0.1}, batch=1)
+        return CliRunner().invoke(app, ["plan", str(recipe_file(tmp_path, text)), *args])
+
+    family_config("qwen3_moe").save_pretrained(tmp_path / "moe")
+    result = plan(tmp_path / "moe", "--method", "lora")
+    assert result.exit_code == 1 and "does not plan a mixture-of-experts" in result.output
+    assert plan(tmp_path / "moe", "--method", "full").exit_code == 0
+    result = plan("preset:tiny-llama", "model.quantization=nf4", "--method", "full")
+    assert result.exit_code == 1 and "no quantized base" in result.output
+    result = plan("preset:tiny-llama", "--method", "dora")
+    assert result.exit_code == 1 and "plans s2ft, lora, full" in result.output
+
+
 def test_plan_command_prints_the_parts_and_totals(tmp_path):
     text = PLAN_RECIPE.format(
         model="preset:bench-llama2-7b-2l", seq=512, targets={"o_proj": 0.05}, batch=1

@@ -25,10 +25,18 @@ the loss's chunk of float32 logits (one buffer, and its half-precision product o
 cast under bf16) and one block's gradients in flight, plus, on a
 quantized base, the dequantized weight of the product running: one block of rows under
 nf4 (``nf4.py``), the largest linear under int8.
+
+The same run can be planned as LoRA or full fine-tuning (``method``), to compare before
+training: what the method trains replaces S²FT's deltas and is traced the same way. LoRA
+(PEFT's, adapters in fp32 as PEFT keeps them) sits on the modules holding the recipe's
+target roles, in its layers, at the rank that matches S²FT's trainable count (the paper's
+comparison, §5); full fine-tuning trains every weight with its gradient and AdamW's moments
+in the model's dtype (bf16 throughout, as torchtune trains), and has no quantized base.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -36,7 +44,8 @@ from torch import nn
 from ..engine.convert import convert_model
 from ..engine.losses import chunk_rows
 from ..engine.models import DTYPES, load_model
-from ..engine.shapes import decoder_layers, model_shape
+from ..engine.shapes import decoder_layers, get_family, model_shape
+from ..errors import S2FTError
 from .activations import trace_saved
 from .quantization import NF4_BLOCK_ELEMENTS, check_quantizable, frozen_linears
 
@@ -46,6 +55,7 @@ from .quantization import NF4_BLOCK_ELEMENTS, check_quantizable, frozen_linears
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 ADAMW_BYTES = 4 + 4 + 4 + 4  # fp32 delta, its gradient, AdamW's two moments
 GIB = 2**30
+METHODS = ("s2ft", "lora", "full")
 
 
 @dataclass
@@ -97,22 +107,101 @@ def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int, int]:
     return int(total), int(max(layers)), int(total - sum(layers))
 
 
-def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan:
+@dataclass
+class Trained:
+    """What a method trains in a meta model."""
+
+    params: int  # trainable parameters
+    state_bytes: int  # per trainable parameter: itself, its gradient, AdamW's two moments
+    layers: list[int]  # the decoder layers holding any
+    description: str
+
+
+def _trained_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _layers_training(model: nn.Module) -> list[int]:
+    return [
+        i
+        for i, layer in enumerate(decoder_layers(model))
+        if any(p.requires_grad for p in layer.parameters())
+    ]
+
+
+def _s2ft(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
+    counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
+    model = convert_model(model, counting)
+    selection = model.s2ft_selection
+    layers = sorted(layer for layer, per_matrix in selection.units.items() if per_matrix)
+    params = selection.trainable_params()
+    where = f"{params:,} trainable parameters in {len(layers)} layers"
+    return model, Trained(params, ADAMW_BYTES, layers, where)
+
+
+def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
+    """PEFT LoRA on the modules that hold the recipe's target roles (the whole module where
+    roles are fused), at the rank matching S²FT's trainable count; dense families only."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise S2FTError("Planning LoRA builds PEFT's model: pip install peft.") from None
+    family = get_family(model)
+    if family.moe:
+        raise S2FTError(
+            f"s2ft plan --method lora does not plan a mixture-of-experts model "
+            f"({family.model_type}): the trace routes tokens through the experts' weights "
+            "itself, past PEFT's LoRA of them. S²FT and full fine-tuning are planned."
+        )
+    matched = _s2ft(copy.deepcopy(model), recipe)[1].params
+    places = [family.places[role] for role in recipe.s2ft.targets]
+    modules = sorted({p.module.rsplit(".", 1)[-1] for p in places})
+
+    def with_lora(rank: int) -> nn.Module:
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=modules,
+            layers_to_transform=recipe.s2ft.layers,
+        )  # fmt: skip
+        return get_peft_model(copy.deepcopy(model), config).get_base_model()
+
+    rank = max(1, round(matched / _trained_parameters(with_lora(1))))
+    model = with_lora(rank)
+    params = _trained_parameters(model)
+    what = f"LoRA r={rank} on {', '.join(modules)} ({params:,} parameters"
+    return model, Trained(params, ADAMW_BYTES, _layers_training(model), what + ", S²FT's count)")
+
+
+def _full(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
+    if recipe.model.quantization != "none":
+        raise S2FTError(
+            "Full fine-tuning trains every weight: it has no quantized base "
+            "(model.quantization: none)."
+        )
+    model.requires_grad_(True)
+    params = _trained_parameters(model)
+    itemsize = DTYPES[recipe.model.dtype].itemsize
+    what = f"full fine-tuning: {params:,} parameters, gradients and AdamW in {recipe.model.dtype}"
+    return model, Trained(params, 4 * itemsize, _layers_training(model), what)
+
+
+def plan_memory(
+    recipe, gpus: int = 1, seq_len: int | None = None, method: str = "s2ft"
+) -> MemoryPlan:
     """The memory plan of a recipe's training run on each of ``gpus`` processes (FSDP
     when ``train.distributed`` is fsdp and there are several, DDP otherwise), for
-    sequences of ``seq_len`` tokens (default ``data.max_seq_len``, the longest)."""
+    sequences of ``seq_len`` tokens (default ``data.max_seq_len``, the longest), training
+    with ``method`` (one of ``METHODS``: S²FT, or LoRA or full fine-tuning instead)."""
     m, t = recipe.model, recipe.train
     model = load_model(m.name_or_path, m.dtype, m.trust_remote_code, weights=False)
     if m.quantization != "none":
         check_quantizable(model)
     shape = model_shape(model)
-    counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
-    model = convert_model(model, counting)
-    selection = model.s2ft_selection
-    trained_layers = sorted(layer for layer, per_matrix in selection.units.items() if per_matrix)
+    prepare = {"s2ft": _s2ft, "lora": _lora, "full": _full}[method]
+    model, trained = prepare(model, recipe)
     weights, largest_layer, outside_layers = _weight_bytes(model, m.quantization)
-    trainable = selection.trainable_params()
-    weights -= trainable * 4  # the deltas are counted with their state below
+    # the trained parameters' own storage is counted with their state below
+    weights -= sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    trainable, trained_layers = trained.params, trained.layers
     sharded = t.sharded(gpus)
     share = gpus if sharded else 1
     vocab = model.config.vocab_size
@@ -121,16 +210,22 @@ def plan_memory(recipe, gpus: int = 1, seq_len: int | None = None) -> MemoryPlan
     seq = seq_len or recipe.data.max_seq_len
     tokens = t.batch_size * seq
     act = DTYPES[m.dtype].itemsize
+    head_trains = any(p.requires_grad for p in model.get_output_embeddings().parameters())
     saved = trace_saved(model, t.batch_size, seq)  # replaces the meta model's tensors
     lowest = trained_layers[0] if trained_layers else shape.num_layers
-    loss = shape.hidden_size * tokens * act  # d(loss)/d(hidden) of the target positions
+    if head_trains:  # plain autograd through the head (losses.token_losses): it keeps its
+        # input and the float32 log-probabilities, and forms all the logits at once
+        loss = (shape.hidden_size * act + vocab * 4) * tokens
+        logits = tokens * vocab * (4 + act)
+    else:  # d(loss)/d(hidden) of the target positions; a chunk of logits at a time
+        loss = shape.hidden_size * tokens * act
+        logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
     activations = saved.total + loss
     kept_inputs = (shape.num_layers - lowest) * shape.hidden_size * tokens * act
     checkpointed = kept_inputs + max(saved.per_layer, default=0) + saved.outside + loss
-    logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
     gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
-    notes = [f"{trainable:,} trainable parameters in {len(trained_layers)} layers"]
-    at_rest = (weights // share, trainable * ADAMW_BYTES // share)
+    notes = [trained.description]
+    at_rest = (weights // share, trainable * trained.state_bytes // share)
     if sharded:
         notes.append(
             f"FSDP over {gpus} processes: every tensor divided; embeddings, final norm and "
