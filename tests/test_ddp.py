@@ -43,6 +43,9 @@ def _grads_worker(out: str) -> None:
         grads = {n: p.grad for n, p in model.module.named_parameters() if p.requires_grad}
         torch.save(grads, f"{out}/grads.pt")
     assert world == 2
+    # DDP's reducer goes before its process group, as in Trainer.cleanup: freed after
+    # destroy_process_group, when the function returned, it hung a worker now and then
+    del model
     dist.barrier()
     dist.destroy_process_group()
 
