@@ -62,10 +62,8 @@ $(CONVERTER): $(VENV)/.installed
 
 # Two worker processes (pytest-xdist), each with one torch thread (tests/conftest.py): both
 # cores stay busy through the tests that wait on subprocesses (torchrun, signals, the wheel).
-# --dist loadgroup hands out one test at a time, except that the tests marked with one
-# xdist_group (those sharing a costly module fixture) go to one worker, first.
 test: install
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist worksteal
 
 # vLLM's CPU build in an environment of its own (it pins its own torch; the torchvision,
 # torchaudio and torchcodec it pulls are CUDA builds that fail to load beside it and are

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,34 @@ def smollm2_tokenizer():
     from s2ft_cli.engine.models import load_tokenizer
 
     return load_tokenizer(SMOLLM2)
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+# the quickstart cut to 3 steps of batch 4
+QUICK = ["data.train.limit=48", "data.val_size=8", "train.max_steps=3", "train.batch_size=4"]
+QUICK += ["train.eval_every=0", "train.log_every=1", "train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(s2ft_cache) -> Path:
+    """The quickstart recipe (``QUICK``) trained by ``s2ft train``, once a session: the
+    pytest-xdist workers share it (the first that needs it trains it holding a lock, the
+    other waits and reads). Tests write their outputs elsewhere (``--out``)."""
+    from typer.testing import CliRunner
+
+    from s2ft_cli.cli import app
+
+    folder = s2ft_cache.parent / "smollm2-run"
+    folder.mkdir(exist_ok=True)
+    run = folder / "run"
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "adapter").is_dir():
+            shutil.rmtree(run, ignore_errors=True)  # a run that failed part way
+            args = ["train", str(QUICKSTART), *QUICK, f"output_dir={run}"]
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+    return run
 
 
 def smollm2_in_small(tokenizer, seed: int = 0):

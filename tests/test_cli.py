@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -16,9 +15,8 @@ from s2ft_cli.engine.permute import plan_layout
 from s2ft_cli.engine.selection import select_units
 from s2ft_cli.recipe import load_recipe
 
-from .conftest import STORIES
+from .conftest import QUICKSTART, STORIES
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 runner = CliRunner()
 
 

@@ -14,11 +14,11 @@ from s2ft_cli.cli import app
 from s2ft_cli.data import load_records
 from s2ft_cli.data.arithmetic import TEST_PERCENT, arithmetic_problems
 from s2ft_cli.errors import S2FTError
+from s2ft_cli.evaluation.report import wilson_interval
 from s2ft_cli.evaluation.runner import adapter_names
 from s2ft_cli.recipe import DataSource, load_recipe
 
-from .conftest import SMOLLM2
-from .test_cli import QUICKSTART
+from .conftest import QUICKSTART, SMOLLM2
 from .test_eval import predictions
 
 _WORK = re.compile(r"^(\d+) ([-+*]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.$")
@@ -72,27 +72,28 @@ def test_quickstart_recipe_evaluates_held_out_problems_with_the_base():
     assert ev.max_new_tokens <= 64
 
 
-def test_eval_of_a_run_on_held_out_problems_has_a_base_row_and_an_adapter_row(tmp_path):
-    """Train the quickstart for a few steps, then ``s2ft eval RUN`` (its eval section): the
-    base row equals an evaluation of the base alone, the adapter row one of the adapter
-    alone, and both are scored on the same held-out problems."""
-    run, short = tmp_path / "quick", ["eval.limit=6", "eval.max_new_tokens=8"]
-    small = ["data.train.limit=64", "data.val_size=8", "train.max_steps=3", f"output_dir={run}"]
-    result = runner.invoke(app, ["train", str(QUICKSTART), *small])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", str(run), *short])
+def test_eval_of_a_run_on_held_out_problems_has_a_base_row_and_an_adapter_row(
+    smollm2_run, tmp_path
+):
+    """``s2ft eval RUN`` of a quickstart run (its eval section): the base row equals an
+    evaluation of the base alone, the adapter row one of the adapter alone, and both are
+    scored on the same held-out problems, with Wilson intervals."""
+    run, short = smollm2_run, ["eval.limit=6", "eval.max_new_tokens=8"]
+    result = runner.invoke(app, ["eval", str(run), *short, "--out", tmp_path / "eval"])
     assert result.exit_code == 0, result.output
     assert (
         "accuracy % (95% confidence interval) by adapter" in result.output
     )  # the comparison table
     rows = {}
-    for name in ("base", "quick"):
-        results = json.loads((run / "eval" / name / "results.json").read_text())
-        assert results["tasks"]["arithmetic"]["n"] == 6
+    for name in ("base", run.name):
+        results = json.loads((tmp_path / "eval" / name / "results.json").read_text())
+        arithmetic = results["tasks"]["arithmetic"]
+        assert arithmetic["n"] == 6
+        assert arithmetic["ci95"] == list(wilson_interval(arithmetic["correct"], 6))
         assert results["settings"]["adapter"] == (
             "none" if name == "base" else str(run / "adapter")
         )
-        rows[name] = predictions(run / "eval" / name)
+        rows[name] = predictions(tmp_path / "eval" / name)
         assert {r["task"] for r in rows[name]} == {"arithmetic"}
     held_out = arithmetic_problems(6, split="test")
     for name in rows:
@@ -102,14 +103,14 @@ def test_eval_of_a_run_on_held_out_problems_has_a_base_row_and_an_adapter_row(tm
     result = runner.invoke(app, ["eval", str(run), *short, "--no-base", "--out", tmp_path / "a"])
     assert result.exit_code == 0, result.output
     assert [r["output"] for r in predictions(tmp_path / "a")] == [
-        r["output"] for r in rows["quick"]
+        r["output"] for r in rows[run.name]
     ]
     base = ["--model", SMOLLM2, "--data-dir", "builtin:arithmetic", "--limit", "6"]
     base += ["--max-new-tokens", "8", "--prompt-template", "chat", "--out", str(tmp_path / "b")]
     result = runner.invoke(app, ["eval", *base])
     assert result.exit_code == 0, result.output
     assert [r["output"] for r in predictions(tmp_path / "b")] == [r["output"] for r in rows["base"]]
-    assert rows["base"] != rows["quick"]
+    assert rows["base"] != rows[run.name]
 
 
 def test_an_adapter_called_base_keeps_its_results_apart():

@@ -29,11 +29,9 @@ from s2ft_cli.data.arithmetic import arithmetic_problems
 from s2ft_cli.engine.gguf_bases import CONVERTED_MARKER, gguf_folder, packaged_model_file
 from s2ft_cli.engine.models import load_model
 from s2ft_cli.errors import S2FTError
-from s2ft_cli.evaluation.report import wilson_interval
 from s2ft_cli.recipe import load_recipe
 
-from .conftest import SHARED, SMOLLM2, batch, logit_tol, smollm2_in_small
-from .test_cli import QUICKSTART
+from .conftest import QUICK, QUICKSTART, SHARED, SMOLLM2, batch, logit_tol, smollm2_in_small
 from .test_engine import check_engine
 from .test_hf_trainers import holds_the_trained_adapter, optimized_the_deltas_alone
 from .test_train import max_diff
@@ -42,8 +40,6 @@ from .torchrun import torchrun
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 # the quickstart recipe cut to seconds: 3 steps of batch 4
-QUICK = ["data.train.limit=48", "data.val_size=8", "train.max_steps=3", "train.batch_size=4"]
-QUICK += ["train.eval_every=0", "train.log_every=1", "train.warmup_steps=1"]
 PAPER_TARGETS = {"o_proj": 0.1, "down_proj": 0.02}
 
 
@@ -185,21 +181,6 @@ def test_engine_on_the_real_gqa_layout(smollm2_base, targets, tmp_path):
 # --- s2ft train, data, export, eval, serving ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_run(tmp_path_factory) -> Path:
-    """The quickstart recipe, cut to 3 steps of batch 4, trained by ``s2ft train``."""
-    run = tmp_path_factory.mktemp("smollm2") / "run"
-    result = runner.invoke(app, ["train", str(QUICKSTART), *QUICK, f"output_dir={run}"])
-    assert result.exit_code == 0, result.output
-    return run
-
-
-# The tests of that run go to one pytest-xdist worker (make test: --dist loadgroup), which
-# trains it once; spread over both workers, each trained it.
-ON_THE_RUN = pytest.mark.xdist_group("smollm2_run")
-
-
-@ON_THE_RUN
 def test_s2ft_train_learns_and_its_adapter_and_exports_give_the_trained_logits(
     smollm2_run, smollm2_base, tmp_path
 ):
@@ -239,21 +220,6 @@ def test_s2ft_train_learns_and_its_adapter_and_exports_give_the_trained_logits(
     assert (mixed[1] - logits(smollm2_base, ids)[1]).abs().max() <= tol
 
 
-@ON_THE_RUN
-def test_s2ft_eval_of_the_run_scores_base_and_adapter(smollm2_run, tmp_path):
-    out = tmp_path / "eval"
-    args = ["eval", str(smollm2_run), "eval.limit=4", "eval.max_new_tokens=24", "--out", str(out)]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert "accuracy % (95% confidence interval) by adapter" in result.output
-    for name in ("base", "run"):
-        results = json.loads((out / name / "results.json").read_text())
-        assert results["tasks"]["arithmetic"]["n"] == 4
-        arithmetic = results["tasks"]["arithmetic"]
-        assert arithmetic["ci95"] == list(wilson_interval(arithmetic["correct"], 4))
-
-
-@ON_THE_RUN
 def test_lm_evaluation_harness_scores_the_peft_export_as_s2ft_eval_does(smollm2_run, tmp_path):
     """``scripts/engines_lm_eval.py``: ``lm_eval --model hf --model_args
     pretrained=BASE,peft=EXPORT`` with the chat template, on a local task made of the
@@ -285,7 +251,6 @@ def test_s2ft_data_marks_the_chatml_assistant_turn(tmp_path, smollm2_tokenizer):
     assert text.endswith("<|im_end|>") and "<|im_start|>" not in text
 
 
-@ON_THE_RUN
 def test_torchrun_two_processes_train_like_one(smollm2_run, tmp_path):
     """2 processes × batch 2 against the fixture's 1 process × batch 4 (DDP, gloo)."""
     run = tmp_path / "ddp"
