@@ -167,7 +167,8 @@ def plan(
         f"batch {r.train.batch_size} × {seq} tokens per process, weights {r.model.dtype}, "
         f"linears {r.model.quantization}, {gpus} process" + ("es " + how if gpus > 1 else "")
     )
-    working = "working memory (loss chunk or one layer's gradients" + (
+    logits = "the logits" if method == "full" else "loss chunk"  # full: the head trains
+    working = f"working memory ({logits} or one layer's gradients" + (
         ", a dequantized weight block)" if r.model.quantization != "none" else ")"
     )
     trained = {

@@ -140,10 +140,18 @@ def test_lora_and_full_plans_count_what_they_train_and_save(tmp_path, method):
         c = model.config
         per_rank = c.num_hidden_layers * (2 * c.hidden_size + c.intermediate_size + c.hidden_size)
         rank = round(matched / per_rank)
-        assert f"LoRA r={rank} on down_proj, o_proj" in plan.notes[0]
+        assert f"LoRA r={rank} on mlp.down_proj, self_attn.o_proj" in plan.notes[0]
         config = LoraConfig(r=rank, target_modules=["o_proj", "down_proj"])
         model = get_peft_model(model, config).get_base_model()
         state = ADAMW_BYTES
+        # S²FT on the last layer only: LoRA there too, at the rank matching that count
+        last = load_recipe(tmp_path / "recipe.yaml", ["s2ft.layers=[1]"])
+        s2ft = get_s2ft_model(load_model("preset:tiny-llama"), last.s2ft)
+        last = plan_memory(last, method=method)
+        one_layer = sum(p.numel() for p in s2ft.parameters() if p.requires_grad)
+        rank = round(one_layer / (per_rank / c.num_hidden_layers))
+        assert f"LoRA r={rank} " in last.notes[0]
+        assert last.trainable == rank * per_rank // c.num_hidden_layers * ADAMW_BYTES
     else:
         model.requires_grad_(True)
         state = 4 * 4  # fp32 model: weight, gradient, two moments
@@ -154,9 +162,14 @@ def test_lora_and_full_plans_count_what_they_train_and_save(tmp_path, method):
     assert plan.activations == pytest.approx(saved_by_autograd(model, 2, 96), rel=0.02)
     s2ft_plan = plan_memory(recipe)
     assert s2ft_plan.total(False) < plan.total(False)  # leaner than both
+    # under DDP the gradients once more, in DDP's buckets
+    ddp = plan_memory(recipe, gpus=2, method=method)
+    gradient = 4  # fp32 LoRA weights, fp32 model
+    assert ddp.trainable - plan.trainable == sum(p.numel() for p in trained) * gradient
     result = CliRunner().invoke(app, ["plan", str(tmp_path / "recipe.yaml"), "--method", method])
     assert result.exit_code == 0, result.output
-    assert f"{plan.total(False) / GIB:.2f}" in result.output
+    named = {"lora": "trained with LoRA", "full": "fully fine-tuned"}[method]
+    assert named in result.output and plan.notes[0] in " ".join(result.output.split())
 
 
 def test_what_cannot_be_planned_is_refused_naming_what_can(tmp_path):

@@ -39,7 +39,6 @@ from .torchrun import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-# the quickstart recipe cut to seconds: 3 steps of batch 4
 PAPER_TARGETS = {"o_proj": 0.1, "down_proj": 0.02}
 
 

@@ -31,7 +31,10 @@ training: what the method trains replaces S²FT's deltas and is traced the same 
 (PEFT's, adapters in fp32 as PEFT keeps them) sits on the modules holding the recipe's
 target roles, in its layers, at the rank that matches S²FT's trainable count (the paper's
 comparison, §5); full fine-tuning trains every weight with its gradient and AdamW's moments
-in the model's dtype (bf16 throughout, as torchtune trains), and has no quantized base.
+in the model's dtype (bf16 throughout, as torchtune trains), and has no quantized base. A
+trained output head takes plain autograd through the loss: it keeps its input and the
+float32 log-probabilities of every target position, and forms all their logits at once.
+Under DDP the gradients are held twice (DDP's buckets, into which they are all-reduced).
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ METHODS = ("s2ft", "lora", "full")
 class MemoryPlan:
     """Bytes per GPU of each part of a training step."""
 
-    weights: int  # frozen weights (and the deltas' own storage) at rest, this GPU's share
-    trainable: int  # deltas, gradients and AdamW state, this GPU's share
+    weights: int  # frozen weights at rest, this GPU's share
+    # what the method trains (S²FT's deltas), its gradients (and DDP's gradient buckets) and
+    # AdamW state, this GPU's share
+    trainable: int
     gathered: int  # FSDP: the root's tensors and the layers gathered while they run
     activations: int  # saved for the backward pass, without activation checkpointing
     activations_checkpointed: int  # the same with it
@@ -113,6 +118,7 @@ class Trained:
 
     params: int  # trainable parameters
     state_bytes: int  # per trainable parameter: itself, its gradient, AdamW's two moments
+    grad_bytes: int  # per trainable parameter: its gradient
     layers: list[int]  # the decoder layers holding any
     description: str
 
@@ -136,7 +142,7 @@ def _s2ft(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
     layers = sorted(layer for layer, per_matrix in selection.units.items() if per_matrix)
     params = selection.trainable_params()
     where = f"{params:,} trainable parameters in {len(layers)} layers"
-    return model, Trained(params, ADAMW_BYTES, layers, where)
+    return model, Trained(params, ADAMW_BYTES, 4, layers, where)
 
 
 def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
@@ -154,8 +160,9 @@ def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
             "itself, past PEFT's LoRA of them. S²FT and full fine-tuning are planned."
         )
     matched = _s2ft(copy.deepcopy(model), recipe)[1].params
-    places = [family.places[role] for role in recipe.s2ft.targets]
-    modules = sorted({p.module.rsplit(".", 1)[-1] for p in places})
+    # block-relative paths (GPT-2's o_proj and down_proj are attn.c_proj and mlp.c_proj):
+    # PEFT matches a target against the end of a module's name
+    modules = sorted({family.places[role].module for role in recipe.s2ft.targets})
 
     def with_lora(rank: int) -> nn.Module:
         config = LoraConfig(
@@ -168,7 +175,8 @@ def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
     model = with_lora(rank)
     params = _trained_parameters(model)
     what = f"LoRA r={rank} on {', '.join(modules)} ({params:,} parameters"
-    return model, Trained(params, ADAMW_BYTES, _layers_training(model), what + ", S²FT's count)")
+    layers = _layers_training(model)
+    return model, Trained(params, ADAMW_BYTES, 4, layers, what + ", S²FT's count)")
 
 
 def _full(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
@@ -181,7 +189,7 @@ def _full(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
     params = _trained_parameters(model)
     itemsize = DTYPES[recipe.model.dtype].itemsize
     what = f"full fine-tuning: {params:,} parameters, gradients and AdamW in {recipe.model.dtype}"
-    return model, Trained(params, 4 * itemsize, _layers_training(model), what)
+    return model, Trained(params, 4 * itemsize, itemsize, _layers_training(model), what)
 
 
 def plan_memory(
@@ -216,7 +224,7 @@ def plan_memory(
     if head_trains:  # plain autograd through the head (losses.token_losses): it keeps its
         # input and the float32 log-probabilities, and forms all the logits at once
         loss = (shape.hidden_size * act + vocab * 4) * tokens
-        logits = tokens * vocab * (4 + act)
+        logits = tokens * vocab * (4 + (act if act < 4 else 0))
     else:  # d(loss)/d(hidden) of the target positions; a chunk of logits at a time
         loss = shape.hidden_size * tokens * act
         logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
@@ -226,6 +234,9 @@ def plan_memory(
     gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
     notes = [trained.description]
     at_rest = (weights // share, trainable * trained.state_bytes // share)
+    if gpus > 1 and not sharded:
+        at_rest = (at_rest[0], at_rest[1] + trainable * trained.grad_bytes)
+        notes.append("DDP: the gradients once more in its buckets, where they are all-reduced")
     if sharded:
         notes.append(
             f"FSDP over {gpus} processes: every tensor divided; embeddings, final norm and "
