@@ -84,21 +84,22 @@ class MemoryPlan:
         return self.weights + self.trainable + step
 
 
-def _dequantized_bytes(model: nn.Module, quantization: str) -> int:
-    """The largest weight a quantized base dequantizes at once for a product."""
+def _dequantized_bytes(weights: list[nn.Parameter], quantization: str) -> int:
+    """The largest of the quantized ``weights`` a base dequantizes at once for a product."""
     if quantization == "none":
         return 0
-    weights = [linear.weight for _, _, linear in frozen_linears(model)]
     if quantization == "nf4":  # a block of whole rows (nf4.py)
         return max(min(w.numel(), NF4_BLOCK_ELEMENTS) * w.element_size() for w in weights)
     return max(w.numel() * w.element_size() for w in weights)
 
 
-def _weight_bytes(model: nn.Module, quantization: str) -> tuple[int, int, int]:
+def _weight_bytes(
+    model: nn.Module, quantization: str, stored: list[nn.Parameter]
+) -> tuple[int, int, int]:
     """(all parameters' bytes at rest, the largest decoder layer's bytes, the bytes outside
-    the decoder layers: embeddings, final norm, head) of a meta model, the decoder
+    the decoder layers: embeddings, final norm, head) of a meta model, the ``stored``
     linears' weights at ``quantization``."""
-    linear_weights = {id(linear.weight) for _, _, linear in frozen_linears(model)}
+    linear_weights = {id(w) for w in stored}
 
     def size(p: nn.Parameter) -> float:
         if id(p) in linear_weights and quantization == "nf4":
@@ -164,15 +165,15 @@ def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
     # PEFT matches a target against the end of a module's name
     modules = sorted({family.places[role].module for role in recipe.s2ft.targets})
 
-    def with_lora(rank: int) -> nn.Module:
+    def with_lora(model: nn.Module, rank: int) -> nn.Module:
         config = LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules=modules,
             layers_to_transform=recipe.s2ft.layers,
         )  # fmt: skip
-        return get_peft_model(copy.deepcopy(model), config).get_base_model()
+        return get_peft_model(model, config).get_base_model()
 
-    rank = max(1, round(matched / _trained_parameters(with_lora(1))))
-    model = with_lora(rank)
+    rank = max(1, round(matched / _trained_parameters(with_lora(copy.deepcopy(model), 1))))
+    model = with_lora(model, rank)  # in place: the base linears stay the model's
     params = _trained_parameters(model)
     what = f"LoRA r={rank} on {', '.join(modules)} ({params:,} parameters"
     layers = _layers_training(model)
@@ -204,16 +205,19 @@ def plan_memory(
     if m.quantization != "none":
         check_quantizable(model)
     shape = model_shape(model)
+    # the weights quantization stores, found before a method wraps their linears (S²FT's
+    # and PEFT's LoRA layers keep the same weight, which frozen_linears cannot see in PEFT's)
+    stored = [linear.weight for _, _, linear in frozen_linears(model)]
     prepare = {"s2ft": _s2ft, "lora": _lora, "full": _full}[method]
     model, trained = prepare(model, recipe)
-    weights, largest_layer, outside_layers = _weight_bytes(model, m.quantization)
+    weights, largest_layer, outside_layers = _weight_bytes(model, m.quantization, stored)
     # the trained parameters' own storage is counted with their state below
     weights -= sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     trainable, trained_layers = trained.params, trained.layers
     sharded = t.sharded(gpus)
     share = gpus if sharded else 1
     vocab = model.config.vocab_size
-    dequantized = _dequantized_bytes(model, m.quantization)
+    dequantized = _dequantized_bytes(stored, m.quantization)
 
     seq = seq_len or recipe.data.max_seq_len
     tokens = t.batch_size * seq

@@ -83,7 +83,7 @@ def quantized_linear(linear: nn.Linear, kind: str, blockwise: bool = True) -> nn
 def frozen_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear]]:
     """The dense linears quantization stores: every 2-D weight of a decoder layer that a
     role lives in (``families.FAMILIES``; a fused one once), by module path, the module
-    there (an S² layer, a PEFT LoRA layer or the linear) and the linear."""
+    there (an S² layer or the linear) and the linear."""
     shape = model_shape(model)
     seen = set()
     for layer in range(shape.num_layers):
@@ -94,7 +94,6 @@ def frozen_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear
                 seen.add(slot.path)
                 module = model.get_submodule(slot.path)
                 linear = module.base if isinstance(module, S2Linear) else module
-                linear = getattr(linear, "base_layer", linear)  # PEFT's LoRA layer
                 if type(linear) is nn.Linear:
                     yield slot.path, module, linear
 
