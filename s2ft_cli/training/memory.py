@@ -44,9 +44,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..engine.config import S2FTConfig
 from ..engine.convert import convert_model
 from ..engine.losses import chunk_rows
 from ..engine.models import DTYPES, load_model
+from ..engine.permute import plan_layout
+from ..engine.selection import select_units
 from ..engine.shapes import decoder_layers, get_family, model_shape
 from ..errors import S2FTError
 from .activations import trace_saved
@@ -58,7 +61,6 @@ from .quantization import NF4_BLOCK_ELEMENTS, check_quantizable, frozen_linears
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 ADAMW_BYTES = 4 + 4 + 4 + 4  # fp32 delta, its gradient, AdamW's two moments
 GIB = 2**30
-METHODS = ("s2ft", "lora", "full")
 
 
 @dataclass
@@ -115,12 +117,10 @@ def _weight_bytes(
 
 @dataclass
 class Trained:
-    """What a method trains in a meta model."""
+    """What a method's trainable parameters cost beside themselves, and how it trains."""
 
-    params: int  # trainable parameters
     state_bytes: int  # per trainable parameter: itself, its gradient, AdamW's two moments
     grad_bytes: int  # per trainable parameter: its gradient
-    layers: list[int]  # the decoder layers holding any
     description: str
 
 
@@ -128,22 +128,18 @@ def _trained_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _layers_training(model: nn.Module) -> list[int]:
-    return [
-        i
-        for i, layer in enumerate(decoder_layers(model))
-        if any(p.requires_grad for p in layer.parameters())
-    ]
+def _counting(recipe) -> S2FTConfig:
+    """The recipe's S²FT configuration with a selection that reads no weights: the same
+    unit counts."""
+    return recipe.s2ft.model_copy(update={"strategy": "random"})
 
 
 def _s2ft(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
-    counting = recipe.s2ft.model_copy(update={"strategy": "random"})  # same unit counts
-    model = convert_model(model, counting)
+    model = convert_model(model, _counting(recipe))
     selection = model.s2ft_selection
-    layers = sorted(layer for layer, per_matrix in selection.units.items() if per_matrix)
-    params = selection.trainable_params()
-    where = f"{params:,} trainable parameters in {len(layers)} layers"
-    return model, Trained(params, ADAMW_BYTES, 4, layers, where)
+    layers = sum(1 for per_matrix in selection.units.values() if per_matrix)
+    where = f"{selection.trainable_params():,} trainable parameters in {layers} layers"
+    return model, Trained(ADAMW_BYTES, 4, where)
 
 
 def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
@@ -160,7 +156,7 @@ def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
             f"({family.model_type}): the trace routes tokens through the experts' weights "
             "itself, past PEFT's LoRA of them. S²FT and full fine-tuning are planned."
         )
-    matched = _s2ft(copy.deepcopy(model), recipe)[1].params
+    matched = plan_layout(select_units(model, _counting(recipe)))[1].trainable_params()
     # block-relative paths (GPT-2's o_proj and down_proj are attn.c_proj and mlp.c_proj):
     # PEFT matches a target against the end of a module's name
     modules = sorted({family.places[role].module for role in recipe.s2ft.targets})
@@ -175,9 +171,8 @@ def _lora(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
     rank = max(1, round(matched / _trained_parameters(with_lora(copy.deepcopy(model), 1))))
     model = with_lora(model, rank)  # in place: the base linears stay the model's
     params = _trained_parameters(model)
-    what = f"LoRA r={rank} on {', '.join(modules)} ({params:,} parameters"
-    layers = _layers_training(model)
-    return model, Trained(params, ADAMW_BYTES, 4, layers, what + ", S²FT's count)")
+    what = f"LoRA r={rank} on {', '.join(modules)} ({params:,} parameters, S²FT's count)"
+    return model, Trained(ADAMW_BYTES, 4, what)
 
 
 def _full(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
@@ -187,10 +182,16 @@ def _full(model: nn.Module, recipe) -> tuple[nn.Module, Trained]:
             "(model.quantization: none)."
         )
     model.requires_grad_(True)
-    params = _trained_parameters(model)
     itemsize = DTYPES[recipe.model.dtype].itemsize
-    what = f"full fine-tuning: {params:,} parameters, gradients and AdamW in {recipe.model.dtype}"
-    return model, Trained(params, 4 * itemsize, itemsize, _layers_training(model), what)
+    what = (
+        f"full fine-tuning: {_trained_parameters(model):,} parameters, gradients and AdamW "
+        f"in {recipe.model.dtype}"
+    )
+    return model, Trained(4 * itemsize, itemsize, what)
+
+
+# what each planned method trains: (the meta model, the recipe) -> (the model, its costs)
+METHODS = {"s2ft": _s2ft, "lora": _lora, "full": _full}
 
 
 def plan_memory(
@@ -199,7 +200,7 @@ def plan_memory(
     """The memory plan of a recipe's training run on each of ``gpus`` processes (FSDP
     when ``train.distributed`` is fsdp and there are several, DDP otherwise), for
     sequences of ``seq_len`` tokens (default ``data.max_seq_len``, the longest), training
-    with ``method`` (one of ``METHODS``: S²FT, or LoRA or full fine-tuning instead)."""
+    with ``method`` (a key of ``METHODS``: S²FT, or LoRA or full fine-tuning instead)."""
     m, t = recipe.model, recipe.train
     model = load_model(m.name_or_path, m.dtype, m.trust_remote_code, weights=False)
     if m.quantization != "none":
@@ -208,12 +209,16 @@ def plan_memory(
     # the weights quantization stores, found before a method wraps their linears (S²FT's
     # and PEFT's LoRA layers keep the same weight, which frozen_linears cannot see in PEFT's)
     stored = [linear.weight for _, _, linear in frozen_linears(model)]
-    prepare = {"s2ft": _s2ft, "lora": _lora, "full": _full}[method]
-    model, trained = prepare(model, recipe)
+    model, trained = METHODS[method](model, recipe)
     weights, largest_layer, outside_layers = _weight_bytes(model, m.quantization, stored)
     # the trained parameters' own storage is counted with their state below
     weights -= sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    trainable, trained_layers = trained.params, trained.layers
+    trainable = _trained_parameters(model)
+    trained_layers = [
+        i
+        for i, layer in enumerate(decoder_layers(model))
+        if any(p.requires_grad for p in layer.parameters())
+    ]
     sharded = t.sharded(gpus)
     share = gpus if sharded else 1
     vocab = model.config.vocab_size
@@ -225,21 +230,20 @@ def plan_memory(
     head_trains = any(p.requires_grad for p in model.get_output_embeddings().parameters())
     saved = trace_saved(model, t.batch_size, seq)  # replaces the meta model's tensors
     lowest = trained_layers[0] if trained_layers else shape.num_layers
-    if head_trains:  # plain autograd through the head (losses.token_losses): it keeps its
-        # input and the float32 log-probabilities, and forms all the logits at once
-        loss = (shape.hidden_size * act + vocab * 4) * tokens
-        logits = tokens * vocab * (4 + (act if act < 4 else 0))
-    else:  # d(loss)/d(hidden) of the target positions; a chunk of logits at a time
-        loss = shape.hidden_size * tokens * act
-        logits = min(chunk_rows(vocab), tokens) * vocab * (4 + (act if act < 4 else 0))
+    # The loss keeps d(loss)/d(hidden) of the target positions and forms a chunk of logits
+    # at a time; through a trained head, plain autograd (losses.token_losses) keeps the
+    # head's input and the float32 log-probabilities, and forms all the logits at once.
+    loss = (shape.hidden_size * act + (vocab * 4 if head_trains else 0)) * tokens
+    rows = tokens if head_trains else min(chunk_rows(vocab), tokens)
+    logits = rows * vocab * (4 + (act if act < 4 else 0))
     activations = saved.total + loss
     kept_inputs = (shape.num_layers - lowest) * shape.hidden_size * tokens * act
     checkpointed = kept_inputs + max(saved.per_layer, default=0) + saved.outside + loss
     gradients = (2 * shape.intermediate_size + 2 * shape.hidden_size) * tokens * act
     notes = [trained.description]
-    at_rest = (weights // share, trainable * trained.state_bytes // share)
+    weights, state = weights // share, trainable * trained.state_bytes // share
     if gpus > 1 and not sharded:
-        at_rest = (at_rest[0], at_rest[1] + trainable * trained.grad_bytes)
+        state += trainable * trained.grad_bytes
         notes.append("DDP: the gradients once more in its buckets, where they are all-reduced")
     if sharded:
         notes.append(
@@ -250,13 +254,13 @@ def plan_memory(
         )
     if sharded and t.fsdp_offload:  # the shards and the optimizer live in CPU memory
         notes.append(
-            f"fsdp_offload: {sum(at_rest) / GIB:.2f} GiB of shards, gradients and AdamW state "
-            "per process in CPU memory, not on the GPU"
+            f"fsdp_offload: {(weights + state) / GIB:.2f} GiB of shards, gradients and AdamW "
+            "state per process in CPU memory, not on the GPU"
         )
-        at_rest = (0, 0)
+        weights = state = 0
     return MemoryPlan(
-        weights=at_rest[0],
-        trainable=at_rest[1],
+        weights=weights,
+        trainable=state,
         # the root's tensors and two layers unsharded, and the flat buffer a layer gathers
         # into before FSDP copies it out to the parameters
         gathered=outside_layers + 3 * largest_layer if sharded else 0,
