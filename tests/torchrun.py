@@ -18,28 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT = 600
 
 
-def launch(module: str, *args) -> subprocess.Popen:
-    """``torchrun --standalone --nproc_per_node 2 -m MODULE ARGS``, one thread per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", module, *map(str, args)]  # fmt: skip
+def _torchrun(*args) -> subprocess.Popen:
+    """``torchrun ARGS`` from the repository root, one thread per process, each process's
+    stacks printed on SIGABRT (:func:`finish`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
+
+
+def launch(module: str, *args) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node 2 -m MODULE ARGS``, one thread per process."""
+    return _torchrun("--standalone", "--nproc_per_node", 2, "-m", module, *args)
 
 
 def launch_node(node_rank: int, port: int, *args) -> subprocess.Popen:
     """One "node" of a two-node ``torchrun`` (one process each), as the docs launch it:
     ``--nnodes 2 --node_rank N --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:PORT``,
     running ``s2ft ARGS``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
-           "1", "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-           f"127.0.0.1:{port}", "--rdzv_id", "s2ft-test", "-m", "s2ft_cli"]  # fmt: skip
-    cmd += map(str, args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
-    )
+    return _torchrun("--nnodes", 2, "--nproc_per_node", 1, "--node_rank", node_rank,
+                     "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                     "--rdzv_id", "s2ft-test", "-m", "s2ft_cli", *args)  # fmt: skip
 
 
 def free_port() -> int:
